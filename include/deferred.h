@@ -1,0 +1,599 @@
+/* SPDX-License-Identifier: MIT */
+/* libdeferred: Twisted's Deferred model for C, on a POSIX thread pool. */
+#ifndef DEFERRED_H
+#define DEFERRED_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <errno.h>
+
+#include <deferred/version.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(DF_BUILDING) && defined(__GNUC__)
+#define DF_EXPORT __attribute__((visibility("default")))
+#else
+#define DF_EXPORT
+#endif
+
+#if defined(__GNUC__)
+#define DF_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define DF_PRINTF(a, b)
+#endif
+
+/*
+ * Overview
+ * ========
+ * A df_loop is the library instance: it owns the allocator, the hook for
+ * unhandled failures, the timers and the completion inbox, and it defines
+ * the *loop thread* (the thread that created it).  Deferreds, lists,
+ * semaphores, locks, queues and pools are created from a loop and may be
+ * touched only on its loop thread; a call from another thread returns
+ * DF_EWRONG_THREAD and changes nothing (void functions print one line to
+ * stderr and do nothing).  The thread-safe exceptions are named as such:
+ * df_loop_call_from_thread(), df_loop_wakeup(), the df_failure functions
+ * and the df_work functions used by work running on a pool thread.
+ *
+ * Errors: every fallible call returns 0 or a negative code from the table
+ * below.  If a call that takes a callback fails, that callback is never
+ * called; otherwise it is called exactly once (for deferred callbacks:
+ * exactly one of the callback/errback pair, once the deferred fires).
+ *
+ * Values are `void *` with an optional destructor (df_free_fn).  Whoever
+ * owns a value owns the duty to run its destructor; the library runs each
+ * destructor it was given exactly once.  "Steals" below means the callee
+ * takes ownership on success; on failure the caller still owns it.
+ */
+
+/* ---------------------------------------------------------------- errors */
+
+/* X(name, value, description).  Standard conditions use the negated errno
+ * value; conditions of the library's own live in -4100..-4199. */
+#define DF_ERRNO_MAP(X)                                                        \
+    X(EINVAL, -EINVAL, "invalid argument")                                     \
+    X(ENOMEM, -ENOMEM, "out of memory")                                        \
+    X(EBUSY, -EBUSY, "object is busy")                                         \
+    X(EAGAIN, -EAGAIN, "resource temporarily unavailable")                     \
+    X(ESHUTDOWN, -ESHUTDOWN, "pool is shut down")                              \
+    X(ECANCELLED, -ECANCELED, "operation cancelled")                           \
+    X(ETIMEDOUT, -ETIMEDOUT, "operation timed out")                            \
+    X(EALREADY_CALLED, -4101, "deferred has already been fired")               \
+    X(EFIRST_ERROR, -4102, "a member of a deferred list failed")               \
+    X(EOVERRELEASE, -4103, "released more than was acquired")                  \
+    X(EQUEUE_OVERFLOW, -4104, "queue is full")                                 \
+    X(EQUEUE_UNDERFLOW, -4105, "too many pending gets on queue")               \
+    X(EWRONG_THREAD, -4106, "called from a thread that does not own it")       \
+    X(ENOT_CALLED, -4107, "deferred has not fired yet")                        \
+    X(ESTATE, -4108, "operation not valid in the object's current state")      \
+    X(EFAILED, -4109, "operation failed")
+
+enum {
+#define DF__ERR_ENUM(name, value, text) DF_##name = (value),
+    DF_ERRNO_MAP(DF__ERR_ENUM)
+#undef DF__ERR_ENUM
+};
+
+/* A static description of `code`: the table's text, else the C library's
+ * text for an errno value of either sign, else "unknown error" ("success"
+ * for 0).  Any thread. */
+DF_EXPORT const char *df_strerror(int code);
+/* The table name of `code`, e.g. "DF_ECANCELLED", or "DF_UNKNOWN".  Any
+ * thread. */
+DF_EXPORT const char *df_err_name(int code);
+
+/* ----------------------------------------------------------------- types */
+
+typedef struct df_loop df_loop;
+typedef struct df_deferred df_deferred;
+typedef struct df_failure df_failure;
+typedef struct df_list_result df_list_result;
+typedef struct df_sem df_sem;
+typedef struct df_lock df_lock;
+typedef struct df_queue df_queue;
+typedef struct df_pool df_pool;
+typedef struct df_work df_work;
+typedef struct df_timer df_timer;
+
+/* Destroys a value.  Called exactly once per value handed to the library
+ * with it, on whichever thread last owns the value (normally the loop
+ * thread). */
+typedef void (*df_free_fn)(void *value);
+
+/* ---------------------------------------------------------------- failure */
+
+/*
+ * A df_failure is an immutable error: a code (normally a negative DF_ or
+ * errno code, but any int the application likes except 0), a message, an
+ * optional payload with destructor, and, for DF_EFIRST_ERROR failures made
+ * by lists, the index and failure of the member that failed.  Failures are
+ * reference counted with atomic counts, so they may be made, read, shared
+ * and released on any thread.
+ *
+ * Failure constructors never return NULL: if memory runs out they return a
+ * shared static failure with code DF_ENOMEM (on which ref/unref are no-ops)
+ * and release the payload with its destructor.
+ */
+
+/* A new failure with one reference owned by the caller.  `loop` supplies
+ * the allocator (NULL: the C library's malloc).  `fmt` may be NULL, meaning
+ * df_strerror(code).  Any thread. */
+DF_EXPORT df_failure *df_failure_new(df_loop *loop, int code, const char *fmt,
+                                     ...) DF_PRINTF(3, 4);
+/* Same, with a payload the failure steals; `payload_free` (may be NULL)
+ * runs exactly once, when the last reference goes.  Any thread. */
+DF_EXPORT df_failure *df_failure_new_payload(df_loop *loop, int code,
+                                             void *payload,
+                                             df_free_fn payload_free,
+                                             const char *fmt, ...)
+    DF_PRINTF(5, 6);
+/* Adds a reference; returns `f`.  Any thread. */
+DF_EXPORT df_failure *df_failure_ref(df_failure *f);
+/* Drops a reference; the last one frees the failure, its payload and its
+ * cause.  NULL is ignored.  Any thread. */
+DF_EXPORT void df_failure_unref(df_failure *f);
+/* Accessors; the pointers are borrowed and live as long as `f`. */
+DF_EXPORT int df_failure_code(const df_failure *f);
+DF_EXPORT const char *df_failure_message(const df_failure *f);
+DF_EXPORT void *df_failure_payload(const df_failure *f);
+/* For DF_EFIRST_ERROR: the index of the member that failed (else -1) and
+ * its failure (borrowed; else NULL). */
+DF_EXPORT long df_failure_index(const df_failure *f);
+DF_EXPORT df_failure *df_failure_cause(const df_failure *f);
+
+/* ----------------------------------------------------------------- result */
+
+/*
+ * A df_result is what travels down a callback chain: a success value with
+ * its destructor, a failure, or (returned from a callback only) a deferred
+ * to wait for.  It is a plain struct passed by value; whoever holds one owns
+ * what is inside.  Build them with df_ok(), df_err(), df_errf() and
+ * df_wait(); drop one with df_result_clear().
+ */
+typedef struct df_result {
+    void *value;          /* success value (meaningful when failure == NULL) */
+    df_free_fn free;      /* destructor for value, or NULL                   */
+    df_failure *failure;  /* non-NULL: the error side; owned reference       */
+    df_deferred *wait;    /* non-NULL: wait for this deferred (owned ref)    */
+} df_result;
+
+/* A success carrying `value`, owned by the result. */
+static inline df_result df_ok(void *value, df_free_fn free_fn)
+{
+    df_result r = {value, free_fn, NULL, NULL};
+    return r;
+}
+/* A failure result; steals the reference `f`. */
+static inline df_result df_err(df_failure *f)
+{
+    df_result r = {NULL, NULL, f, NULL};
+    return r;
+}
+/* A failure result with a new failure (see df_failure_new). */
+DF_EXPORT df_result df_errf(df_loop *loop, int code, const char *fmt, ...)
+    DF_PRINTF(3, 4);
+/* A result that makes the chain wait for `d` and continue with its result
+ * (Twisted: a callback returning a Deferred).  Steals one reference to d. */
+static inline df_result df_wait(df_deferred *d)
+{
+    df_result r = {NULL, NULL, NULL, d};
+    return r;
+}
+static inline bool df_result_ok(const df_result *r)
+{
+    return r->failure == NULL && r->wait == NULL;
+}
+/* Releases what `r` holds (runs the value's destructor, drops the failure
+ * or deferred reference) and resets it to df_ok(NULL, NULL).  Loop thread
+ * when it holds a deferred; otherwise any thread. */
+DF_EXPORT void df_result_clear(df_result *r);
+
+/* ------------------------------------------------------------------- loop */
+
+/* Allocator used for every allocation made on behalf of a loop.  The
+ * functions must be thread-safe (pool threads allocate failures and
+ * completion records).  realloc(NULL, n) must behave as malloc. */
+typedef struct df_allocator {
+    void *(*malloc)(size_t size, void *ctx);
+    void *(*realloc)(void *ptr, size_t size, void *ctx);
+    void (*free)(void *ptr, void *ctx);
+    void *ctx;
+} df_allocator;
+
+/* Called on the loop thread when a deferred whose result is a failure is
+ * released with nobody having handled it.  `f` is borrowed. */
+typedef void (*df_unhandled_fn)(df_failure *f, void *arg);
+
+typedef struct df_loop_options {
+    const df_allocator *allocator; /* NULL: malloc/realloc/free; copied */
+    df_unhandled_fn unhandled;     /* NULL: one line on stderr           */
+    void *unhandled_arg;
+} df_loop_options;
+
+#define DF_LOOP_OPTIONS_INIT {NULL, NULL, NULL}
+
+/* Creates a loop owned by the calling thread, which becomes its loop
+ * thread.  `opts` may be NULL.  On success *out owns the loop. */
+DF_EXPORT int df_loop_new(const df_loop_options *opts, df_loop **out);
+/* Frees the loop.  Every pool made from it must be freed first, and no
+ * timer may be pending: otherwise DF_EBUSY and nothing changes (pending
+ * cross-thread calls are discarded after their callbacks are run with
+ * DF_ECANCELLED status, see df_loop_call_from_thread).  Loop thread. */
+DF_EXPORT int df_loop_free(df_loop *loop);
+/* Replaces the unhandled-failure hook (NULL restores the default). */
+DF_EXPORT int df_loop_set_unhandled(df_loop *loop, df_unhandled_fn fn,
+                                    void *arg);
+/* Number of unhandled failures reported so far on this loop. */
+DF_EXPORT uint64_t df_loop_unhandled_count(const df_loop *loop);
+
+/* Runs the loop until nothing is pending: no timer, no job submitted to a
+ * pool whose completion has not been dispatched, no cross-thread call not
+ * yet run.  Returns 0, or 0 early after df_loop_stop().  Loop thread; not
+ * re-entrant (DF_ESTATE from inside a callback of the same loop). */
+DF_EXPORT int df_loop_run(df_loop *loop);
+/* Runs the loop until `d` has fired (0), or until nothing is pending while
+ * d is still unfired (DF_ENOT_CALLED), or df_loop_stop() (DF_ECANCELLED).
+ * Borrows d.  Loop thread. */
+DF_EXPORT int df_loop_run_until(df_loop *loop, df_deferred *d);
+/* Makes the current or next df_loop_run(_until) return after the callback
+ * in progress.  Loop thread. */
+DF_EXPORT int df_loop_stop(df_loop *loop);
+
+/* For driving the loop from another event loop: a file descriptor that
+ * becomes readable when completions or cross-thread calls are waiting.
+ * Timers do not make it readable: ask df_loop_timeout_ms() for the poll
+ * timeout.  The fd belongs to the loop; do not close or read it. */
+DF_EXPORT int df_loop_fd(const df_loop *loop);
+/* Milliseconds until the next timer is due (0 if due now), or -1 if none:
+ * pass it to poll(2). */
+DF_EXPORT int df_loop_timeout_ms(const df_loop *loop);
+/* Dispatches, without blocking, what is ready: due timers, then at most
+ * `budget` completions and cross-thread calls (0: all that are ready).
+ * Stores the number dispatched in *ran if ran is not NULL.  Loop thread. */
+DF_EXPORT int df_loop_dispatch(df_loop *loop, unsigned budget, unsigned *ran);
+/* Number of things that keep df_loop_run() running (see there). */
+DF_EXPORT size_t df_loop_pending(const df_loop *loop);
+
+/* Called on the loop thread.  `status` is 0, or DF_ECANCELLED when the
+ * loop is being freed before the call could run. */
+typedef void (*df_call_fn)(void *arg, int status);
+/* Queues fn(arg) to run on the loop thread, in the order calls were made
+ * from each thread.  Thread-safe; callable from any thread, also from a
+ * signal-free context inside a pool's work function.  Wakes the loop. */
+DF_EXPORT int df_loop_call_from_thread(df_loop *loop, df_call_fn fn,
+                                       void *arg);
+
+/* The loop's clock: monotonic nanoseconds. Any thread. */
+DF_EXPORT uint64_t df_loop_now(const df_loop *loop);
+/* Runs fn(arg, 0) on the loop thread after `delay_ns`.  If `out` is not
+ * NULL it receives a handle, valid until the callback starts or until
+ * df_timer_cancel(); cancelling runs nothing (fn is then never called).
+ * Timers due at the same instant run in the order they were made. */
+DF_EXPORT int df_loop_call_later(df_loop *loop, uint64_t delay_ns,
+                                 df_call_fn fn, void *arg, df_timer **out);
+/* Cancels a pending timer and frees it; fn is not called.  Loop thread. */
+DF_EXPORT int df_timer_cancel(df_timer *t);
+
+/* --------------------------------------------------------------- deferred */
+
+/*
+ * A deferred is a promise of one result, fired once with df_deferred_callback
+ * (success) or df_deferred_errback (failure), with a chain of callback /
+ * errback pairs that run on the loop thread in order.  Twisted's semantics
+ * apply; the differences are listed in README.md.
+ *
+ * Reference counting: df_deferred_new() gives the caller one reference.
+ * Every part of the library that needs a deferred later (a list member, a
+ * chain waiting on an inner deferred, a pool job) holds its own reference.
+ * When the last reference goes:
+ *   - an unfired deferred is failed with DF_ECANCELLED first, so every
+ *     callback chain runs exactly once (its canceller is not called);
+ *   - a deferred whose chain ended on a failure reports it through the
+ *     loop's unhandled hook, exactly once.
+ */
+
+/* A callback or errback: takes ownership of the chain's current result and
+ * returns the next one (return `r` to pass it on).  Runs on the loop
+ * thread, never under a library lock, never nested inside another callback
+ * of the same chain. */
+typedef df_result (*df_callback_fn)(df_result r, void *arg);
+/* Called by df_deferred_cancel() on an unfired deferred.  Loop thread. */
+typedef void (*df_canceller_fn)(df_deferred *d, void *arg);
+
+DF_EXPORT int df_deferred_new(df_loop *loop, df_deferred **out);
+/* With a canceller (Twisted: Deferred(canceller)). */
+DF_EXPORT int df_deferred_new_cancellable(df_loop *loop, df_canceller_fn fn,
+                                          void *arg, df_deferred **out);
+/* A deferred already fired with a success value; steals value (on error
+ * the caller keeps it) (Twisted: succeed). */
+DF_EXPORT int df_succeed(df_loop *loop, void *value, df_free_fn free_fn,
+                         df_deferred **out);
+/* A deferred already failed with `f`; steals f on success (Twisted: fail).*/
+DF_EXPORT int df_fail(df_loop *loop, df_failure *f, df_deferred **out);
+/* Calls fn(arg) now and wraps what it returns in a deferred; a df_wait()
+ * result gives that deferred itself (Twisted: maybeDeferred).  fn is called
+ * exactly once when this returns 0, never otherwise. */
+typedef df_result (*df_run_fn)(void *arg);
+DF_EXPORT int df_maybe(df_loop *loop, df_run_fn fn, void *arg,
+                       df_deferred **out);
+
+DF_EXPORT df_deferred *df_deferred_ref(df_deferred *d);
+DF_EXPORT void df_deferred_unref(df_deferred *d);
+DF_EXPORT df_loop *df_deferred_loop(const df_deferred *d);
+
+/* Fires with success; steals value on success.  DF_EALREADY_CALLED if it
+ * has fired already (nothing changes, the caller keeps value). */
+DF_EXPORT int df_deferred_callback(df_deferred *d, void *value,
+                                   df_free_fn free_fn);
+/* Fires with failure; steals f on success.  DF_EALREADY_CALLED as above. */
+DF_EXPORT int df_deferred_errback(df_deferred *d, df_failure *f);
+/* Fires with `r` (success or failure, not df_wait): steals r on success. */
+DF_EXPORT int df_deferred_resolve(df_deferred *d, df_result r);
+
+/* Appends a pair; NULL means pass the result through on that side.  If the
+ * deferred has fired and no callback is running, the pair runs now. */
+DF_EXPORT int df_deferred_add_callbacks(df_deferred *d, df_callback_fn cb,
+                                        df_callback_fn eb, void *arg);
+DF_EXPORT int df_deferred_add_callback(df_deferred *d, df_callback_fn cb,
+                                       void *arg);
+DF_EXPORT int df_deferred_add_errback(df_deferred *d, df_callback_fn eb,
+                                      void *arg);
+DF_EXPORT int df_deferred_add_both(df_deferred *d, df_callback_fn fn,
+                                   void *arg);
+/* Twisted chainDeferred: when d's chain reaches this point, `other` is
+ * fired with d's result, and d continues with df_ok(NULL, NULL).  Takes a
+ * reference to other.  DF_EINVAL if other == d. */
+DF_EXPORT int df_deferred_chain(df_deferred *d, df_deferred *other);
+
+DF_EXPORT int df_deferred_pause(df_deferred *d);
+/* DF_ESTATE if not paused. */
+DF_EXPORT int df_deferred_unpause(df_deferred *d);
+/* Twisted cancel: on an unfired deferred calls the canceller (if any) and,
+ * if that did not fire it, fails it with DF_ECANCELLED; on a fired deferred
+ * waiting for an inner deferred, cancels the inner one; else does
+ * nothing.  Returns 0 in every case. */
+DF_EXPORT int df_deferred_cancel(df_deferred *d);
+
+DF_EXPORT bool df_deferred_called(const df_deferred *d);
+DF_EXPORT bool df_deferred_paused(const df_deferred *d);
+/* The current result, borrowed: *value, or *failure (one is set, the
+ * other NULL); either out pointer may be NULL.  DF_ENOT_CALLED if unfired
+ * or waiting on an inner deferred. */
+DF_EXPORT int df_deferred_peek(const df_deferred *d, void **value,
+                               df_failure **failure);
+/* Twisted addTimeout: cancels d if it has not fired within `timeout_ns`
+ * on the loop's clock; the failure is then DF_ETIMEDOUT (DF_ECANCELLED when
+ * cancelled by hand).  The timer goes away when d fires.  At most one
+ * timeout per deferred (DF_EBUSY). */
+DF_EXPORT int df_deferred_set_timeout(df_deferred *d, uint64_t timeout_ns);
+
+/* ------------------------------------------------------------------- list */
+
+/* Twisted DeferredList flags. */
+enum {
+    DF_LIST_FIRE_ON_ONE_CALLBACK = 1u << 0, /* fire on first success      */
+    DF_LIST_FIRE_ON_ONE_ERRBACK = 1u << 1,  /* fail on first failure      */
+    DF_LIST_CONSUME_ERRORS = 1u << 2,       /* members continue with NULL */
+    DF_LIST_CANCEL_REMAINING = 1u << 3      /* beyond Twisted, see below  */
+};
+
+/*
+ * Builds a deferred that fires with a df_list_result (free it with
+ * df_list_result_free, which the result's destructor does) once every member
+ * has fired, or earlier with the flags:
+ *   FIRE_ON_ONE_CALLBACK: on the first success; the result's fired_index
+ *     says which member.
+ *   FIRE_ON_ONE_ERRBACK: fails on the first failure with DF_EFIRST_ERROR;
+ *     df_failure_index()/df_failure_cause() tell which member and why.
+ *   CONSUME_ERRORS: a member's failure is recorded and its own chain goes
+ *     on with df_ok(NULL, NULL) (nothing left to be reported as unhandled).
+ *   CANCEL_REMAINING: once the list has fired early, cancel the members
+ *     that have not fired.
+ * Ownership: the list borrows the array and takes a reference to each
+ * member.  Each member's success value moves into the list result (the
+ * member's chain goes on with the same pointer but no destructor); failures
+ * are shared by reference.  Cancelling the list's deferred cancels every
+ * member captured here.  n == 0 fires at once with an empty result.
+ */
+DF_EXPORT int df_list_new(df_loop *loop, df_deferred *const *members,
+                          size_t n, unsigned flags, df_deferred **out);
+/* Twisted gatherResults: fires with a df_list_result of all values, or
+ * fails with DF_EFIRST_ERROR on the first failure.  flags may contain
+ * DF_LIST_CONSUME_ERRORS and DF_LIST_CANCEL_REMAINING. */
+DF_EXPORT int df_gather(df_loop *loop, df_deferred *const *members, size_t n,
+                        unsigned flags, df_deferred **out);
+
+DF_EXPORT size_t df_list_result_count(const df_list_result *r);
+/* Member i: true when it succeeded.  False also for members that had not
+ * fired when an early-firing list fired (df_list_result_fired is false). */
+DF_EXPORT bool df_list_result_ok(const df_list_result *r, size_t i);
+DF_EXPORT bool df_list_result_fired(const df_list_result *r, size_t i);
+/* Borrowed; NULL when not applicable. */
+DF_EXPORT void *df_list_result_value(const df_list_result *r, size_t i);
+DF_EXPORT df_failure *df_list_result_failure(const df_list_result *r,
+                                             size_t i);
+/* The member that made an early-firing list fire, or -1. */
+DF_EXPORT long df_list_result_index(const df_list_result *r);
+/* Frees the result, running each value's destructor once.  void * so that
+ * it can serve as a df_free_fn. */
+DF_EXPORT void df_list_result_free(void *r);
+
+/* ------------------------------------------------- semaphore, lock, queue */
+
+/*
+ * Twisted DeferredSemaphore.  acquire() gives a deferred that fires with
+ * value NULL once the caller holds a token: at once if one is free and no
+ * one waits, else in FIFO order.  release() hands the token straight to the
+ * first waiter.  Releases are never recursive: 10^6 waiters released one
+ * after another run in constant stack.
+ */
+DF_EXPORT int df_sem_new(df_loop *loop, unsigned tokens, df_sem **out);
+/* DF_EBUSY if a token is held or someone waits; nothing changes then. */
+DF_EXPORT int df_sem_free(df_sem *s);
+/* Cancelling the returned deferred before it fires removes the waiter. */
+DF_EXPORT int df_sem_acquire(df_sem *s, df_deferred **out);
+/* DF_EOVERRELEASE if no token is held. */
+DF_EXPORT int df_sem_release(df_sem *s);
+/* Acquire, then call fn(arg) (which may return df_wait), release when its
+ * result is known, success or failure, then fire *out with that result.
+ * Cancelling *out while waiting for the token removes the waiter (fn never
+ * runs); while fn's deferred is pending it cancels that deferred. */
+DF_EXPORT int df_sem_run(df_sem *s, df_run_fn fn, void *arg,
+                         df_deferred **out);
+DF_EXPORT unsigned df_sem_tokens(const df_sem *s);  /* free now  */
+DF_EXPORT unsigned df_sem_limit(const df_sem *s);   /* given     */
+DF_EXPORT size_t df_sem_waiting(const df_sem *s);   /* in queue  */
+
+/* Twisted DeferredLock: a semaphore of one token. */
+DF_EXPORT int df_lock_new(df_loop *loop, df_lock **out);
+DF_EXPORT int df_lock_free(df_lock *l);
+DF_EXPORT int df_lock_acquire(df_lock *l, df_deferred **out);
+DF_EXPORT int df_lock_release(df_lock *l);
+DF_EXPORT int df_lock_run(df_lock *l, df_run_fn fn, void *arg,
+                          df_deferred **out);
+DF_EXPORT bool df_lock_locked(const df_lock *l);
+
+/* Twisted DeferredQueue.  `size`: most values held (SIZE_MAX: no limit);
+ * `backlog`: most pending gets (SIZE_MAX: no limit). */
+DF_EXPORT int df_queue_new(df_loop *loop, size_t size, size_t backlog,
+                           df_queue **out);
+/* Frees the queue: pending gets fail with DF_ECANCELLED, held values are
+ * destroyed. */
+DF_EXPORT void df_queue_free(df_queue *q);
+/* Gives value to the first waiting get, else stores it; steals value on
+ * success.  DF_EQUEUE_OVERFLOW when full (caller keeps value). */
+DF_EXPORT int df_queue_put(df_queue *q, void *value, df_free_fn free_fn);
+/* A deferred firing with the next value (which it then owns).
+ * DF_EQUEUE_UNDERFLOW when the backlog of gets is full.  Cancelling a
+ * pending get removes it. */
+DF_EXPORT int df_queue_get(df_queue *q, df_deferred **out);
+DF_EXPORT size_t df_queue_size(const df_queue *q);    /* values held  */
+DF_EXPORT size_t df_queue_waiting(const df_queue *q); /* pending gets */
+
+/* ------------------------------------------------------------------- pool */
+
+/*
+ * A fixed pool of POSIX threads consuming a FIFO work queue.  Work runs on
+ * the pool's threads; its outcome is posted back to the loop and fires the
+ * job's deferred on the loop thread.
+ */
+/* The work function, on a pool thread.  Returns df_ok(value, free) or a
+ * failure (df_errf / df_err); never df_wait.  It may poll
+ * df_work_cancelled(w).  It must not touch loop-thread objects. */
+typedef df_result (*df_work_fn)(df_work *w, void *arg);
+
+typedef struct df_pool_options {
+    unsigned threads;   /* >= 1 */
+    size_t stack_size;  /* 0: the system default */
+} df_pool_options;
+#define DF_POOL_OPTIONS_INIT {2, 0}
+
+DF_EXPORT int df_pool_new(df_loop *loop, const df_pool_options *opts,
+                          df_pool **out);
+/* Queues work(w, arg); *out fires on the loop thread with its result.
+ * DF_ESHUTDOWN after df_pool_shutdown().  Cancelling *out while the job is
+ * queued removes it and fails it with DF_ECANCELLED; while it runs, sets
+ * the flag df_work_cancelled() reads, and the deferred fails with
+ * DF_ECANCELLED once work returns (its result is then destroyed). */
+DF_EXPORT int df_pool_submit(df_pool *p, df_work_fn work, void *arg,
+                             df_deferred **out);
+enum { DF_POOL_DRAIN = 0, DF_POOL_CANCEL = 1 };
+/* Stops accepting work; DRAIN runs every queued job, CANCEL fails each
+ * queued job with DF_ECANCELLED; both wait for running jobs, dispatch their
+ * completions and join every thread.  Idempotent.  Loop thread. */
+DF_EXPORT int df_pool_shutdown(df_pool *p, int mode);
+/* Shuts down with DF_POOL_CANCEL if needed, then frees.  Loop thread. */
+DF_EXPORT void df_pool_free(df_pool *p);
+DF_EXPORT unsigned df_pool_threads(const df_pool *p);
+
+/* Pool threads only, inside the work function. */
+DF_EXPORT bool df_work_cancelled(const df_work *w);
+DF_EXPORT df_loop *df_work_loop(const df_work *w);
+
+/* Semaphore run-in-pool: acquire a token, submit work, release the token
+ * only once the worker has returned.  Cancelling *out while waiting for the
+ * token removes the waiter; once submitted, it cancels the job as
+ * df_pool_submit says, and the token comes back only when the worker is
+ * done. */
+DF_EXPORT int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work,
+                                 void *arg, df_deferred **out);
+
+/* -------------------------------------------------------------------- map */
+
+/*
+ * Bounded streaming map over an input that may never end (beyond Twisted:
+ * its semaphore + DeferredList pattern makes every deferred up front).
+ * Inputs are pulled from `next` on the loop thread only while fewer than
+ * `limit` items are in flight (and, in ordered mode, while the window of
+ * finished-but-undelivered results has room), so memory is O(limit +
+ * window), never O(N).  Each item runs as `work` on `pool`, or, with pool
+ * NULL, as `call` on the loop thread (which may return df_wait).  Results
+ * reach `on_result` on the loop thread as they complete, or in input order
+ * with DF_MAP_ORDERED.
+ */
+typedef struct df_map df_map;
+
+/* Pulls the next input.  Return 1 and set *item (and *item_free, which may
+ * stay NULL) for an item; 0 at the end; a negative code on failure (the map
+ * then stops pulling and its final deferred fails with that code after the
+ * items in flight finish).  Loop thread. */
+typedef int (*df_map_next_fn)(void *arg, void **item, df_free_fn *item_free);
+/* Receives item `index` (0-based input position) and its result, which it
+ * owns.  The item itself is still owned by the map and freed after this
+ * returns.  Loop thread. */
+typedef void (*df_map_result_fn)(uint64_t index, void *item, df_result r,
+                                 void *arg);
+/* Loop-thread variant of the work: may return df_wait(d). */
+typedef df_result (*df_map_call_fn)(void *item, void *arg);
+
+enum {
+    DF_MAP_ORDERED = 1u << 0,       /* deliver in input order             */
+    DF_MAP_STOP_ON_ERROR = 1u << 1  /* first failure stops the map        */
+};
+
+typedef struct df_map_options {
+    unsigned limit;           /* most items in flight, >= 1               */
+    unsigned flags;           /* DF_MAP_*                                 */
+    size_t window;            /* ordered: most results held back; 0: limit */
+    df_map_next_fn next;      /* required                                 */
+    void *next_arg;
+    df_pool *pool;            /* with work: run items on the pool         */
+    df_work_fn work;          /* called as work(w, item)                  */
+    df_map_call_fn call;      /* without pool: call(item, arg) on loop    */
+    df_map_result_fn on_result; /* may be NULL: results are dropped       */
+    void *arg;                /* for call and on_result                   */
+} df_map_options;
+
+typedef struct df_map_stats {
+    uint64_t pulled;   /* inputs taken from next                          */
+    uint64_t running;  /* in flight now                                   */
+    uint64_t done;     /* results delivered (success or failure)          */
+    uint64_t failed;   /* of which failures                               */
+    uint64_t cancelled;/* of which DF_ECANCELLED                          */
+    uint64_t buffered; /* ordered mode: finished, waiting for their turn  */
+} df_map_stats;
+
+/* Starts the map: pulls the first items at once.  *done fires with a
+ * df_map_stats * value (owned by the chain, freed by its destructor) once
+ * the input has ended (or stopped) and every item in flight has been
+ * delivered; it fails with the first failure under DF_MAP_STOP_ON_ERROR,
+ * with the iterator's code if next failed, with DF_ECANCELLED after
+ * df_map_cancel().  The map object stays valid until df_map_free(). */
+DF_EXPORT int df_map_start(df_loop *loop, const df_map_options *opts,
+                           df_map **map, df_deferred **done);
+/* Stops pulling, cancels queued items, lets running ones finish (their
+ * results are delivered with DF_ECANCELLED).  Idempotent.  Cancelling the
+ * done deferred does the same. */
+DF_EXPORT int df_map_cancel(df_map *m);
+DF_EXPORT int df_map_get_stats(const df_map *m, df_map_stats *out);
+/* DF_EBUSY while items are in flight (cancel and run the loop first). */
+DF_EXPORT int df_map_free(df_map *m);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* DEFERRED_H */

@@ -1,0 +1,91 @@
+/* SPDX-License-Identifier: MIT */
+/* Internal declarations shared by the library's components (df__ prefix). */
+#ifndef DEFERRED_INTERNAL_H
+#define DEFERRED_INTERNAL_H
+
+#include <assert.h>
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "deferred.h"
+
+#define DF__UNUSED(x) ((void)(x))
+#define DF__CONTAINER_OF(ptr, type, member)                                   \
+    ((type *)((char *)(ptr)-offsetof(type, member)))
+
+/* ------------------------------------------------------------- allocation */
+/* All allocations made for a loop go through its allocator (loop.c).  With
+ * loop == NULL they use the C library. */
+void *df__malloc(df_loop *loop, size_t size);
+void *df__calloc(df_loop *loop, size_t n, size_t size);
+void *df__realloc(df_loop *loop, void *ptr, size_t size);
+void df__free(df_loop *loop, void *ptr);
+/* The loop's allocator (a copy of the user's, or the default one). */
+const df_allocator *df__allocator(df_loop *loop);
+
+/* ----------------------------------------------------------- thread check */
+/* True on the loop's own thread. */
+bool df__on_loop_thread(const df_loop *loop);
+/* Prints one line naming the misused function; used by void entry points
+ * that cannot return DF_EWRONG_THREAD. */
+void df__wrong_thread(const char *func);
+
+#define DF__CHECK_THREAD(loop)                                                \
+    do {                                                                       \
+        if (!df__on_loop_thread(loop))                                         \
+            return DF_EWRONG_THREAD;                                           \
+    } while (0)
+
+/* ------------------------------------------------------ unhandled failure */
+/* Reports `f` (borrowed) through the loop's hook; counts it. */
+void df__report_unhandled(df_loop *loop, df_failure *f);
+
+/* --------------------------------------------------------------- deferred */
+/* Pool jobs: df_deferred_cancel() on a deferred with this flag set calls the
+ * canceller but does not fail the deferred itself; the producer fires it
+ * (with DF_ECANCELLED) when the work has really stopped. */
+void df__deferred_set_cancel_waits(df_deferred *d);
+bool df__deferred_cancel_requested(const df_deferred *d);
+/* Marks that d has a timeout (df_deferred_set_timeout, loop.c); returns
+ * false if it already had one. */
+bool df__deferred_mark_timeout(df_deferred *d);
+
+/* ---------------------------------------------------------------- failure */
+/* The shared static out-of-memory failure. */
+df_failure *df__failure_nomem(void);
+/* A DF_EFIRST_ERROR failure for member `index` failing with `cause`
+ * (borrowed; a reference is taken). */
+df_failure *df__failure_first_error(df_loop *loop, size_t index,
+                                    df_failure *cause);
+
+/* ------------------------------------------------------------------- loop */
+/* Keeps df_loop_run() running while > 0 (pool jobs in flight). */
+void df__loop_pending_add(df_loop *loop, long delta);
+
+/* -------------------------------------------------------------- loop/pool */
+/* Declarations shared by loop.c and pool.c (owned by the loop/pool code). */
+
+/* An entry of the loop's completion inbox, embedded in what it carries (a
+ * pool job, a cross-thread call), so that posting allocates nothing.
+ * `run` is called once, on the loop thread, with status 0 (or DF_ECANCELLED
+ * when the loop is freed before it could run). */
+typedef struct df__inbox_node df__inbox_node;
+typedef void (*df__inbox_fn)(df_loop *loop, df__inbox_node *n, int status);
+struct df__inbox_node {
+    df__inbox_node *next;
+    df__inbox_fn run;
+};
+/* Appends `n` to the inbox (FIFO per producer) and wakes the loop; wake-ups
+ * coalesce.  Any thread; takes only the inbox lock (a leaf lock). */
+void df__loop_post(df_loop *loop, df__inbox_node *n);
+/* Runs, in inbox order, every entry already posted for which match(n, arg)
+ * is true; leaves the others queued in their order.  Returns how many ran.
+ * Loop thread; re-entrant (may be called from inside a callback). */
+size_t df__loop_run_matching(df_loop *loop,
+                             bool (*match)(const df__inbox_node *n, void *arg),
+                             void *arg);
+/* Counts the pools made from `loop`; df_loop_free() refuses while > 0.
+ * Loop thread. */
+void df__loop_pools_add(df_loop *loop, int delta);
+
+#endif /* DEFERRED_INTERNAL_H */

@@ -1,0 +1,667 @@
+/* SPDX-License-Identifier: MIT */
+/* The Deferred: a once-fired result with a callback chain, run iteratively. */
+#include <stdio.h>
+#include <string.h>
+
+#include "deferred-internal.h"
+
+/*
+ * State machine
+ * -------------
+ *   unfired --callback/errback/cancel--> fired
+ *   fired: the chain runs until it is empty or the deferred is paused
+ *   (paused > 0: by df_deferred_pause, or by waiting on an inner deferred,
+ *   in which case chained_to holds a reference to that inner deferred).
+ *
+ * Chains never grow the C stack.  run_callbacks() keeps an explicit stack
+ * of the deferreds it is working on, linked through `stack_next`; when an
+ * inner deferred's chain reaches the continuation entry of the outer one
+ * that waits for it, the outer is pushed instead of being run by a nested
+ * call.  A deferred is on at most one such stack (the IN_RUN flag), and a
+ * call that would start a second run of a deferred already being run just
+ * returns: the running loop picks up whatever was added.
+ *
+ * Special entries: an entry whose cb is continue_mark hands the result to
+ * the waiting outer deferred in `arg` (which does not hold a reference: the
+ * outer holds one on us through chained_to, so it outlives the entry unless
+ * it is released first, and then it removes the entry).  An entry whose cb
+ * is chain_mark fires the deferred in `arg` (holding a reference), as
+ * Twisted's chainDeferred does.
+ */
+
+enum {
+    F_CALLED = 1u << 0,        /* fired                                    */
+    F_IN_RUN = 1u << 1,        /* on a run_callbacks stack                  */
+    F_SUPPRESS = 1u << 2,      /* cancelled: swallow the producer's fire    */
+    F_CANCEL_WAITS = 1u << 3,  /* canceller fires it later (pool jobs)      */
+    F_CANCEL_REQ = 1u << 4,    /* df_deferred_cancel was called             */
+    F_TIMEOUT = 1u << 5,       /* a timeout was set (loop.c)                */
+};
+
+typedef struct entry {
+    df_callback_fn cb;
+    df_callback_fn eb;
+    void *arg;
+} entry;
+
+#define INLINE_ENTRIES 2
+
+struct df_deferred {
+    df_loop *loop;
+    uint32_t refs;
+    uint32_t flags;
+    uint32_t paused;
+    uint32_t head;            /* next entry to run */
+    uint32_t count;           /* entries in use    */
+    uint32_t cap;             /* entries allocated */
+    void *value;              /* result, valid when F_CALLED  */
+    df_free_fn value_free;
+    df_failure *failure;
+    df_deferred *chained_to;  /* inner deferred waited on (owned ref) */
+    df_deferred *stack_next;  /* run_callbacks stack link          */
+    df_canceller_fn canceller;
+    void *canceller_arg;
+    entry *entries;           /* == inline_entries or heap */
+    entry inline_entries[INLINE_ENTRIES];
+};
+
+static df_result continue_mark(df_result r, void *arg)
+{
+    DF__UNUSED(arg);
+    return r;
+}
+
+static df_result chain_mark(df_result r, void *arg)
+{
+    DF__UNUSED(arg);
+    return r;
+}
+
+static void deferred_release(df_deferred *d);
+
+/* ----------------------------------------------------------- small pieces */
+
+static inline df_result take_result(df_deferred *d)
+{
+    df_result r = {d->value, d->value_free, d->failure, NULL};
+    d->value = NULL;
+    d->value_free = NULL;
+    d->failure = NULL;
+    return r;
+}
+
+static inline void put_result(df_deferred *d, df_result r)
+{
+    assert(r.wait == NULL);
+    d->value = r.value;
+    d->value_free = r.free;
+    d->failure = r.failure;
+}
+
+static int append_entry(df_deferred *d, df_callback_fn cb, df_callback_fn eb,
+                        void *arg)
+{
+    if (d->head == d->count) {
+        d->head = 0;
+        d->count = 0;
+    }
+    if (d->count == d->cap) {
+        if (d->head > 0) {
+            /* Reuse the slots already run before growing. */
+            memmove(d->entries, d->entries + d->head,
+                    (d->count - d->head) * sizeof(entry));
+            d->count -= d->head;
+            d->head = 0;
+        } else {
+            if (d->cap > UINT32_MAX / 2)
+                return DF_ENOMEM;
+            uint32_t cap = d->cap * 2;
+            entry *e;
+            if (d->entries == d->inline_entries) {
+                e = df__malloc(d->loop, cap * sizeof(entry));
+                if (e != NULL)
+                    memcpy(e, d->inline_entries, d->count * sizeof(entry));
+            } else {
+                e = df__realloc(d->loop, d->entries, cap * sizeof(entry));
+            }
+            if (e == NULL)
+                return DF_ENOMEM;
+            d->entries = e;
+            d->cap = cap;
+        }
+    }
+    d->entries[d->count].cb = cb;
+    d->entries[d->count].eb = eb;
+    d->entries[d->count].arg = arg;
+    d->count++;
+    return 0;
+}
+
+/* ------------------------------------------------------- the chain runner */
+
+static void push(df_deferred **top, df_deferred *d)
+{
+    assert(!(d->flags & F_IN_RUN));
+    d->refs++;
+    d->flags |= F_IN_RUN;
+    d->stack_next = *top;
+    *top = d;
+}
+
+static void pop(df_deferred **top)
+{
+    df_deferred *d = *top;
+    *top = d->stack_next;
+    d->stack_next = NULL;
+    d->flags &= ~F_IN_RUN;
+    df_deferred_unref(d);
+}
+
+/* Takes the result of `inner` for `cur` if it is there, else makes `cur`
+ * wait for it.  Consumes the reference to inner.  Returns true when cur
+ * must stop (it now waits). */
+static bool wait_for(df_deferred *cur, df_deferred *inner)
+{
+    if (inner == cur || inner->loop != cur->loop) {
+        df_deferred_unref(inner);
+        put_result(cur, df_errf(cur->loop, DF_EINVAL,
+                                inner == cur ? "callback returned its own "
+                                               "deferred"
+                                             : "callback returned a deferred "
+                                               "of another loop"));
+        return false;
+    }
+    if ((inner->flags & F_CALLED) && inner->paused == 0 &&
+        !(inner->flags & F_IN_RUN)) {
+        /* Already fired: take its result now (Twisted leaves None behind). */
+        put_result(cur, take_result(inner));
+        df_deferred_unref(inner);
+        return false;
+    }
+    int rc = append_entry(inner, continue_mark, continue_mark, cur);
+    if (rc != 0) {
+        df_deferred_unref(inner);
+        put_result(cur, df_errf(cur->loop, rc, "cannot wait for a deferred"));
+        return false;
+    }
+    cur->paused++;
+    cur->chained_to = inner;
+    return true;
+}
+
+static void run_callbacks(df_deferred *self)
+{
+    if (self->flags & F_IN_RUN)
+        return; /* the run already under way will see the new entries */
+    df_deferred *top = NULL;
+    push(&top, self);
+
+    while (top != NULL) {
+        df_deferred *cur = top;
+        if (cur->paused) {
+            /* Nothing more can happen until it is unpaused; the deferreds
+             * below it wait for it, so they stop too (as in Twisted). */
+            while (top != NULL)
+                pop(&top);
+            return;
+        }
+        bool finished = true;
+        while (cur->head < cur->count) {
+            entry e = cur->entries[cur->head++];
+            df_callback_fn fn = cur->failure != NULL ? e.eb : e.cb;
+
+            if (e.cb == continue_mark) {
+                df_deferred *outer = e.arg;
+                put_result(outer, take_result(cur));
+                outer->paused--;
+                outer->chained_to = NULL;
+                df_deferred_unref(cur); /* outer's reference; ours remains */
+                push(&top, outer);
+                finished = false;
+                break;
+            }
+            if (e.cb == chain_mark) {
+                df_deferred *other = e.arg;
+                if (other->flags & F_CALLED) {
+                    df_result old = take_result(cur);
+                    df_result_clear(&old);
+                    put_result(cur, df_errf(cur->loop, DF_EALREADY_CALLED,
+                                            "chained deferred already "
+                                            "fired"));
+                    df_deferred_unref(other);
+                    continue;
+                }
+                put_result(other, take_result(cur));
+                other->flags |= F_CALLED;
+                if (other->paused || (other->flags & F_IN_RUN)) {
+                    df_deferred_unref(other);
+                    continue;
+                }
+                push(&top, other);
+                df_deferred_unref(other); /* the entry's reference */
+                finished = false;
+                break;
+            }
+            if (fn == NULL)
+                continue; /* pass through */
+
+            df_result out = fn(take_result(cur), e.arg);
+            if (out.wait != NULL) {
+                df_deferred *inner = out.wait;
+                if (out.failure != NULL || out.free != NULL) {
+                    /* Only df_wait() may set wait: drop the rest. */
+                    out.wait = NULL;
+                    df_result_clear(&out);
+                }
+                if (wait_for(cur, inner))
+                    break;
+            } else {
+                put_result(cur, out);
+            }
+        }
+        if (finished)
+            pop(&top);
+    }
+}
+
+/* -------------------------------------------------------------- lifecycle */
+
+static int deferred_alloc(df_loop *loop, df_deferred **out)
+{
+    if (loop == NULL || out == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(loop);
+    df_deferred *d = df__malloc(loop, sizeof *d);
+    if (d == NULL)
+        return DF_ENOMEM;
+    memset(d, 0, sizeof *d);
+    d->loop = loop;
+    d->refs = 1;
+    d->entries = d->inline_entries;
+    d->cap = INLINE_ENTRIES;
+    *out = d;
+    return 0;
+}
+
+int df_deferred_new(df_loop *loop, df_deferred **out)
+{
+    return deferred_alloc(loop, out);
+}
+
+int df_deferred_new_cancellable(df_loop *loop, df_canceller_fn fn, void *arg,
+                                df_deferred **out)
+{
+    int rc = deferred_alloc(loop, out);
+    if (rc == 0) {
+        (*out)->canceller = fn;
+        (*out)->canceller_arg = arg;
+    }
+    return rc;
+}
+
+/* Frees a deferred nobody has seen yet (no entries, unfired). */
+static void deferred_discard(df_deferred *d)
+{
+    assert(d->count == 0 && !(d->flags & F_CALLED));
+    df__free(d->loop, d);
+}
+
+df_deferred *df_deferred_ref(df_deferred *d)
+{
+    if (d == NULL)
+        return NULL;
+    if (!df__on_loop_thread(d->loop)) {
+        df__wrong_thread(__func__);
+        return d;
+    }
+    d->refs++;
+    return d;
+}
+
+void df_deferred_unref(df_deferred *d)
+{
+    if (d == NULL)
+        return;
+    if (!df__on_loop_thread(d->loop)) {
+        df__wrong_thread(__func__);
+        return;
+    }
+    assert(d->refs > 0);
+    if (--d->refs == 0)
+        deferred_release(d);
+}
+
+/* Removes outer's continuation entry from inner (outer is going away). */
+static void unlink_continuation(df_deferred *inner, df_deferred *outer)
+{
+    for (uint32_t i = inner->head; i < inner->count; i++) {
+        if (inner->entries[i].cb == continue_mark &&
+            inner->entries[i].arg == outer) {
+            inner->entries[i].cb = NULL;
+            inner->entries[i].eb = NULL;
+            inner->entries[i].arg = NULL;
+            return;
+        }
+    }
+    assert(!"continuation entry not found");
+}
+
+/*
+ * The last reference is gone, so nobody can fire, unpause or feed this
+ * deferred any more.  Whatever is left of its chain runs now, so that each
+ * pair runs exactly once: an unfired deferred, or one waiting on an inner
+ * deferred, is failed with DF_ECANCELLED first.  That failure is ours, not
+ * the application's, so it is not reported if nothing handles it; any other
+ * failure left at the end of the chain is.
+ *
+ * Releasing a deferred drops its reference to the one it waited on, which
+ * may release that one, and so on down a chain of any length: iterate,
+ * never recurse.
+ */
+static void deferred_release(df_deferred *d)
+{
+    while (d != NULL) {
+        assert(d->refs == 0);
+        df_deferred *next = d->chained_to;
+        df_failure *ours = NULL;
+        if (next != NULL) {
+            unlink_continuation(next, d);
+            d->chained_to = NULL;
+        }
+        if (next != NULL || !(d->flags & F_CALLED)) {
+            ours = df_failure_new(d->loop, DF_ECANCELLED,
+                                  "deferred released before its result came");
+            d->failure = ours;
+            d->flags |= F_CALLED;
+        }
+        if (d->head < d->count) {
+            d->paused = 0;
+            d->refs = 1;
+            run_callbacks(d);
+            if (--d->refs != 0) {
+                /* A callback took a new reference: it owns d now. */
+                df_deferred_unref(next);
+                return;
+            }
+        }
+        if (d->chained_to != NULL) {
+            /* A callback made it wait again; that result has no taker. */
+            unlink_continuation(d->chained_to, d);
+            df_deferred_unref(d->chained_to);
+            d->chained_to = NULL;
+        } else if (d->failure != NULL && d->failure != ours) {
+            df__report_unhandled(d->loop, d->failure);
+        }
+
+        /* Unrun chain entries: drop the references chain entries hold. */
+        for (uint32_t i = d->head; i < d->count; i++) {
+            if (d->entries[i].cb == chain_mark)
+                df_deferred_unref(d->entries[i].arg);
+        }
+        df_result r = take_result(d);
+        df_result_clear(&r);
+        if (d->entries != d->inline_entries)
+            df__free(d->loop, d->entries);
+        df__free(d->loop, d);
+
+        d = NULL;
+        if (next != NULL && --next->refs == 0)
+            d = next;
+    }
+}
+
+df_loop *df_deferred_loop(const df_deferred *d)
+{
+    return d != NULL ? d->loop : NULL;
+}
+
+/* ----------------------------------------------------------------- firing */
+
+int df_deferred_resolve(df_deferred *d, df_result r)
+{
+    if (d == NULL || r.wait != NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(d->loop);
+    if (d->flags & F_CALLED) {
+        if (d->flags & F_SUPPRESS) {
+            /* Cancelled earlier: the producer's late result is dropped, as
+             * in Twisted.  We own it now (success returned), so free it. */
+            d->flags &= ~F_SUPPRESS;
+            df_result_clear(&r);
+            return 0;
+        }
+        return DF_EALREADY_CALLED;
+    }
+    put_result(d, r);
+    d->flags |= F_CALLED;
+    d->refs++; /* callbacks may drop the caller's reference */
+    run_callbacks(d);
+    df_deferred_unref(d);
+    return 0;
+}
+
+int df_deferred_callback(df_deferred *d, void *value, df_free_fn free_fn)
+{
+    return df_deferred_resolve(d, df_ok(value, free_fn));
+}
+
+int df_deferred_errback(df_deferred *d, df_failure *f)
+{
+    if (f == NULL)
+        return DF_EINVAL;
+    return df_deferred_resolve(d, df_err(f));
+}
+
+int df_succeed(df_loop *loop, void *value, df_free_fn free_fn,
+               df_deferred **out)
+{
+    int rc = deferred_alloc(loop, out);
+    if (rc == 0) {
+        put_result(*out, df_ok(value, free_fn));
+        (*out)->flags |= F_CALLED;
+    }
+    return rc;
+}
+
+int df_fail(df_loop *loop, df_failure *f, df_deferred **out)
+{
+    if (f == NULL)
+        return DF_EINVAL;
+    int rc = deferred_alloc(loop, out);
+    if (rc == 0) {
+        put_result(*out, df_err(f));
+        (*out)->flags |= F_CALLED;
+    }
+    return rc;
+}
+
+int df_maybe(df_loop *loop, df_run_fn fn, void *arg, df_deferred **out)
+{
+    if (fn == NULL)
+        return DF_EINVAL;
+    df_deferred *d;
+    int rc = deferred_alloc(loop, &d); /* before fn: fn runs only on 0 */
+    if (rc != 0)
+        return rc;
+    df_result r = fn(arg);
+    if (r.wait != NULL) {
+        deferred_discard(d);
+        if (r.failure != NULL || r.free != NULL) {
+            df_deferred *w = r.wait;
+            r.wait = NULL;
+            df_result_clear(&r);
+            r.wait = w;
+        }
+        *out = r.wait;
+        return 0;
+    }
+    put_result(d, r);
+    d->flags |= F_CALLED;
+    *out = d;
+    return 0;
+}
+
+/* -------------------------------------------------------------- callbacks */
+
+int df_deferred_add_callbacks(df_deferred *d, df_callback_fn cb,
+                              df_callback_fn eb, void *arg)
+{
+    if (d == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(d->loop);
+    if (cb == NULL && eb == NULL)
+        return 0; /* a pass-through pair changes nothing */
+    int rc = append_entry(d, cb, eb, arg);
+    if (rc != 0)
+        return rc;
+    if (d->flags & F_CALLED)
+        run_callbacks(d);
+    return 0;
+}
+
+int df_deferred_add_callback(df_deferred *d, df_callback_fn cb, void *arg)
+{
+    if (cb == NULL)
+        return DF_EINVAL;
+    return df_deferred_add_callbacks(d, cb, NULL, arg);
+}
+
+int df_deferred_add_errback(df_deferred *d, df_callback_fn eb, void *arg)
+{
+    if (eb == NULL)
+        return DF_EINVAL;
+    return df_deferred_add_callbacks(d, NULL, eb, arg);
+}
+
+int df_deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg)
+{
+    if (fn == NULL)
+        return DF_EINVAL;
+    return df_deferred_add_callbacks(d, fn, fn, arg);
+}
+
+int df_deferred_chain(df_deferred *d, df_deferred *other)
+{
+    if (d == NULL || other == NULL || d == other)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(d->loop);
+    if (other->loop != d->loop)
+        return DF_EINVAL;
+    int rc = append_entry(d, chain_mark, chain_mark, other);
+    if (rc != 0)
+        return rc;
+    other->refs++;
+    if (d->flags & F_CALLED)
+        run_callbacks(d);
+    return 0;
+}
+
+/* ------------------------------------------------------- pause and cancel */
+
+int df_deferred_pause(df_deferred *d)
+{
+    if (d == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(d->loop);
+    d->paused++;
+    return 0;
+}
+
+int df_deferred_unpause(df_deferred *d)
+{
+    if (d == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(d->loop);
+    /* Pauses made by waiting on an inner deferred cannot be undone here. */
+    if (d->paused <= (d->chained_to != NULL ? 1u : 0u))
+        return DF_ESTATE;
+    d->paused--;
+    if (d->paused == 0 && (d->flags & F_CALLED))
+        run_callbacks(d);
+    return 0;
+}
+
+int df_deferred_cancel(df_deferred *d)
+{
+    if (d == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(d->loop);
+    /* A fired deferred that waits forwards the cancel to what it waits on;
+     * follow the chain with a loop, however long it is. */
+    while ((d->flags & F_CALLED) && d->chained_to != NULL)
+        d = d->chained_to;
+    if (d->flags & F_CALLED)
+        return 0;
+
+    d->refs++;
+    d->flags |= F_CANCEL_REQ;
+    if (d->canceller != NULL)
+        d->canceller(d, d->canceller_arg);
+    if (!(d->flags & F_CALLED) && !(d->flags & F_CANCEL_WAITS)) {
+        df_failure *f = df_failure_new(d->loop, DF_ECANCELLED, NULL);
+        df_deferred_resolve(d, df_err(f));
+        d->flags |= F_SUPPRESS;
+    }
+    df_deferred_unref(d);
+    return 0;
+}
+
+void df__deferred_set_cancel_waits(df_deferred *d)
+{
+    d->flags |= F_CANCEL_WAITS;
+}
+
+bool df__deferred_cancel_requested(const df_deferred *d)
+{
+    return (d->flags & F_CANCEL_REQ) != 0;
+}
+
+bool df__deferred_mark_timeout(df_deferred *d)
+{
+    if (d->flags & F_TIMEOUT)
+        return false;
+    d->flags |= F_TIMEOUT;
+    return true;
+}
+
+/* --------------------------------------------------------------- queries */
+
+bool df_deferred_called(const df_deferred *d)
+{
+    return d != NULL && (d->flags & F_CALLED) != 0;
+}
+
+bool df_deferred_paused(const df_deferred *d)
+{
+    return d != NULL && d->paused > 0;
+}
+
+int df_deferred_peek(const df_deferred *d, void **value, df_failure **failure)
+{
+    if (d == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(d->loop);
+    if (!(d->flags & F_CALLED) || d->chained_to != NULL)
+        return DF_ENOT_CALLED;
+    if (value != NULL)
+        *value = d->failure == NULL ? d->value : NULL;
+    if (failure != NULL)
+        *failure = d->failure;
+    return 0;
+}
+
+void df_result_clear(df_result *r)
+{
+    if (r == NULL)
+        return;
+    if (r->wait != NULL)
+        df_deferred_unref(r->wait);
+    if (r->failure != NULL)
+        df_failure_unref(r->failure);
+    if (r->free != NULL)
+        r->free(r->value);
+    r->value = NULL;
+    r->free = NULL;
+    r->failure = NULL;
+    r->wait = NULL;
+}

@@ -1,0 +1,436 @@
+/* SPDX-License-Identifier: MIT */
+/* Deferred lists and gather: aggregate the results of many deferreds. */
+#include <string.h>
+
+#include "deferred-internal.h"
+
+/*
+ * Design
+ * ======
+ * One allocation holds both the df_list_result handed to the user and the
+ * collector: the loop-thread bookkeeping that watches the members.  The
+ * two parts have different lifetimes, so the block carries an atomic count
+ * of two references: one for the result (dropped by df_list_result_free(),
+ * on whatever thread owns the result by then) and one for the collector
+ * (dropped on the loop thread once nothing can call back into it any
+ * more).  The result therefore always outlives the collector's need for
+ * it, and late members may still fire after the user freed the result.
+ * The allocator is copied into the block, as failures do, because a result
+ * may outlive its loop.
+ *
+ * The collector is needed while any of these remain, each counted:
+ *   - a member whose list callback has not run yet (`npending`);
+ *   - the sentinel, our first callback on the list deferred, which has not
+ *     run yet (`sentinel_pending`);
+ *   - a section of list code on the stack (`busy`).
+ *
+ * The list holds a reference to each member until the list has fired and
+ * no list code is on the stack; it holds no reference to its own deferred.
+ * That breaks the cycle list -> member -> callback -> list, so a list and
+ * members that are all abandoned are freed rather than leaked.  Instead,
+ * the sentinel tells the collector when the list deferred fired: if the
+ * list did not fire it itself (the user released the last reference, which
+ * fails an unfired deferred with DF_ECANCELLED, or fired it by hand, or
+ * df_deferred_cancel() failed it after our canceller), the collector stops
+ * collecting and never touches that deferred again.  This relies on the
+ * core's promise that releasing the last reference runs the rest of the
+ * chain, even of a deferred its user left paused.
+ *
+ * Decisions:
+ *   - Once the list has fired, nothing is written into its result again:
+ *     the result belongs to the list's chain.  A member that fires later is
+ *     passed through its own chain untouched, its value keeping its
+ *     destructor; with CONSUME_ERRORS a late failure is still consumed, as
+ *     Twisted does.
+ *   - If the list fails (FIRE_ON_ONE_ERRBACK, gather) or is fired by
+ *     someone else, its result is never delivered: the values moved into it
+ *     so far are destroyed and the failures released at that moment.  The
+ *     pointers those members' chains still carry (without a destructor)
+ *     are then dangling, which is the price of the header's move rule.
+ *   - n == 0 fires at once with an empty result whatever the flags; Twisted
+ *     never fires an empty list with fireOnOneCallback.
+ *   - Cancelling the list cancels every member captured at construction,
+ *     fired or not (a fired one may be waiting on an inner deferred), as
+ *     Twisted does.  If that does not fire the list (a member whose
+ *     cancellation completes later, like a running pool job), the core then
+ *     fails the list with DF_ECANCELLED, as for any deferred with a
+ *     canceller; the members' later results pass through their chains.
+ *   - CANCEL_REMAINING cancels, right after the list's own callbacks have
+ *     seen the result, every member whose list callback has not run.  It
+ *     does not apply when the list was fired by someone else.
+ *   - df__failure_first_error() allocates when the first error happens; if
+ *     that fails the list fails with the shared DF_ENOMEM failure instead.
+ *     Everything else is allocated in df_list_new().
+ *
+ * Atomicity of df_list_new(): attaching a callback to a member may fail
+ * (the core allocates chain links), and a callback attached to a member
+ * that has fired runs at once, moving its value.  So every member is
+ * paused while callbacks are attached and unpaused only once all of them
+ * are in place.  If an attachment fails, the callbacks already attached
+ * turn into pass-throughs that change nothing, the members are unpaused,
+ * and DF_ENOMEM is returned; the block then lives until the last of those
+ * pass-throughs has run.
+ */
+
+#define LIST_FLAGS                                                             \
+    (DF_LIST_FIRE_ON_ONE_CALLBACK | DF_LIST_FIRE_ON_ONE_ERRBACK |              \
+     DF_LIST_CONSUME_ERRORS | DF_LIST_CANCEL_REMAINING)
+#define GATHER_FLAGS (DF_LIST_CONSUME_ERRORS | DF_LIST_CANCEL_REMAINING)
+
+struct list_slot {
+    /* Result part: written only while collecting, read by the accessors. */
+    void *value;
+    df_free_fn free;
+    df_failure *failure; /* owned reference */
+    bool fired;          /* recorded before the list fired */
+    bool ok;
+    /* Collector part (loop thread only). */
+    bool done;           /* the list callback on this member has run */
+    bool paused;         /* paused by df_list_new() and not yet unpaused */
+    df_deferred *member; /* reference, while members_held */
+    struct df_list_result *owner; /* the block; the callback's argument */
+};
+
+struct df_list_result {
+    atomic_uint refs;   /* the result's and the collector's */
+    df_allocator alloc; /* copied: the result may outlive the loop */
+    size_t count;
+    long fired_index;
+
+    /* Collector (loop thread only). */
+    df_loop *loop;
+    df_deferred *self; /* the list deferred, while collecting */
+    unsigned flags;
+    size_t nfired;         /* members recorded */
+    size_t npending;       /* members whose list callback has not run */
+    unsigned busy;         /* list code on the stack */
+    bool collecting;       /* the list has not fired */
+    bool delivered;        /* the result went down the list's chain */
+    bool members_held;     /* slot[i].member references still held */
+    bool sentinel_pending; /* the sentinel has not run */
+    bool inert;            /* df_list_new() failed: callbacks pass through */
+
+    struct list_slot slots[];
+};
+
+static void list_block_unref(struct df_list_result *l)
+{
+    if (atomic_fetch_sub_explicit(&l->refs, 1, memory_order_acq_rel) == 1)
+        l->alloc.free(l, l->alloc.ctx);
+}
+
+/* Destroys what the result owns and drops the result's reference. */
+void df_list_result_free(void *p)
+{
+    struct df_list_result *l = p;
+
+    if (l == NULL)
+        return;
+    for (size_t i = 0; i < l->count; i++) {
+        struct list_slot *s = &l->slots[i];
+        if (!s->fired)
+            continue;
+        if (s->ok && s->free != NULL)
+            s->free(s->value);
+        else if (!s->ok)
+            df_failure_unref(s->failure);
+    }
+    list_block_unref(l);
+}
+
+static void list_enter(struct df_list_result *l)
+{
+    l->busy++;
+}
+
+/*
+ * Leaves a section of list code.  The outermost one does the work that had
+ * to wait until no list code was iterating over the members: dropping the
+ * member references once the list has fired (which may run member chains
+ * that call back in; they find busy > 0 and return here at once), then
+ * dropping the collector's reference when nothing can call back any more.
+ * Nothing in the block may be touched after this returns.
+ */
+static void list_leave(struct df_list_result *l)
+{
+    assert(l->busy > 0);
+    if (l->busy > 1) {
+        l->busy--;
+        return;
+    }
+    if (!l->collecting && l->members_held) {
+        l->members_held = false;
+        for (size_t i = 0; i < l->count; i++) {
+            df_deferred *m = l->slots[i].member;
+            l->slots[i].member = NULL;
+            if (m != NULL)
+                df_deferred_unref(m);
+        }
+    }
+    l->busy = 0;
+    if (l->npending == 0 && !l->sentinel_pending)
+        list_block_unref(l);
+}
+
+/* Stops collecting without delivering the result: destroys what was
+ * recorded so far. */
+static void list_abandon(struct df_list_result *l)
+{
+    l->collecting = false;
+    l->self = NULL;
+    df_list_result_free(l);
+}
+
+/*
+ * Fires the list deferred with `r` (the result itself, or a failure).  The
+ * caller is inside list_enter()/list_leave().
+ */
+static void list_fire(struct df_list_result *l, df_result r)
+{
+    df_deferred *self = l->self;
+
+    assert(l->collecting);
+    l->collecting = false;
+    l->self = NULL;
+    l->delivered = df_result_ok(&r);
+    if (df_deferred_resolve(self, r) != 0) {
+        /* Fired by hand while paused, so the sentinel has not seen it: the
+         * result is still ours. */
+        if (l->delivered)
+            l->delivered = false;
+        else
+            df_failure_unref(r.failure);
+    }
+    if (!l->delivered)
+        list_abandon(l);
+    /* The list's callbacks have seen the result; now stop the rest.  The
+     * references stay valid: list_leave() drops them only later. */
+    if (l->flags & DF_LIST_CANCEL_REMAINING) {
+        for (size_t i = 0; i < l->count; i++) {
+            if (!l->slots[i].done)
+                df_deferred_cancel(l->slots[i].member);
+        }
+    }
+}
+
+/* The callback and errback on every member. */
+static df_result list_member_done(df_result r, void *arg)
+{
+    struct list_slot *s = arg;
+    struct df_list_result *l = s->owner;
+    bool failed = r.failure != NULL;
+    size_t index = (size_t)(s - l->slots);
+
+    assert(r.wait == NULL);
+    assert(!s->done);
+    list_enter(l);
+    s->done = true;
+    l->npending--;
+    if (l->inert) {
+        list_leave(l);
+        return r;
+    }
+    if (l->collecting) {
+        s->fired = true;
+        s->ok = !failed;
+        if (failed) {
+            s->failure = df_failure_ref(r.failure);
+        } else {
+            /* The value moves into the result; the member's chain goes on
+             * with the same pointer, borrowed. */
+            s->value = r.value;
+            s->free = r.free;
+            r.free = NULL;
+        }
+        l->nfired++;
+        if (!failed && (l->flags & DF_LIST_FIRE_ON_ONE_CALLBACK)) {
+            l->fired_index = (long)index;
+            list_fire(l, df_ok(l, df_list_result_free));
+        } else if (failed && (l->flags & DF_LIST_FIRE_ON_ONE_ERRBACK)) {
+            list_fire(
+                l, df_err(df__failure_first_error(l->loop, index, r.failure)));
+        } else if (l->nfired == l->count) {
+            list_fire(l, df_ok(l, df_list_result_free));
+        }
+    }
+    if (failed && (l->flags & DF_LIST_CONSUME_ERRORS)) {
+        df_failure_unref(r.failure);
+        r = df_ok(NULL, NULL);
+    }
+    list_leave(l);
+    return r;
+}
+
+/* The first callback pair on the list deferred: notices its firing. */
+static df_result list_sentinel(df_result r, void *arg)
+{
+    struct df_list_result *l = arg;
+
+    list_enter(l);
+    if (l->collecting)
+        list_abandon(l); /* fired by someone else */
+    l->sentinel_pending = false;
+    list_leave(l);
+    return r;
+}
+
+/* The list deferred's canceller (Twisted DeferredList.cancel). */
+static void list_cancel(df_deferred *d, void *arg)
+{
+    struct df_list_result *l = arg;
+
+    DF__UNUSED(d);
+    list_enter(l);
+    if (l->members_held) {
+        for (size_t i = 0; i < l->count; i++)
+            df_deferred_cancel(l->slots[i].member);
+    }
+    list_leave(l);
+}
+
+static void list_unpause_all(struct df_list_result *l)
+{
+    for (size_t i = 0; i < l->count; i++) {
+        if (l->slots[i].paused) {
+            l->slots[i].paused = false;
+            df_deferred_unpause(l->slots[i].member);
+        }
+    }
+}
+
+int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
+                unsigned flags, df_deferred **out)
+{
+    struct df_list_result *l;
+    df_deferred *self = NULL;
+    size_t i;
+    int rc = 0;
+
+    if (loop == NULL || out == NULL || (n > 0 && members == NULL) ||
+        (flags & ~(unsigned)LIST_FLAGS) != 0)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(loop);
+    for (i = 0; i < n; i++) {
+        if (members[i] == NULL || df_deferred_loop(members[i]) != loop)
+            return DF_EINVAL;
+    }
+    if (n > (SIZE_MAX - sizeof *l) / sizeof l->slots[0])
+        return DF_ENOMEM;
+    l = df__malloc(loop, sizeof *l + n * sizeof l->slots[0]);
+    if (l == NULL)
+        return DF_ENOMEM;
+    memset(l, 0, sizeof *l + n * sizeof l->slots[0]);
+    atomic_init(&l->refs, 2);
+    l->alloc = *df__allocator(loop);
+    l->count = n;
+    l->fired_index = -1;
+    l->loop = loop;
+    l->flags = flags;
+
+    rc = df_deferred_new_cancellable(loop, list_cancel, l, &self);
+    if (rc != 0) {
+        df__free(loop, l);
+        return rc;
+    }
+    rc = df_deferred_add_both(self, list_sentinel, l);
+    if (rc != 0) {
+        /* Fire it so that it can never call the canceller, nor report a
+         * cancellation, then drop it. */
+        df_deferred_callback(self, NULL, NULL);
+        df_deferred_unref(self);
+        df__free(loop, l);
+        return rc;
+    }
+    l->self = self;
+    l->collecting = true;
+    l->sentinel_pending = true;
+    l->members_held = true;
+    l->busy = 1;
+
+    /* Pause every member so that no callback runs before all are
+     * attached (see the top of the file). */
+    for (i = 0; i < n && rc == 0; i++) {
+        struct list_slot *s = &l->slots[i];
+        s->owner = l;
+        s->member = df_deferred_ref(members[i]);
+        rc = df_deferred_pause(s->member);
+        s->paused = rc == 0;
+    }
+    for (i = 0; i < n && rc == 0; i++) {
+        rc = df_deferred_add_both(l->slots[i].member, list_member_done,
+                                  &l->slots[i]);
+        if (rc == 0)
+            l->npending++;
+    }
+    if (rc != 0) {
+        /* No list callback has run, the members being paused.  Make the
+         * attached callbacks pass-throughs and the list deferred inert:
+         * firing it runs the sentinel, which finds the collector stopped. */
+        l->inert = true;
+        l->collecting = false;
+        l->self = NULL;
+        df_list_result_free(l);
+        df_deferred_callback(self, NULL, NULL);
+        df_deferred_unref(self);
+        list_unpause_all(l);
+        list_leave(l);
+        return rc;
+    }
+
+    *out = self;
+    if (n == 0)
+        list_fire(l, df_ok(l, df_list_result_free));
+    list_unpause_all(l);
+    list_leave(l);
+    return 0;
+}
+
+int df_gather(df_loop *loop, df_deferred *const *members, size_t n,
+              unsigned flags, df_deferred **out)
+{
+    if (loop == NULL || (flags & ~(unsigned)GATHER_FLAGS) != 0)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(loop);
+    /* Twisted's gatherResults unwraps the (success, value) pairs; with
+     * FIRE_ON_ONE_ERRBACK every entry of a delivered result succeeded, so
+     * the result needs no unwrapping here. */
+    return df_list_new(loop, members, n, flags | DF_LIST_FIRE_ON_ONE_ERRBACK,
+                       out);
+}
+
+/* The accessors only read the result, so any thread that owns it may call
+ * them. */
+
+size_t df_list_result_count(const df_list_result *r)
+{
+    return r != NULL ? r->count : 0;
+}
+
+bool df_list_result_ok(const df_list_result *r, size_t i)
+{
+    return r != NULL && i < r->count && r->slots[i].fired && r->slots[i].ok;
+}
+
+bool df_list_result_fired(const df_list_result *r, size_t i)
+{
+    return r != NULL && i < r->count && r->slots[i].fired;
+}
+
+void *df_list_result_value(const df_list_result *r, size_t i)
+{
+    if (!df_list_result_ok(r, i))
+        return NULL;
+    return r->slots[i].value;
+}
+
+df_failure *df_list_result_failure(const df_list_result *r, size_t i)
+{
+    if (!df_list_result_fired(r, i) || r->slots[i].ok)
+        return NULL;
+    return r->slots[i].failure;
+}
+
+long df_list_result_index(const df_list_result *r)
+{
+    return r != NULL ? r->fired_index : -1;
+}

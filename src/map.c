@@ -1,0 +1,551 @@
+/* SPDX-License-Identifier: MIT */
+/* The map: bounded streaming over an input that may never end. */
+#include <string.h>
+
+#include "deferred-internal.h"
+
+/*
+ * Memory
+ * ------
+ * Everything the map needs is allocated by df_map_start(): the map, a table
+ * of slots, the summary that the done deferred fires with, and the done
+ * deferred itself.  Nothing in this file allocates per item; per-item
+ * allocations are the pool's (its job and deferred) and the application's.
+ *
+ * A slot holds one item from the moment it is pulled until its result has
+ * been delivered:
+ *
+ *   FREE --pull--> RUNNING --result--> FINISHED --deliver--> FREE
+ *
+ * Unordered mode has `limit` slots, kept on an intrusive free list; a
+ * finished slot waits on a FIFO queue for the pump to deliver it, which it
+ * does before pulling again, so at most `limit` items are pulled but not
+ * delivered.
+ *
+ * Ordered mode has `window + 1` slots and item i lives in slot i % nslots.
+ * An item is pulled only while fewer than `limit` run and at most `window`
+ * items are pulled but undelivered.  The oldest undelivered item is never
+ * held back (it is delivered as soon as it finishes), so even if every
+ * other item finishes first, at most `window` results wait: that is the
+ * window's bound.  The indices in use always span fewer than nslots
+ * values, so slot i % nslots is free when item i is pulled.  A window
+ * smaller than limit - 1 therefore also lowers the concurrency.
+ *
+ * Re-entrancy
+ * -----------
+ * `next`, `call` and `on_result` are application code and may call back
+ * into the map (df_map_cancel, df_map_get_stats, df_map_free); items may
+ * finish synchronously, inside `call` or inside a cancel.  None of that
+ * may recurse: 10^6 items that finish at once must run in constant stack.
+ * So every entry point (start, cancel, an item's completion) enters the
+ * map; only the outermost entry runs the pump, a loop that delivers what
+ * can be delivered and pulls while it may, until neither is possible.
+ * Nested entries only record their change of state, which the running pump
+ * sees on its next turn.  The pump fires the done deferred last and frees
+ * the map if df_map_free() was called from a callback in the meantime.
+ */
+
+enum { SLOT_FREE = 0, SLOT_RUNNING, SLOT_FINISHED };
+
+typedef struct slot {
+    df_map *map;
+    uint64_t index; /* input position */
+    void *item;     /* owned until delivered */
+    df_free_fn item_free;
+    df_deferred *d;    /* RUNNING: the item's deferred (own ref) */
+    df_result result;  /* FINISHED: the result until delivered */
+    struct slot *next; /* unordered: free list or finished queue */
+    int state;
+} slot;
+
+/* The done deferred's value.  df_free_fn gets only the pointer, so the
+ * summary carries a copy of the loop's allocator to free itself with (it
+ * may outlive the loop if the application keeps it). */
+typedef struct summary {
+    df_map_stats stats; /* first: the value handed out points here */
+    df_allocator alloc;
+} summary;
+
+struct df_map {
+    df_loop *loop;
+    df_map_options opts;
+    bool ordered;
+    bool stop_on_error;
+
+    slot *slots;
+    size_t nslots;
+    slot *free_list; /* unordered: free slots */
+    slot *fin_head;  /* unordered: finished, FIFO */
+    slot *fin_tail;
+
+    uint64_t pulled;
+    uint64_t running;
+    uint64_t buffered;
+    uint64_t done; /* ordered: also the next index to deliver */
+    uint64_t failed;
+    uint64_t cancelled;
+
+    df_deferred *done_d;      /* own reference, dropped by df_map_free */
+    summary *summary;         /* until handed to done_d */
+    df_failure *stop_failure; /* what done fails with; NULL: success */
+
+    bool ended;          /* pull no more: end, stop, iterator error */
+    bool cancelling;     /* items in flight are being cancelled */
+    bool pumping;        /* an entry point is active (see above) */
+    bool finished;       /* done_d has been fired */
+    bool free_requested; /* df_map_free() called while pumping */
+};
+
+static void summary_free(void *p)
+{
+    summary *s = p;
+    df_allocator a = s->alloc;
+    a.free(s, a.ctx);
+}
+
+/* ------------------------------------------------------------- stopping */
+
+/* Records why done will fail (the first reason wins; steals f) and stops
+ * pulling. */
+static void set_stop(df_map *m, df_failure *f)
+{
+    if (f != NULL) {
+        if (m->stop_failure == NULL)
+            m->stop_failure = f;
+        else
+            df_failure_unref(f);
+    }
+    m->ended = true;
+}
+
+/* Cancels every item in flight, once.  Cancelling may finish items at
+ * once (re-entering the map through on_complete); the flag set first keeps
+ * that from starting another pass. */
+static void cancel_running(df_map *m)
+{
+    if (m->cancelling)
+        return;
+    m->cancelling = true;
+    for (size_t i = 0; i < m->nslots; i++) {
+        slot *s = &m->slots[i];
+        if (s->state == SLOT_RUNNING && s->d != NULL) {
+            /* on_complete drops the slot's reference: hold one. */
+            df_deferred *d = df_deferred_ref(s->d);
+            df_deferred_cancel(d);
+            df_deferred_unref(d);
+        }
+    }
+}
+
+/* ------------------------------------------------------------ finishing */
+
+/* Stores the result of slot s (steals r) and queues it for delivery. */
+static void finish_slot(df_map *m, slot *s, df_result r)
+{
+    assert(s->state == SLOT_RUNNING && r.wait == NULL);
+    s->result = r;
+    s->state = SLOT_FINISHED;
+    m->running--;
+    m->buffered++;
+    if (!m->ordered) {
+        s->next = NULL;
+        if (m->fin_tail != NULL)
+            m->fin_tail->next = s;
+        else
+            m->fin_head = s;
+        m->fin_tail = s;
+    }
+    /* Stop at the first failure in completion order, so that no more work
+     * starts; the items before it in ordered mode are still delivered. */
+    if (r.failure != NULL && m->stop_on_error && m->stop_failure == NULL) {
+        set_stop(m, df_failure_ref(r.failure));
+        cancel_running(m);
+    }
+}
+
+static bool map_enter(df_map *m);
+static void map_leave(df_map *m, bool outer);
+
+/* Callback and errback of every item's deferred. */
+static df_result on_complete(df_result r, void *arg)
+{
+    slot *s = arg;
+    df_map *m = s->map;
+    df_deferred *d = s->d;
+    bool outer = map_enter(m);
+
+    s->d = NULL;
+    finish_slot(m, s, r);
+    /* The chain being run holds its own reference, so d stays valid. */
+    df_deferred_unref(d);
+    map_leave(m, outer); /* may free m */
+    return df_ok(NULL, NULL);
+}
+
+/* --------------------------------------------------------------- pulling */
+
+static bool can_pull(const df_map *m)
+{
+    if (m->ended || m->running >= m->opts.limit)
+        return false;
+    if (m->ordered)
+        return m->pulled - m->done <= m->opts.window;
+    return m->free_list != NULL;
+}
+
+static slot *take_slot(df_map *m)
+{
+    slot *s;
+    if (m->ordered) {
+        s = &m->slots[m->pulled % m->nslots];
+    } else {
+        s = m->free_list;
+        m->free_list = s->next;
+    }
+    assert(s->state == SLOT_FREE);
+    return s;
+}
+
+/* Hands item s to the pool. */
+static void start_pool(df_map *m, slot *s)
+{
+    df_deferred *d;
+    int rc = df_pool_submit(m->opts.pool, m->opts.work, s->item, &d);
+    if (rc != 0) {
+        /* The pool cannot run anything (shut down, out of memory): this
+         * item fails, and the map stops whatever its policy, or an endless
+         * input would turn into an endless stream of failures. */
+        finish_slot(m, s, df_errf(m->loop, rc, "map: cannot submit item"));
+        set_stop(m, df_failure_new(m->loop, rc, "map: cannot submit item"));
+        return;
+    }
+    s->d = d;
+    rc = df_deferred_add_callbacks(d, on_complete, on_complete, s);
+    if (rc != 0) {
+        /* Cannot happen with a fresh deferred (its first entries are
+         * inline); handled anyway, without waiting for the job. */
+        s->d = NULL;
+        df_deferred_cancel(d);
+        df_deferred_unref(d);
+        finish_slot(m, s, df_errf(m->loop, rc, "map: cannot watch item"));
+        set_stop(m, df_failure_new(m->loop, rc, "map: cannot watch item"));
+    }
+}
+
+/* Runs item s with `call` on the loop thread. */
+static void start_call(df_map *m, slot *s)
+{
+    df_result r = m->opts.call(s->item, m->opts.arg);
+    if (r.wait == NULL) {
+        finish_slot(m, s, r);
+        return;
+    }
+    df_deferred *d = r.wait;
+    if (r.failure != NULL || r.free != NULL) {
+        /* Only df_wait() may set wait: drop the rest, as chains do. */
+        r.wait = NULL;
+        df_result_clear(&r);
+    }
+    if (df_deferred_loop(d) != m->loop) {
+        df_deferred_unref(d);
+        finish_slot(m, s,
+                    df_errf(m->loop, DF_EINVAL,
+                            "map: call returned a deferred of "
+                            "another loop"));
+        return;
+    }
+    /* If d has fired, on_complete runs inside add_callbacks; it clears
+     * s->d and, the map being entered already, only records the result. */
+    s->d = d;
+    int rc = df_deferred_add_callbacks(d, on_complete, on_complete, s);
+    if (rc != 0) {
+        s->d = NULL;
+        df_deferred_unref(d);
+        finish_slot(m, s, df_errf(m->loop, rc, "map: cannot watch item"));
+        return;
+    }
+    /* `call` itself may have cancelled the map before d was known. */
+    if (m->cancelling && s->state == SLOT_RUNNING && s->d == d) {
+        df_deferred_ref(d);
+        df_deferred_cancel(d);
+        df_deferred_unref(d);
+    }
+}
+
+/* Pulls one input and starts it. */
+static void pull_one(df_map *m)
+{
+    void *item = NULL;
+    df_free_fn item_free = NULL;
+    int rc = m->opts.next(m->opts.next_arg, &item, &item_free);
+
+    if (rc == 0) {
+        m->ended = true;
+        return;
+    }
+    if (rc < 0) {
+        /* Stop pulling; the items in flight finish normally. */
+        set_stop(m, df_failure_new(m->loop, rc, "map: iterator failed: %s (%d)",
+                                   df_strerror(rc), rc));
+        return;
+    }
+    /* Room was checked before calling next, and next cannot pull. */
+    slot *s = take_slot(m);
+    s->index = m->pulled++;
+    s->item = item;
+    s->item_free = item_free;
+    s->d = NULL;
+    s->state = SLOT_RUNNING;
+    m->running++;
+    if (m->cancelling) {
+        /* next() cancelled the map and returned an item anyway: every
+         * pulled item is delivered once, this one as cancelled. */
+        finish_slot(m, s, df_errf(m->loop, DF_ECANCELLED, NULL));
+        return;
+    }
+    if (m->opts.pool != NULL)
+        start_pool(m, s);
+    else
+        start_call(m, s);
+}
+
+/* ------------------------------------------------------------ delivering */
+
+/* Delivers the next deliverable result, if any. */
+static bool deliver_one(df_map *m)
+{
+    slot *s;
+    if (m->ordered) {
+        s = &m->slots[m->done % m->nslots];
+        if (s->state != SLOT_FINISHED)
+            return false;
+        assert(s->index == m->done);
+    } else {
+        s = m->fin_head;
+        if (s == NULL)
+            return false;
+        m->fin_head = s->next;
+        if (m->fin_head == NULL)
+            m->fin_tail = NULL;
+    }
+    df_result r = s->result;
+    uint64_t index = s->index;
+    void *item = s->item;
+    df_free_fn item_free = s->item_free;
+
+    /* Free the slot first: nothing can pull while the pump delivers. */
+    s->result = df_ok(NULL, NULL);
+    s->item = NULL;
+    s->item_free = NULL;
+    s->state = SLOT_FREE;
+    if (!m->ordered) {
+        s->next = m->free_list;
+        m->free_list = s;
+    }
+    m->buffered--;
+    m->done++;
+    if (r.failure != NULL) {
+        m->failed++;
+        if (df_failure_code(r.failure) == DF_ECANCELLED)
+            m->cancelled++;
+    }
+    if (m->opts.on_result != NULL)
+        m->opts.on_result(index, item, r, m->opts.arg);
+    else
+        df_result_clear(&r);
+    if (item_free != NULL)
+        item_free(item);
+    return true;
+}
+
+/* ------------------------------------------------------------ the pump */
+
+static void fill_stats(const df_map *m, df_map_stats *st)
+{
+    st->pulled = m->pulled;
+    st->running = m->running;
+    st->done = m->done;
+    st->failed = m->failed;
+    st->cancelled = m->cancelled;
+    st->buffered = m->buffered;
+}
+
+/* Fires done once the input has ended or stopped and every item pulled
+ * has been delivered. */
+static void maybe_finish(df_map *m)
+{
+    if (m->finished || !m->ended || m->running != 0 || m->buffered != 0)
+        return;
+    m->finished = true;
+    if (m->stop_failure != NULL) {
+        df_failure *f = m->stop_failure;
+        m->stop_failure = NULL;
+        if (df_deferred_errback(m->done_d, f) != 0)
+            df_failure_unref(f); /* the application fired it itself */
+    } else {
+        summary *sum = m->summary;
+        m->summary = NULL;
+        fill_stats(m, &sum->stats);
+        if (df_deferred_callback(m->done_d, sum, summary_free) != 0)
+            summary_free(sum);
+    }
+}
+
+static void map_destroy(df_map *m)
+{
+    df_loop *loop = m->loop;
+    df_deferred_unref(m->done_d);
+    if (m->summary != NULL)
+        summary_free(m->summary);
+    df_failure_unref(m->stop_failure);
+    df__free(loop, m->slots);
+    df__free(loop, m);
+}
+
+/* Returns true for the outermost entry, which must call map_leave(). */
+static bool map_enter(df_map *m)
+{
+    bool outer = !m->pumping;
+    m->pumping = true;
+    return outer;
+}
+
+/* The pump (see the top of the file).  Runs only for the outermost entry;
+ * the map may be freed when it returns. */
+static void map_leave(df_map *m, bool outer)
+{
+    if (!outer)
+        return;
+    for (;;) {
+        if (deliver_one(m))
+            continue;
+        if (can_pull(m)) {
+            pull_one(m);
+            continue;
+        }
+        break;
+    }
+    maybe_finish(m);
+    m->pumping = false;
+    if (m->free_requested)
+        map_destroy(m);
+}
+
+/* ------------------------------------------------------------------ API */
+
+static void done_canceller(df_deferred *d, void *arg)
+{
+    DF__UNUSED(d);
+    df_map_cancel(arg);
+}
+
+static int check_options(const df_map_options *o)
+{
+    if (o->limit == 0 || o->next == NULL)
+        return DF_EINVAL;
+    if (o->flags & ~(unsigned)(DF_MAP_ORDERED | DF_MAP_STOP_ON_ERROR))
+        return DF_EINVAL;
+    if (o->pool != NULL) {
+        if (o->work == NULL || o->call != NULL)
+            return DF_EINVAL;
+    } else {
+        if (o->call == NULL || o->work != NULL)
+            return DF_EINVAL;
+    }
+    if ((o->flags & DF_MAP_ORDERED) && o->window == SIZE_MAX)
+        return DF_EINVAL; /* window + 1 slots */
+    return 0;
+}
+
+int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
+                 df_deferred **done)
+{
+    if (loop == NULL || opts == NULL || map == NULL || done == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(loop);
+    int rc = check_options(opts);
+    if (rc != 0)
+        return rc;
+
+    df_map *m = df__calloc(loop, 1, sizeof *m);
+    if (m == NULL)
+        return DF_ENOMEM;
+    m->loop = loop;
+    m->opts = *opts;
+    m->ordered = (opts->flags & DF_MAP_ORDERED) != 0;
+    m->stop_on_error = (opts->flags & DF_MAP_STOP_ON_ERROR) != 0;
+    if (m->opts.window == 0)
+        m->opts.window = opts->limit;
+    m->nslots = m->ordered ? m->opts.window + 1 : opts->limit;
+    m->slots = df__calloc(loop, m->nslots, sizeof(slot));
+    m->summary = df__malloc(loop, sizeof(summary));
+    if (m->slots == NULL || m->summary == NULL) {
+        rc = DF_ENOMEM;
+        goto fail;
+    }
+    m->summary->alloc = *df__allocator(loop);
+    rc = df_deferred_new_cancellable(loop, done_canceller, m, &m->done_d);
+    if (rc != 0)
+        goto fail;
+    /* Cancelling done must not fire it before the running items finish:
+     * the map fires it (with DF_ECANCELLED) once they have. */
+    df__deferred_set_cancel_waits(m->done_d);
+
+    for (size_t i = 0; i < m->nslots; i++) {
+        m->slots[i].map = m;
+        if (!m->ordered) {
+            m->slots[i].next = m->free_list;
+            m->free_list = &m->slots[i];
+        }
+    }
+    /* Out parameters first: next() may already want the map. */
+    *map = m;
+    *done = df_deferred_ref(m->done_d);
+    map_leave(m, map_enter(m));
+    return 0;
+
+fail:
+    df__free(loop, m->summary);
+    df__free(loop, m->slots);
+    df__free(loop, m);
+    return rc;
+}
+
+int df_map_cancel(df_map *m)
+{
+    if (m == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(m->loop);
+    if (m->finished || m->cancelling)
+        return 0;
+    bool outer = map_enter(m);
+    set_stop(m, df_failure_new(m->loop, DF_ECANCELLED, "map cancelled"));
+    cancel_running(m);
+    map_leave(m, outer);
+    return 0;
+}
+
+int df_map_get_stats(const df_map *m, df_map_stats *out)
+{
+    if (m == NULL || out == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(m->loop);
+    fill_stats(m, out);
+    return 0;
+}
+
+int df_map_free(df_map *m)
+{
+    if (m == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(m->loop);
+    if (!m->finished || m->running != 0 || m->buffered != 0)
+        return DF_EBUSY;
+    if (m->pumping) {
+        /* Called from done's callbacks: the pump frees it on the way out. */
+        m->free_requested = true;
+        return 0;
+    }
+    map_destroy(m);
+    return 0;
+}

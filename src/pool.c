@@ -1,0 +1,614 @@
+/* SPDX-License-Identifier: MIT */
+/* The fixed thread pool: FIFO work queue, submit, cancel, shutdown. */
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "deferred-internal.h"
+
+/*
+ * Threads and locks
+ * =================
+ * pool->mu protects the work queue (head/tail and each queued job's
+ * prev/next/state), `idle` and `stopping`.  Lock order: pool->mu is never
+ * held while taking another lock; in particular a worker posts a completion
+ * to the loop's inbox (inbox_lock, a leaf) only after releasing pool->mu, and
+ * never runs the work function or any user code under it.
+ *
+ * Everything else (the job free list, `inflight`, `state`, the thread array)
+ * is touched only on the loop thread.
+ *
+ * A job's life: submit takes a node from the free list, makes the deferred
+ * and queues the node (QUEUED).  A worker unlinks it (RUNNING), calls work()
+ * with no lock held, stores the result in the node and posts the node itself
+ * to the loop's inbox.  The loop runs job_complete(), which puts the node
+ * back on the free list *before* firing the deferred, so that callbacks may
+ * submit, shut down or free the pool.  A queued job cancelled on the loop
+ * thread is unlinked and failed at once; a running one gets its `cancelled`
+ * flag set and fails with DF_ECANCELLED when its completion is dispatched.
+ */
+
+enum job_state {
+    JOB_QUEUED,  /* on the work queue */
+    JOB_RUNNING, /* taken by a worker; completion not yet dispatched */
+    JOB_TAKEN    /* removed from the queue by shutdown(CANCEL) */
+};
+
+struct df_work {
+    atomic_bool cancelled; /* set by the canceller, read by the worker */
+    df_loop *loop;
+};
+
+typedef struct job {
+    df__inbox_node node;     /* the inbox entry once work() has returned */
+    struct job *prev, *next; /* work queue (pool->mu), or the free list */
+    df_pool *pool;
+    df_work_fn work;
+    void *arg;
+    df_deferred *d;   /* the job's own reference */
+    df_result result; /* written by the worker before posting */
+    int state;        /* enum job_state, protected by pool->mu */
+    df_work w;
+} job;
+
+enum pool_state { POOL_OPEN, POOL_SHUTTING, POOL_DOWN };
+
+/* Job nodes kept for reuse; beyond this, completed nodes are freed. */
+#define JOB_FREE_MAX 4096
+
+struct df_pool {
+    df_loop *loop; /* immutable */
+
+    /* mu protects head, tail, idle, signaled, stopping and queued jobs'
+     * links and state.  Never held while taking any other lock. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* workers wait here for work or stop */
+    job *head, *tail;
+    unsigned idle;     /* workers waiting on cv */
+    unsigned signaled; /* signals sent that no worker has woken for yet */
+    bool stopping;     /* workers exit once the queue is empty */
+
+    /* Loop thread only. */
+    pthread_t *threads;
+    unsigned nthreads;
+    job *free_jobs;
+    size_t free_len;
+    size_t inflight;   /* submitted, completion not dispatched */
+    int state;         /* enum pool_state */
+    bool free_pending; /* df_pool_free() waits for shutdown */
+};
+
+/* ------------------------------------------------------------------- jobs */
+
+static void job_complete(df_loop *loop, df__inbox_node *n, int status);
+
+static job *job_get(df_pool *p)
+{
+    job *j = p->free_jobs;
+    if (j != NULL) {
+        p->free_jobs = j->next;
+        p->free_len--;
+    } else {
+        j = df__malloc(p->loop, sizeof *j);
+        if (j == NULL)
+            return NULL;
+        atomic_init(&j->w.cancelled, false);
+    }
+    j->node.next = NULL;
+    j->node.run = job_complete;
+    j->prev = j->next = NULL;
+    j->pool = p;
+    j->d = NULL;
+    j->result = df_ok(NULL, NULL);
+    j->state = JOB_QUEUED;
+    atomic_store_explicit(&j->w.cancelled, false, memory_order_relaxed);
+    j->w.loop = p->loop;
+    return j;
+}
+
+/* Gives a finished job's node back and forgets it; loop thread. */
+static void job_put(df_pool *p, job *j)
+{
+    if (p->free_len < JOB_FREE_MAX) {
+        j->next = p->free_jobs;
+        p->free_jobs = j;
+        p->free_len++;
+    } else {
+        df__free(p->loop, j);
+    }
+}
+
+/* Accounts for a job whose completion has been dispatched or that will
+ * never run, and recycles its node.  Returns its deferred reference. */
+static df_deferred *job_retire(df_pool *p, job *j)
+{
+    df_deferred *d = j->d;
+    job_put(p, j);
+    assert(p->inflight > 0);
+    p->inflight--;
+    df__loop_pending_add(p->loop, -1);
+    return d;
+}
+
+/* Fails d with DF_ECANCELLED and drops the job's reference to it. */
+static void fail_cancelled(df_loop *loop, df_deferred *d)
+{
+    df_failure *f = df_failure_new(loop, DF_ECANCELLED, "pool job cancelled");
+    if (df_deferred_errback(d, f) != 0)
+        df_failure_unref(f);
+    df_deferred_unref(d);
+}
+
+static void queue_unlink(df_pool *p, job *j)
+{
+    if (j->prev != NULL)
+        j->prev->next = j->next;
+    else
+        p->head = j->next;
+    if (j->next != NULL)
+        j->next->prev = j->prev;
+    else
+        p->tail = j->prev;
+    j->prev = j->next = NULL;
+}
+
+/* Loop thread: the completion of a job, run from the inbox. */
+static void job_complete(df_loop *loop, df__inbox_node *n, int status)
+{
+    DF__UNUSED(status);
+    assert(status == 0); /* loops refuse to die while pools exist */
+    job *j = DF__CONTAINER_OF(n, job, node);
+    df_result r = j->result;
+    bool cancelled =
+        atomic_load_explicit(&j->w.cancelled, memory_order_relaxed);
+    df_deferred *d = job_retire(j->pool, j);
+    /* From here on the job and perhaps the pool may be gone. */
+    if (r.wait != NULL) {
+        df_result_clear(&r);
+        r = df_errf(loop, DF_EINVAL, "work function returned df_wait()");
+    }
+    if (cancelled) {
+        df_result_clear(&r);
+        fail_cancelled(loop, d);
+        return;
+    }
+    if (df_deferred_resolve(d, r) != 0)
+        df_result_clear(&r);
+    df_deferred_unref(d);
+}
+
+static bool job_of_pool(const df__inbox_node *n, void *arg)
+{
+    return n->run == job_complete &&
+           DF__CONTAINER_OF(n, const job, node)->pool == arg;
+}
+
+/* df_deferred_cancel() on a job's deferred; loop thread. */
+static void job_cancel(df_deferred *d, void *arg)
+{
+    DF__UNUSED(d);
+    job *j = arg;
+    df_pool *p = j->pool;
+    pthread_mutex_lock(&p->mu);
+    bool queued = j->state == JOB_QUEUED;
+    if (queued)
+        queue_unlink(p, j);
+    else /* seq_cst: a locked xchg on x86, which helgrind understands */
+        atomic_store_explicit(&j->w.cancelled, true, memory_order_seq_cst);
+    pthread_mutex_unlock(&p->mu);
+    if (queued)
+        fail_cancelled(p->loop, job_retire(p, j));
+}
+
+/* ---------------------------------------------------------------- workers */
+
+static void *worker_main(void *arg)
+{
+    df_pool *p = arg;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (p->head == NULL && !p->stopping) {
+            p->idle++;
+            pthread_cond_wait(&p->cv, &p->mu);
+            p->idle--;
+            if (p->signaled > 0)
+                p->signaled--;
+        }
+        job *j = p->head;
+        if (j == NULL)
+            break; /* stopping and nothing left */
+        queue_unlink(p, j);
+        j->state = JOB_RUNNING;
+        pthread_mutex_unlock(&p->mu);
+
+        j->result = j->work(&j->w, j->arg);
+        /* The node now belongs to the loop: do not touch it after this. */
+        df__loop_post(p->loop, &j->node);
+
+        pthread_mutex_lock(&p->mu);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+bool df_work_cancelled(const df_work *w)
+{
+    return w != NULL &&
+           atomic_load_explicit(&w->cancelled, memory_order_relaxed);
+}
+
+df_loop *df_work_loop(const df_work *w)
+{
+    return w != NULL ? w->loop : NULL;
+}
+
+/* --------------------------------------------------------------- the pool */
+
+/* Tells the workers to leave once the queue is empty and joins `n` of
+ * them.  Loop thread. */
+static void stop_and_join(df_pool *p, unsigned n)
+{
+    pthread_mutex_lock(&p->mu);
+    p->stopping = true;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    for (unsigned i = 0; i < n; i++)
+        pthread_join(p->threads[i], NULL);
+}
+
+static void pool_destroy(df_pool *p)
+{
+    df_loop *loop = p->loop;
+    while (p->free_jobs != NULL) {
+        job *j = p->free_jobs;
+        p->free_jobs = j->next;
+        df__free(loop, j);
+    }
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
+    df__free(loop, p->threads);
+    df__free(loop, p);
+}
+
+int df_pool_new(df_loop *loop, const df_pool_options *opts, df_pool **out)
+{
+    if (loop == NULL || out == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(loop);
+    df_pool_options o = DF_POOL_OPTIONS_INIT;
+    if (opts != NULL)
+        o = *opts;
+    if (o.threads < 1)
+        return DF_EINVAL;
+
+    df_pool *p = df__calloc(loop, 1, sizeof *p);
+    if (p == NULL)
+        return DF_ENOMEM;
+    p->loop = loop;
+    p->threads = df__calloc(loop, o.threads, sizeof *p->threads);
+    if (p->threads == NULL) {
+        df__free(loop, p);
+        return DF_ENOMEM;
+    }
+    pthread_attr_t attr;
+    int rc = pthread_mutex_init(&p->mu, NULL);
+    if (rc != 0)
+        goto fail_threads;
+    if ((rc = pthread_cond_init(&p->cv, NULL)) != 0)
+        goto fail_mutex;
+    if ((rc = pthread_attr_init(&attr)) != 0)
+        goto fail_cond;
+    if (o.stack_size != 0 &&
+        (rc = pthread_attr_setstacksize(&attr, o.stack_size)) != 0)
+        goto fail_attr;
+
+    /* Workers inherit a full signal mask: asynchronous signals belong to
+     * the application's threads, not to ours. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    unsigned made;
+    for (made = 0; made < o.threads; made++) {
+        rc = pthread_create(&p->threads[made], &attr, worker_main, p);
+        if (rc != 0)
+            break;
+        /* Linux limits names to 15 bytes: df-worker-0 .. df-worker-99999. */
+        char name[32];
+        snprintf(name, sizeof name, "df-worker-%u", made);
+        name[15] = '\0';
+        pthread_setname_np(p->threads[made], name);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        stop_and_join(p, made);
+        goto fail_cond;
+    }
+    p->nthreads = o.threads;
+    p->state = POOL_OPEN;
+    df__loop_pools_add(loop, 1);
+    *out = p;
+    return 0;
+
+fail_attr:
+    pthread_attr_destroy(&attr);
+fail_cond:
+    pthread_cond_destroy(&p->cv);
+fail_mutex:
+    pthread_mutex_destroy(&p->mu);
+fail_threads:
+    df__free(loop, p->threads);
+    df__free(loop, p);
+    return -rc;
+}
+
+unsigned df_pool_threads(const df_pool *p)
+{
+    return p != NULL ? p->nthreads : 0;
+}
+
+int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
+{
+    if (p == NULL || work == NULL || out == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(p->loop);
+    if (p->state != POOL_OPEN)
+        return DF_ESHUTDOWN;
+    job *j = job_get(p);
+    if (j == NULL)
+        return DF_ENOMEM;
+    df_deferred *d;
+    int rc = df_deferred_new_cancellable(p->loop, job_cancel, j, &d);
+    if (rc != 0) {
+        job_put(p, j);
+        return rc;
+    }
+    df__deferred_set_cancel_waits(d);
+    j->work = work;
+    j->arg = arg;
+    j->d = d;
+    *out = df_deferred_ref(d);
+    p->inflight++;
+    df__loop_pending_add(p->loop, 1);
+
+    pthread_mutex_lock(&p->mu);
+    j->prev = p->tail;
+    if (p->tail != NULL)
+        p->tail->next = j;
+    else
+        p->head = j;
+    p->tail = j;
+    /* One job wakes at most one worker, and only if no worker already
+     * signalled is still on its way: a burst of N submits costs at most
+     * min(N, idle) wake-ups, never a broadcast.  (A spurious wake-up only
+     * makes `signaled` low, which costs an extra signal, never a lost
+     * job: a worker always looks at the queue before it waits.)  Signalled
+     * under the lock, which costs little and keeps race detectors quiet. */
+    if (p->idle > p->signaled) {
+        p->signaled++;
+        pthread_cond_signal(&p->cv);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+static void pool_shutdown(df_pool *p, int mode)
+{
+    p->state = POOL_SHUTTING;
+
+    job *taken = NULL;
+    pthread_mutex_lock(&p->mu);
+    if (mode == DF_POOL_CANCEL) {
+        taken = p->head;
+        for (job *j = taken; j != NULL; j = j->next)
+            j->state = JOB_TAKEN;
+        p->head = p->tail = NULL;
+    }
+    p->stopping = true;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+
+    /* Fail the queued jobs first: their callbacks run now.  A callback
+     * that cancels one still on this list only sets its flag. */
+    while (taken != NULL) {
+        job *j = taken;
+        taken = j->next;
+        fail_cancelled(p->loop, job_retire(p, j));
+    }
+
+    stop_and_join(p, p->nthreads);
+    /* Every job has been posted by now; dispatch this pool's share. */
+    df__loop_run_matching(p->loop, job_of_pool, p);
+    assert(p->inflight == 0);
+    p->state = POOL_DOWN;
+}
+
+int df_pool_shutdown(df_pool *p, int mode)
+{
+    if (p == NULL || (mode != DF_POOL_DRAIN && mode != DF_POOL_CANCEL))
+        return DF_EINVAL;
+    DF__CHECK_THREAD(p->loop);
+    /* Already down, or a callback run by the shutdown in progress. */
+    if (p->state != POOL_OPEN)
+        return 0;
+    pool_shutdown(p, mode);
+    if (p->free_pending) {
+        /* A callback freed the pool while it was shutting down. */
+        df__loop_pools_add(p->loop, -1);
+        pool_destroy(p);
+    }
+    return 0;
+}
+
+void df_pool_free(df_pool *p)
+{
+    if (p == NULL)
+        return;
+    if (!df__on_loop_thread(p->loop)) {
+        df__wrong_thread(__func__);
+        return;
+    }
+    p->free_pending = true;
+    if (p->state == POOL_SHUTTING)
+        return; /* the shutdown in progress frees it when done */
+    if (p->state == POOL_OPEN)
+        pool_shutdown(p, DF_POOL_CANCEL);
+    df__loop_pools_add(p->loop, -1);
+    pool_destroy(p);
+}
+
+/* ---------------------------------------------------- semaphore in a pool */
+
+/*
+ * df_sem_run_in_pool: acquire a token, submit, and release only once the
+ * pool's deferred has fired, which happens after the worker has returned
+ * even when the job was cancelled while running.  So the number of jobs
+ * running never exceeds the number of tokens.  *out has cancel_waits set:
+ * it is always fired here, after the token is back.
+ */
+enum { RIP_WAITING, RIP_SUBMITTED, RIP_DONE };
+
+typedef struct run_in_pool {
+    df_loop *loop;
+    df_sem *sem;
+    df_pool *pool;
+    df_work_fn work;
+    void *arg;
+    df_deferred *out; /* our reference; *out is the caller's */
+    df_deferred *acq; /* our reference to the acquire */
+    df_deferred *job; /* our reference to the job, once submitted */
+    int phase;
+    bool cancelled; /* *out was cancelled before the job was made */
+} run_in_pool;
+
+/* Fires *out with r (stolen) and frees the state.  `release`: give the
+ * token back first, so that *out's callbacks already see it free. */
+static void rip_finish(run_in_pool *st, df_result r, bool release)
+{
+    df_loop *loop = st->loop;
+    st->phase = RIP_DONE;
+    if (release) {
+        int rc = df_sem_release(st->sem);
+        if (rc != 0 && df_result_ok(&r)) {
+            df_result_clear(&r);
+            r = df_errf(loop, rc, "df_sem_run_in_pool: release: %s",
+                        df_strerror(rc));
+        }
+    }
+    df_deferred *out = st->out;
+    df_deferred_unref(st->acq);
+    df_deferred_unref(st->job);
+    df__free(loop, st);
+    if (df_deferred_resolve(out, r) != 0)
+        df_result_clear(&r);
+    df_deferred_unref(out);
+}
+
+static df_result rip_job_done(df_result r, void *arg)
+{
+    rip_finish(arg, r, true);
+    return df_ok(NULL, NULL);
+}
+
+static df_result rip_acquired(df_result r, void *arg)
+{
+    run_in_pool *st = arg;
+    df_result_clear(&r);
+    if (st->cancelled) {
+        /* Cancelled after the token was handed over but before we saw it
+         * (the semaphore then fires the acquire anyway). */
+        rip_finish(st, df_errf(st->loop, DF_ECANCELLED, NULL), true);
+        return df_ok(NULL, NULL);
+    }
+    int rc = df_pool_submit(st->pool, st->work, st->arg, &st->job);
+    if (rc != 0) {
+        st->job = NULL;
+        rip_finish(
+            st,
+            df_errf(st->loop, rc, "df_sem_run_in_pool: %s", df_strerror(rc)),
+            true);
+        return df_ok(NULL, NULL);
+    }
+    st->phase = RIP_SUBMITTED;
+    rc = df_deferred_add_both(st->job, rip_job_done, st);
+    if (rc != 0) {
+        /* We cannot learn when the worker returns, so the token cannot be
+         * given back safely: keep it (a leak, never an over-use). */
+        df_deferred_cancel(st->job);
+        rip_finish(
+            st,
+            df_errf(st->loop, rc, "df_sem_run_in_pool: %s", df_strerror(rc)),
+            false);
+    }
+    return df_ok(NULL, NULL);
+}
+
+static df_result rip_acquire_failed(df_result r, void *arg)
+{
+    /* No token was granted (the acquire was cancelled while waiting). */
+    rip_finish(arg, r, false);
+    return df_ok(NULL, NULL);
+}
+
+static void rip_cancel(df_deferred *d, void *arg)
+{
+    DF__UNUSED(d);
+    run_in_pool *st = arg;
+    /* Either call may finish and free st before it returns. */
+    if (st->phase == RIP_WAITING) {
+        st->cancelled = true;
+        df_deferred_cancel(st->acq);
+    } else if (st->phase == RIP_SUBMITTED) {
+        df_deferred_cancel(st->job);
+    }
+}
+
+int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
+                       df_deferred **out)
+{
+    if (s == NULL || p == NULL || work == NULL || out == NULL)
+        return DF_EINVAL;
+    df_loop *loop = p->loop;
+    DF__CHECK_THREAD(loop);
+    if (p->state != POOL_OPEN)
+        return DF_ESHUTDOWN;
+    run_in_pool *st = df__malloc(loop, sizeof *st);
+    if (st == NULL)
+        return DF_ENOMEM;
+    *st = (run_in_pool){loop, s,    p,    work,        arg,
+                        NULL, NULL, NULL, RIP_WAITING, false};
+    int rc = df_deferred_new_cancellable(loop, rip_cancel, st, &st->out);
+    if (rc != 0)
+        goto fail_st;
+    df__deferred_set_cancel_waits(st->out);
+    rc = df_sem_acquire(s, &st->acq);
+    if (rc != 0)
+        goto fail_out;
+    /* The caller's reference first: rip_acquired may run (and submit) at
+     * once, and in odd cases finish before this returns. */
+    *out = df_deferred_ref(st->out);
+    rc = df_deferred_add_callbacks(st->acq, rip_acquired, rip_acquire_failed,
+                                   st);
+    if (rc != 0) {
+        df_deferred_unref(*out);
+        *out = NULL;
+        /* Give back a token granted at once; else leave the line. */
+        df_failure *f = NULL;
+        if (df_deferred_peek(st->acq, NULL, &f) == 0) {
+            if (f == NULL)
+                df_sem_release(s);
+        } else {
+            df_deferred_cancel(st->acq);
+        }
+        df_deferred_unref(st->acq);
+        goto fail_out;
+    }
+    return 0;
+
+fail_out:
+    /* Unfired and never seen: releasing it reports nothing. */
+    df_deferred_unref(st->out);
+fail_st:
+    df__free(loop, st);
+    return rc;
+}

@@ -1,0 +1,1153 @@
+/* SPDX-License-Identifier: MIT */
+/* Check tests for the thread pool and the semaphore-bounded run-in-pool. */
+#include <check.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "deferred.h"
+#include "testutil.h"
+
+#if defined(__has_include)
+#if __has_include(<valgrind/valgrind.h>)
+#include <valgrind/valgrind.h>
+#endif
+#endif
+#ifndef RUNNING_ON_VALGRIND
+#define RUNNING_ON_VALGRIND 0
+#endif
+
+#define MS (UINT64_C(1000000))
+
+/* Stress sizes shrink under valgrind or with DF_TEST_QUICK set. */
+static bool quick(void)
+{
+    return RUNNING_ON_VALGRIND || getenv("DF_TEST_QUICK") != NULL;
+}
+
+/* ------------------------------------------------------------- helpers */
+
+/* A one-shot event between threads: no sleeping, no spinning. */
+typedef struct gate {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool open;
+} gate;
+
+static void gate_init(gate *g)
+{
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, NULL);
+    g->open = false;
+}
+
+static void gate_destroy(gate *g)
+{
+    pthread_cond_destroy(&g->cv);
+    pthread_mutex_destroy(&g->mu);
+}
+
+static void gate_open(gate *g)
+{
+    pthread_mutex_lock(&g->mu);
+    g->open = true;
+    pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void gate_wait(gate *g)
+{
+    pthread_mutex_lock(&g->mu);
+    while (!g->open)
+        pthread_cond_wait(&g->cv, &g->mu);
+    pthread_mutex_unlock(&g->mu);
+}
+
+static df_result consume_errback(df_result r, void *arg)
+{
+    (void)arg;
+    df_result_clear(&r);
+    return df_ok(NULL, NULL);
+}
+
+/* The failure code d ended with, or 0 on success; asserts it has fired. */
+static int result_code(df_deferred *d)
+{
+    df_failure *f = NULL;
+    TU_OK(df_deferred_peek(d, NULL, &f));
+    return f != NULL ? df_failure_code(f) : 0;
+}
+
+static void drop(df_deferred *d)
+{
+    TU_OK(df_deferred_add_errback(d, consume_errback, NULL));
+    df_deferred_unref(d);
+}
+
+static df_pool *new_pool(df_loop *loop, unsigned threads)
+{
+    df_pool_options o = DF_POOL_OPTIONS_INIT;
+    o.threads = threads;
+    df_pool *p = NULL;
+    TU_OK(df_pool_new(loop, &o, &p));
+    ck_assert_ptr_nonnull(p);
+    ck_assert_uint_eq(df_pool_threads(p), threads);
+    return p;
+}
+
+/* Runs the loop until d fires. */
+static void wait_for(df_loop *loop, df_deferred *d)
+{
+    TU_OK(df_loop_run_until(loop, d));
+    ck_assert(df_deferred_called(d));
+}
+
+/* A value whose destructor counts. */
+static atomic_int g_value_frees;
+
+static void value_free(void *v)
+{
+    atomic_fetch_add(&g_value_frees, 1);
+    free(v);
+}
+
+static df_result return_arg(df_work *w, void *arg)
+{
+    (void)w;
+    return df_ok(arg, NULL);
+}
+
+/* ------------------------------------------------------------- basics */
+
+typedef struct new_args {
+    df_loop *loop;
+    int rc;
+} new_args;
+
+static void *new_pool_elsewhere(void *arg)
+{
+    new_args *na = arg;
+    df_pool *p = NULL;
+    na->rc = df_pool_new(na->loop, NULL, &p);
+    return NULL;
+}
+
+START_TEST(test_pool_new_args)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = NULL;
+    df_pool_options o = DF_POOL_OPTIONS_INIT;
+    o.threads = 0;
+    TU_ERR(df_pool_new(loop, &o, &p), DF_EINVAL);
+    ck_assert_ptr_null(p);
+    TU_ERR(df_pool_new(NULL, NULL, &p), DF_EINVAL);
+    TU_ERR(df_pool_new(loop, NULL, NULL), DF_EINVAL);
+    o.threads = 1;
+    o.stack_size = 1; /* below PTHREAD_STACK_MIN */
+    TU_ERR(df_pool_new(loop, &o, &p), DF_EINVAL);
+    o.stack_size = 256 * 1024;
+    TU_OK(df_pool_new(loop, &o, &p));
+    df_pool_free(p);
+    TU_OK(df_pool_new(loop, NULL, &p)); /* defaults: 2 threads */
+    ck_assert_uint_eq(df_pool_threads(p), 2);
+    df_pool_free(p);
+    df_pool_free(NULL);
+
+    new_args na = {loop, 0};
+    pthread_t th;
+    ck_assert_int_eq(pthread_create(&th, NULL, new_pool_elsewhere, &na), 0);
+    pthread_join(th, NULL);
+    ck_assert_int_eq(na.rc, DF_EWRONG_THREAD);
+    tu_loop_free(loop);
+}
+END_TEST
+
+typedef struct where {
+    pthread_t loop_thread;
+    atomic_bool on_loop_thread;
+    atomic_bool name_ok;
+    df_loop *loop;
+    atomic_bool loop_ok;
+} where;
+
+static df_result where_work(df_work *w, void *arg)
+{
+    where *wh = arg;
+    char name[16] = "";
+    pthread_getname_np(pthread_self(), name, sizeof name);
+    if (strncmp(name, "df-worker-", 10) != 0)
+        atomic_store(&wh->name_ok, false);
+    if (pthread_equal(pthread_self(), wh->loop_thread))
+        atomic_store(&wh->on_loop_thread, true);
+    if (df_work_loop(w) != wh->loop || df_work_cancelled(w))
+        atomic_store(&wh->loop_ok, false);
+    return df_ok(NULL, NULL);
+}
+
+/* Work runs on named pool threads, never the loop thread. */
+START_TEST(test_pool_runs_on_workers)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 3);
+    where wh;
+    wh.loop_thread = pthread_self();
+    atomic_init(&wh.on_loop_thread, false);
+    atomic_init(&wh.name_ok, true);
+    atomic_init(&wh.loop_ok, true);
+    wh.loop = loop;
+    df_deferred *d[20];
+    for (int i = 0; i < 20; i++)
+        TU_OK(df_pool_submit(p, where_work, &wh, &d[i]));
+    ck_assert_uint_eq(df_loop_pending(loop), 20);
+    TU_OK(df_loop_run(loop));
+    for (int i = 0; i < 20; i++) {
+        ck_assert_int_eq(result_code(d[i]), 0);
+        df_deferred_unref(d[i]);
+    }
+    ck_assert(!atomic_load(&wh.on_loop_thread));
+    ck_assert(atomic_load(&wh.name_ok));
+    ck_assert(atomic_load(&wh.loop_ok));
+    TU_ERR(df_pool_submit(p, NULL, NULL, &d[0]), DF_EINVAL);
+    TU_ERR(df_pool_submit(p, where_work, NULL, NULL), DF_EINVAL);
+    df_pool_free(p);
+    tu_loop_free(loop);
+}
+END_TEST
+
+static df_result value_work(df_work *w, void *arg)
+{
+    (void)w;
+    int *v = malloc(sizeof *v);
+    *v = *(int *)arg;
+    return df_ok(v, value_free);
+}
+
+static atomic_int g_payload_frees;
+
+static void payload_free(void *p)
+{
+    atomic_fetch_add(&g_payload_frees, 1);
+    free(p);
+}
+
+static df_result failing_work(df_work *w, void *arg)
+{
+    (void)arg;
+    char *payload = strdup("payload");
+    return df_err(df_failure_new_payload(df_work_loop(w), 4321, payload,
+                                         payload_free, "work failed: %d", 42));
+}
+
+static df_result errf_work(df_work *w, void *arg)
+{
+    (void)arg;
+    return df_errf(df_work_loop(w), DF_EAGAIN, NULL);
+}
+
+/* Results and failures travel back intact: value and destructor; code,
+ * message and payload. */
+START_TEST(test_pool_results_travel)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 2);
+    atomic_store(&g_value_frees, 0);
+    atomic_store(&g_payload_frees, 0);
+    int in = 1234;
+    df_deferred *ok, *bad, *bad2;
+    TU_OK(df_pool_submit(p, value_work, &in, &ok));
+    TU_OK(df_pool_submit(p, failing_work, NULL, &bad));
+    TU_OK(df_pool_submit(p, errf_work, NULL, &bad2));
+    TU_OK(df_loop_run(loop));
+
+    void *v = NULL;
+    df_failure *f = NULL;
+    TU_OK(df_deferred_peek(ok, &v, &f));
+    ck_assert_ptr_null(f);
+    ck_assert_int_eq(*(int *)v, 1234);
+    TU_OK(df_deferred_peek(bad, &v, &f));
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(df_failure_code(f), 4321);
+    ck_assert_str_eq(df_failure_message(f), "work failed: 42");
+    ck_assert_str_eq(df_failure_payload(f), "payload");
+    ck_assert_int_eq(result_code(bad2), DF_EAGAIN);
+
+    ck_assert_int_eq(atomic_load(&g_value_frees), 0);
+    df_deferred_unref(ok);
+    ck_assert_int_eq(atomic_load(&g_value_frees), 1);
+    drop(bad);
+    drop(bad2);
+    ck_assert_int_eq(atomic_load(&g_payload_frees), 1);
+    df_pool_free(p);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* ------------------------------------------------------------- ordering */
+
+typedef struct order_log {
+    unsigned log[1000];
+    unsigned len;
+} order_log;
+
+typedef struct order_item {
+    order_log *ol;
+    unsigned id;
+    gate g;
+} order_item;
+
+static df_result order_cb(df_result r, void *arg)
+{
+    order_item *it = arg;
+    it->ol->log[it->ol->len++] = it->id;
+    return r;
+}
+
+/* One worker: completions reach the loop in submission order. */
+START_TEST(test_pool_fifo_one_worker)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    static order_log ol;
+    static order_item items[1000];
+    ol.len = 0;
+    df_deferred *d[1000];
+    for (unsigned i = 0; i < 1000; i++) {
+        items[i].ol = &ol;
+        items[i].id = i;
+        TU_OK(df_pool_submit(p, return_arg, NULL, &d[i]));
+        TU_OK(df_deferred_add_callback(d[i], order_cb, &items[i]));
+    }
+    TU_OK(df_loop_run(loop));
+    ck_assert_uint_eq(ol.len, 1000);
+    for (unsigned i = 0; i < 1000; i++) {
+        ck_assert_uint_eq(ol.log[i], i);
+        df_deferred_unref(d[i]);
+    }
+    df_pool_free(p);
+    tu_loop_free(loop);
+}
+END_TEST
+
+static df_result gated_work(df_work *w, void *arg)
+{
+    (void)w;
+    order_item *it = arg;
+    gate_wait(&it->g);
+    return df_ok(NULL, NULL);
+}
+
+/* Several workers: the loop sees completions in the order the work
+ * finished, not in submission order.  The test lets jobs finish one at a
+ * time in a shuffled order and waits on the fd for each completion. */
+START_TEST(test_pool_completion_order)
+{
+    enum { N = 8 };
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, N);
+    static order_log ol;
+    static order_item items[N];
+    static const unsigned perm[N] = {5, 2, 7, 0, 3, 6, 1, 4};
+    ol.len = 0;
+    df_deferred *d[N];
+    for (unsigned i = 0; i < N; i++) {
+        items[i].ol = &ol;
+        items[i].id = i;
+        gate_init(&items[i].g);
+        TU_OK(df_pool_submit(p, gated_work, &items[i], &d[i]));
+        TU_OK(df_deferred_add_callback(d[i], order_cb, &items[i]));
+    }
+    for (unsigned k = 0; k < N; k++) {
+        gate_open(&items[perm[k]].g);
+        while (ol.len == k) {
+            struct pollfd pfd = {df_loop_fd(loop), POLLIN, 0};
+            ck_assert_int_eq(poll(&pfd, 1, -1), 1);
+            TU_OK(df_loop_dispatch(loop, 0, NULL));
+        }
+        ck_assert_uint_eq(ol.len, k + 1);
+        ck_assert_uint_eq(ol.log[k], perm[k]);
+    }
+    ck_assert_uint_eq(df_loop_pending(loop), 0);
+    for (unsigned i = 0; i < N; i++) {
+        df_deferred_unref(d[i]);
+        gate_destroy(&items[i].g);
+    }
+    df_pool_free(p);
+    tu_loop_free(loop);
+}
+END_TEST
+
+typedef struct call_then_return {
+    unsigned log[2];
+    unsigned len;
+} call_then_return;
+
+static void ctr_call(void *arg, int status)
+{
+    call_then_return *c = arg;
+    ck_assert_int_eq(status, 0);
+    c->log[c->len++] = 1;
+}
+
+static df_result ctr_cb(df_result r, void *arg)
+{
+    call_then_return *c = arg;
+    c->log[c->len++] = 2;
+    return r;
+}
+
+static df_result ctr_work(df_work *w, void *arg)
+{
+    if (df_loop_call_from_thread(df_work_loop(w), ctr_call, arg) != 0)
+        abort();
+    return df_ok(NULL, NULL);
+}
+
+/* A cross-thread call made by work runs before the job's completion. */
+START_TEST(test_pool_call_from_work)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 2);
+    call_then_return c = {{0, 0}, 0};
+    df_deferred *d;
+    TU_OK(df_pool_submit(p, ctr_work, &c, &d));
+    TU_OK(df_deferred_add_callback(d, ctr_cb, &c));
+    TU_OK(df_loop_run(loop));
+    ck_assert_uint_eq(c.len, 2);
+    ck_assert_uint_eq(c.log[0], 1);
+    ck_assert_uint_eq(c.log[1], 2);
+    df_deferred_unref(d);
+    df_pool_free(p);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* --------------------------------------------------------------- cancel */
+
+typedef struct blocker {
+    gate started;
+    gate release;
+    atomic_int runs;
+    atomic_bool saw_cancel;
+    bool poll_cancel; /* return as soon as df_work_cancelled() */
+} blocker;
+
+static void blocker_init(blocker *b, bool poll_cancel)
+{
+    gate_init(&b->started);
+    gate_init(&b->release);
+    atomic_init(&b->runs, 0);
+    atomic_init(&b->saw_cancel, false);
+    b->poll_cancel = poll_cancel;
+}
+
+static void blocker_destroy(blocker *b)
+{
+    gate_destroy(&b->started);
+    gate_destroy(&b->release);
+}
+
+/* Signals `started`, then waits for `release`, or (poll_cancel) polls
+ * df_work_cancelled() until it is true.  Returns a counted value. */
+static df_result blocking_work(df_work *w, void *arg)
+{
+    blocker *b = arg;
+    atomic_fetch_add(&b->runs, 1);
+    gate_open(&b->started);
+    if (b->poll_cancel) {
+        while (!df_work_cancelled(w))
+            sched_yield();
+        atomic_store(&b->saw_cancel, true);
+    } else {
+        gate_wait(&b->release);
+    }
+    return df_ok(malloc(16), value_free);
+}
+
+static atomic_int g_counted_runs;
+
+static df_result counted_work(df_work *w, void *arg)
+{
+    (void)w;
+    (void)arg;
+    atomic_fetch_add(&g_counted_runs, 1);
+    return df_ok(NULL, NULL);
+}
+
+/* A queued job cancelled fails at once and never runs. */
+START_TEST(test_pool_cancel_queued)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    blocker b;
+    blocker_init(&b, false);
+    atomic_store(&g_counted_runs, 0);
+    df_deferred *a, *q;
+    TU_OK(df_pool_submit(p, blocking_work, &b, &a));
+    TU_OK(df_pool_submit(p, counted_work, NULL, &q));
+    gate_wait(&b.started);
+    ck_assert_uint_eq(df_loop_pending(loop), 2);
+    TU_OK(df_deferred_cancel(q));
+    ck_assert(df_deferred_called(q));
+    ck_assert_int_eq(result_code(q), DF_ECANCELLED);
+    ck_assert_uint_eq(df_loop_pending(loop), 1);
+    gate_open(&b.release);
+    TU_OK(df_loop_run(loop));
+    ck_assert_int_eq(result_code(a), 0);
+    ck_assert_int_eq(atomic_load(&g_counted_runs), 0);
+    df_deferred_unref(a);
+    drop(q);
+    df_pool_free(p);
+    blocker_destroy(&b);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* A running job cancelled: the flag reaches the work, the deferred waits
+ * for the work to return, then fails with DF_ECANCELLED and the work's
+ * result is destroyed exactly once. */
+START_TEST(test_pool_cancel_running)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 2);
+    blocker b;
+    blocker_init(&b, true);
+    atomic_store(&g_value_frees, 0);
+    df_deferred *d;
+    TU_OK(df_pool_submit(p, blocking_work, &b, &d));
+    gate_wait(&b.started);
+    TU_OK(df_deferred_cancel(d));
+    ck_assert(!df_deferred_called(d)); /* waits for the worker */
+    wait_for(loop, d);
+    ck_assert(atomic_load(&b.saw_cancel));
+    ck_assert_int_eq(result_code(d), DF_ECANCELLED);
+    ck_assert_int_eq(atomic_load(&g_value_frees), 1);
+    TU_OK(df_deferred_cancel(d)); /* fired: no-op */
+    drop(d);
+    ck_assert_uint_eq(df_loop_pending(loop), 0);
+    df_pool_free(p);
+    blocker_destroy(&b);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* Cancelled after the work returned but before the loop saw it: the result
+ * is dropped and the deferred fails with DF_ECANCELLED. */
+START_TEST(test_pool_cancel_just_completed)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    atomic_store(&g_value_frees, 0);
+    int in = 5;
+    df_deferred *d;
+    TU_OK(df_pool_submit(p, value_work, &in, &d));
+    struct pollfd pfd = {df_loop_fd(loop), POLLIN, 0};
+    ck_assert_int_eq(poll(&pfd, 1, -1), 1); /* the completion is posted */
+    TU_OK(df_deferred_cancel(d));
+    ck_assert(!df_deferred_called(d));
+    TU_OK(df_loop_dispatch(loop, 0, NULL));
+    ck_assert_int_eq(result_code(d), DF_ECANCELLED);
+    ck_assert_int_eq(atomic_load(&g_value_frees), 1);
+    drop(d);
+
+    /* Cancelled after the deferred fired: nothing changes. */
+    TU_OK(df_pool_submit(p, value_work, &in, &d));
+    wait_for(loop, d);
+    TU_OK(df_deferred_cancel(d));
+    ck_assert_int_eq(result_code(d), 0);
+    df_deferred_unref(d);
+    ck_assert_int_eq(atomic_load(&g_value_frees), 2);
+    df_pool_free(p);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* A timeout on a running job: cancelled at the deadline, failed with
+ * DF_ETIMEDOUT once the work has returned. */
+START_TEST(test_pool_timeout_running)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    blocker b;
+    blocker_init(&b, true);
+    df_deferred *d;
+    TU_OK(df_pool_submit(p, blocking_work, &b, &d));
+    TU_OK(df_deferred_set_timeout(d, 10 * MS));
+    TU_OK(df_loop_run(loop));
+    ck_assert(atomic_load(&b.saw_cancel));
+    ck_assert_int_eq(result_code(d), DF_ETIMEDOUT);
+    drop(d);
+    df_pool_free(p);
+    blocker_destroy(&b);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* Many cancels racing with completion at every stage. */
+START_TEST(test_pool_cancel_race)
+{
+    enum { N = 2000 };
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 4);
+    atomic_store(&g_value_frees, 0);
+    static df_deferred *d[N];
+    int in = 1;
+    unsigned n = quick() ? N / 10 : N;
+    for (unsigned i = 0; i < n; i++)
+        TU_OK(df_pool_submit(p, value_work, &in, &d[i]));
+    for (unsigned i = 0; i < n; i += 2)
+        TU_OK(df_deferred_cancel(d[i]));
+    TU_OK(df_loop_run(loop));
+    unsigned ok = 0;
+    for (unsigned i = 0; i < n; i++) {
+        int code = result_code(d[i]);
+        if (i % 2 == 1)
+            ck_assert_int_eq(code, 0);
+        else
+            ck_assert_int_eq(code, DF_ECANCELLED);
+        ok += code == 0;
+        drop(d[i]);
+    }
+    /* Every value made was destroyed once: results delivered (now
+     * dropped) and results of cancelled running jobs. */
+    ck_assert_int_ge(atomic_load(&g_value_frees), (int)ok);
+    ck_assert_int_le(atomic_load(&g_value_frees), (int)n);
+    df_pool_free(p);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* ------------------------------------------------------------- shutdown */
+
+typedef struct opener {
+    gate *g;
+    gate *go;
+} opener;
+
+static void *open_later(void *arg)
+{
+    opener *o = arg;
+    gate_wait(o->go);
+    gate_open(o->g);
+    return NULL;
+}
+
+/* DRAIN with work queued and running: every job runs and succeeds, all
+ * callbacks have run when shutdown returns, and later submits fail. */
+START_TEST(test_pool_shutdown_drain)
+{
+    enum { N = 50 };
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    blocker b;
+    blocker_init(&b, false);
+    atomic_store(&g_counted_runs, 0);
+    df_deferred *first, *d[N];
+    TU_OK(df_pool_submit(p, blocking_work, &b, &first));
+    for (int i = 0; i < N; i++)
+        TU_OK(df_pool_submit(p, counted_work, NULL, &d[i]));
+    gate_wait(&b.started);
+    /* A helper releases the first job once we are about to shut down. */
+    gate go;
+    gate_init(&go);
+    opener o = {&b.release, &go};
+    pthread_t th;
+    ck_assert_int_eq(pthread_create(&th, NULL, open_later, &o), 0);
+    gate_open(&go);
+    TU_OK(df_pool_shutdown(p, DF_POOL_DRAIN));
+    pthread_join(th, NULL);
+    ck_assert_int_eq(result_code(first), 0);
+    for (int i = 0; i < N; i++) {
+        ck_assert_int_eq(result_code(d[i]), 0);
+        df_deferred_unref(d[i]);
+    }
+    ck_assert_int_eq(atomic_load(&g_counted_runs), N);
+    ck_assert_uint_eq(df_loop_pending(loop), 0);
+
+    df_deferred *late = NULL;
+    TU_ERR(df_pool_submit(p, counted_work, NULL, &late), DF_ESHUTDOWN);
+    ck_assert_ptr_null(late);
+    TU_OK(df_pool_shutdown(p, DF_POOL_DRAIN)); /* idempotent */
+    TU_OK(df_pool_shutdown(p, DF_POOL_CANCEL));
+    TU_ERR(df_pool_shutdown(p, 7), DF_EINVAL);
+    df_deferred_unref(first);
+    df_pool_free(p);
+    gate_destroy(&go);
+    blocker_destroy(&b);
+    tu_loop_free(loop);
+}
+END_TEST
+
+static df_result open_gate_errback(df_result r, void *arg)
+{
+    gate_open(arg);
+    return r;
+}
+
+/* CANCEL with work queued and running: queued jobs fail with
+ * DF_ECANCELLED without running; the running one completes normally. */
+START_TEST(test_pool_shutdown_cancel)
+{
+    enum { N = 20 };
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    blocker b;
+    blocker_init(&b, false);
+    atomic_store(&g_counted_runs, 0);
+    df_deferred *first, *d[N];
+    TU_OK(df_pool_submit(p, blocking_work, &b, &first));
+    for (int i = 0; i < N; i++)
+        TU_OK(df_pool_submit(p, counted_work, NULL, &d[i]));
+    /* The last queued job's errback lets the running one finish, so that
+     * shutdown can join it. */
+    TU_OK(df_deferred_add_errback(d[N - 1], open_gate_errback, &b.release));
+    gate_wait(&b.started);
+    TU_OK(df_pool_shutdown(p, DF_POOL_CANCEL));
+    ck_assert_int_eq(result_code(first), 0);
+    for (int i = 0; i < N; i++) {
+        ck_assert_int_eq(result_code(d[i]), DF_ECANCELLED);
+        drop(d[i]);
+    }
+    ck_assert_int_eq(atomic_load(&g_counted_runs), 0);
+    ck_assert_uint_eq(df_loop_pending(loop), 0);
+    TU_ERR(df_pool_submit(p, counted_work, NULL, &d[0]), DF_ESHUTDOWN);
+    df_deferred_unref(first);
+    df_pool_free(p);
+    blocker_destroy(&b);
+    tu_loop_free(loop);
+}
+END_TEST
+
+typedef struct free_in_cb {
+    df_pool *pool;
+    unsigned calls;
+} free_in_cb;
+
+static df_result free_pool_cb(df_result r, void *arg)
+{
+    free_in_cb *fc = arg;
+    if (fc->calls++ == 0)
+        df_pool_free(fc->pool);
+    return r;
+}
+
+static df_result shutdown_pool_cb(df_result r, void *arg)
+{
+    free_in_cb *fc = arg;
+    fc->calls++;
+    TU_OK(df_pool_shutdown(fc->pool, DF_POOL_DRAIN));
+    return r;
+}
+
+/* Pools free cleanly in every state: idle, with jobs queued and running
+ * (freeing cancels), from inside a completion callback of their own, from
+ * inside a callback run by their own shutdown; and the loop refuses to be
+ * freed while a pool exists. */
+START_TEST(test_pool_free_states)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 2);
+    TU_ERR(df_loop_free(loop), DF_EBUSY);
+    df_pool_free(p); /* idle */
+
+    /* Queued and running jobs. */
+    p = new_pool(loop, 1);
+    blocker b;
+    blocker_init(&b, false);
+    atomic_store(&g_counted_runs, 0);
+    df_deferred *run, *queued[5];
+    TU_OK(df_pool_submit(p, blocking_work, &b, &run));
+    for (int i = 0; i < 5; i++)
+        TU_OK(df_pool_submit(p, counted_work, NULL, &queued[i]));
+    /* Cancelled by the free; the last one lets the running job return. */
+    TU_OK(df_deferred_add_errback(queued[4], open_gate_errback, &b.release));
+    gate_wait(&b.started);
+    df_pool_free(p);
+    ck_assert_int_eq(result_code(run), 0);
+    for (int i = 0; i < 5; i++) {
+        ck_assert_int_eq(result_code(queued[i]), DF_ECANCELLED);
+        drop(queued[i]);
+    }
+    ck_assert_int_eq(atomic_load(&g_counted_runs), 0);
+    df_deferred_unref(run);
+    blocker_destroy(&b);
+
+    /* Freed from a completion callback, with more completions to come. */
+    p = new_pool(loop, 2);
+    free_in_cb fc = {p, 0};
+    df_deferred *d[10];
+    for (int i = 0; i < 10; i++) {
+        TU_OK(df_pool_submit(p, counted_work, NULL, &d[i]));
+        TU_OK(df_deferred_add_both(d[i], free_pool_cb, &fc));
+    }
+    TU_OK(df_loop_run(loop));
+    ck_assert_uint_eq(fc.calls, 10);
+    for (int i = 0; i < 10; i++)
+        drop(d[i]);
+
+    /* Freed, and shut down again, from callbacks run by its shutdown. */
+    p = new_pool(loop, 2);
+    free_in_cb fs = {p, 0};
+    free_in_cb ff = {p, 0};
+    for (int i = 0; i < 10; i++) {
+        TU_OK(df_pool_submit(p, counted_work, NULL, &d[i]));
+        TU_OK(df_deferred_add_both(d[i], shutdown_pool_cb, &fs));
+        TU_OK(df_deferred_add_both(d[i], free_pool_cb, &ff));
+    }
+    TU_OK(df_pool_shutdown(p, DF_POOL_DRAIN)); /* frees p on its way out */
+    ck_assert_uint_eq(fs.calls, 10);
+    ck_assert_uint_eq(ff.calls, 10);
+    for (int i = 0; i < 10; i++)
+        drop(d[i]);
+    ck_assert_uint_eq(df_loop_pending(loop), 0);
+    tu_loop_free(loop);
+}
+END_TEST
+
+typedef struct wrong_pool {
+    df_pool *pool;
+    int submit, shutdown;
+} wrong_pool;
+
+static void *wrong_pool_thread(void *arg)
+{
+    wrong_pool *wp = arg;
+    df_deferred *d;
+    wp->submit = df_pool_submit(wp->pool, counted_work, NULL, &d);
+    wp->shutdown = df_pool_shutdown(wp->pool, DF_POOL_DRAIN);
+    df_pool_free(wp->pool); /* prints a line and does nothing */
+    return NULL;
+}
+
+START_TEST(test_pool_wrong_thread)
+{
+    df_loop *loop = tu_loop();
+    wrong_pool wp = {new_pool(loop, 1), 0, 0};
+    pthread_t th;
+    ck_assert_int_eq(pthread_create(&th, NULL, wrong_pool_thread, &wp), 0);
+    pthread_join(th, NULL);
+    ck_assert_int_eq(wp.submit, DF_EWRONG_THREAD);
+    ck_assert_int_eq(wp.shutdown, DF_EWRONG_THREAD);
+    df_deferred *d;
+    TU_OK(df_pool_submit(wp.pool, counted_work, NULL, &d)); /* still open */
+    TU_OK(df_loop_run(loop));
+    df_deferred_unref(d);
+    df_pool_free(wp.pool);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* ------------------------------------------------- semaphore in a pool */
+
+typedef struct bound {
+    atomic_int running;
+    atomic_int max_running;
+    atomic_long done_work;
+} bound;
+
+static df_result bound_work(df_work *w, void *arg)
+{
+    (void)w;
+    bound *b = arg;
+    int now = atomic_fetch_add(&b->running, 1) + 1;
+    int max = atomic_load(&b->max_running);
+    while (now > max &&
+           !atomic_compare_exchange_weak(&b->max_running, &max, now))
+        ;
+    /* A little work, so that jobs overlap. */
+    volatile unsigned x = 0;
+    for (unsigned i = 0; i < 200; i++)
+        x += i;
+    (void)x;
+    atomic_fetch_add(&b->done_work, 1);
+    atomic_fetch_sub(&b->running, 1);
+    return df_ok(w, NULL);
+}
+
+typedef struct stress {
+    unsigned done;
+    unsigned total;
+    unsigned bad;
+    df_deferred *all_done;
+    df_sem *sem;
+    unsigned tokens;
+} stress;
+
+static df_result stress_cb(df_result r, void *arg)
+{
+    stress *st = arg;
+    if (!df_result_ok(&r))
+        st->bad++;
+    if (df_sem_tokens(st->sem) > st->tokens)
+        st->bad++;
+    df_result_clear(&r);
+    if (++st->done == st->total)
+        TU_OK(df_deferred_callback(st->all_done, NULL, NULL));
+    return df_ok(NULL, NULL);
+}
+
+/* The bound holds under stress: never more work running than tokens, for
+ * tokens in {1, 2, 7, 64} and pools of {1, 2, 8} threads.  By default
+ * 10^5 items in all (8334 per combination; 500 when quick); set
+ * DF_TEST_STRESS_ITEMS to the number per combination for a longer run. */
+START_TEST(test_pool_sem_bound_stress)
+{
+    static const unsigned tokens[] = {1, 2, 7, 64};
+    static const unsigned threads[] = {1, 2, 8};
+    unsigned items = quick() ? 500 : (100000 + 11) / 12;
+    const char *env = getenv("DF_TEST_STRESS_ITEMS");
+    if (env != NULL)
+        items = (unsigned)strtoul(env, NULL, 10);
+    df_loop *loop = tu_loop();
+    df_deferred **d = malloc(items * sizeof *d);
+    ck_assert_ptr_nonnull(d);
+
+    for (unsigned ti = 0; ti < 4; ti++) {
+        for (unsigned pi = 0; pi < 3; pi++) {
+            uint64_t t0 = df_loop_now(loop);
+            df_pool *p = new_pool(loop, threads[pi]);
+            bound b;
+            atomic_init(&b.running, 0);
+            atomic_init(&b.max_running, 0);
+            atomic_init(&b.done_work, 0);
+            stress st = {0, items, 0, NULL, NULL, tokens[ti]};
+            TU_OK(df_sem_new(loop, tokens[ti], &st.sem));
+            TU_OK(df_deferred_new(loop, &st.all_done));
+            for (unsigned i = 0; i < items; i++) {
+                TU_OK(df_sem_run_in_pool(st.sem, p, bound_work, &b, &d[i]));
+                TU_OK(df_deferred_add_both(d[i], stress_cb, &st));
+            }
+            wait_for(loop, st.all_done);
+            ck_assert_uint_eq(st.bad, 0);
+            ck_assert_int_eq(atomic_load(&b.done_work), (long)items);
+            int max = atomic_load(&b.max_running);
+            ck_assert_msg(max >= 1 && (unsigned)max <= tokens[ti] &&
+                              (unsigned)max <= threads[pi],
+                          "tokens %u threads %u: %d running at once",
+                          tokens[ti], threads[pi], max);
+            ck_assert_uint_eq(df_sem_tokens(st.sem), tokens[ti]);
+            for (unsigned i = 0; i < items; i++)
+                df_deferred_unref(d[i]);
+            df_deferred_unref(st.all_done);
+            TU_OK(df_sem_free(st.sem));
+            df_pool_free(p);
+            if (getenv("DF_TEST_VERBOSE") != NULL)
+                fprintf(stderr, "tokens %u threads %u: %.3f s, max %d\n",
+                        tokens[ti], threads[pi],
+                        (double)(df_loop_now(loop) - t0) / 1e9, max);
+        }
+    }
+    free(d);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* Cancelling while waiting for a token removes the waiter: the work never
+ * runs and no token moves. */
+START_TEST(test_pool_sem_cancel_waiting)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 2);
+    df_sem *s;
+    TU_OK(df_sem_new(loop, 1, &s));
+    blocker b;
+    blocker_init(&b, false);
+    atomic_store(&g_counted_runs, 0);
+    df_deferred *a, *w;
+    TU_OK(df_sem_run_in_pool(s, p, blocking_work, &b, &a));
+    TU_OK(df_sem_run_in_pool(s, p, counted_work, NULL, &w));
+    ck_assert_uint_eq(df_sem_waiting(s), 1);
+    TU_OK(df_deferred_cancel(w));
+    ck_assert_int_eq(result_code(w), DF_ECANCELLED);
+    ck_assert_uint_eq(df_sem_waiting(s), 0);
+    ck_assert_uint_eq(df_sem_tokens(s), 0);
+    gate_open(&b.release);
+    TU_OK(df_loop_run(loop));
+    ck_assert_int_eq(result_code(a), 0);
+    ck_assert_uint_eq(df_sem_tokens(s), 1);
+    ck_assert_int_eq(atomic_load(&g_counted_runs), 0);
+    df_deferred_unref(a);
+    drop(w);
+    TU_OK(df_sem_free(s));
+    df_pool_free(p);
+    blocker_destroy(&b);
+    tu_loop_free(loop);
+}
+END_TEST
+
+typedef struct token_check {
+    df_sem *sem;
+    blocker *b;
+    unsigned calls;
+    bool worker_done;
+    unsigned tokens_seen;
+} token_check;
+
+static df_result token_check_cb(df_result r, void *arg)
+{
+    token_check *tc = arg;
+    tc->calls++;
+    tc->worker_done = atomic_load(&tc->b->saw_cancel);
+    tc->tokens_seen = df_sem_tokens(tc->sem);
+    return r;
+}
+
+/* Cancelling a running job: the token comes back only once the worker has
+ * returned, and the next waiter starts only then. */
+START_TEST(test_pool_sem_cancel_running)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 2);
+    df_sem *s;
+    TU_OK(df_sem_new(loop, 1, &s));
+    blocker b;
+    blocker_init(&b, true);
+    bound next;
+    atomic_init(&next.running, 0);
+    atomic_init(&next.max_running, 0);
+    atomic_init(&next.done_work, 0);
+    df_deferred *a, *w;
+    TU_OK(df_sem_run_in_pool(s, p, blocking_work, &b, &a));
+    TU_OK(df_sem_run_in_pool(s, p, bound_work, &next, &w));
+    token_check tc = {s, &b, 0, false, 99};
+    TU_OK(df_deferred_add_both(a, token_check_cb, &tc));
+    gate_wait(&b.started);
+    TU_OK(df_deferred_cancel(a));
+    ck_assert(!df_deferred_called(a));
+    ck_assert_uint_eq(df_sem_tokens(s), 0);
+    ck_assert_uint_eq(df_sem_waiting(s), 1);
+    TU_OK(df_loop_run(loop));
+    ck_assert_uint_eq(tc.calls, 1);
+    ck_assert(tc.worker_done);
+    /* Released before *out fired: the token went straight to the next
+     * waiter. */
+    ck_assert_uint_eq(tc.tokens_seen, 0);
+    ck_assert_int_eq(result_code(a), DF_ECANCELLED);
+    ck_assert_int_eq(result_code(w), 0);
+    ck_assert_int_eq(atomic_load(&next.done_work), 1);
+    ck_assert_uint_eq(df_sem_tokens(s), 1);
+    drop(a);
+    df_deferred_unref(w);
+    TU_OK(df_sem_free(s));
+    df_pool_free(p);
+    blocker_destroy(&b);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* Cancelling a job that holds a token but is still queued in the pool:
+ * it fails at once and its token comes back at once. */
+START_TEST(test_pool_sem_cancel_queued_job)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    df_sem *s;
+    TU_OK(df_sem_new(loop, 2, &s));
+    blocker b;
+    blocker_init(&b, false);
+    atomic_store(&g_counted_runs, 0);
+    df_deferred *a, *q;
+    TU_OK(df_sem_run_in_pool(s, p, blocking_work, &b, &a));
+    TU_OK(df_sem_run_in_pool(s, p, counted_work, NULL, &q));
+    ck_assert_uint_eq(df_sem_tokens(s), 0);
+    gate_wait(&b.started);
+    TU_OK(df_deferred_cancel(q));
+    ck_assert_int_eq(result_code(q), DF_ECANCELLED);
+    ck_assert_uint_eq(df_sem_tokens(s), 1);
+    gate_open(&b.release);
+    TU_OK(df_loop_run(loop));
+    ck_assert_int_eq(result_code(a), 0);
+    ck_assert_int_eq(atomic_load(&g_counted_runs), 0);
+    ck_assert_uint_eq(df_sem_tokens(s), 2);
+    df_deferred_unref(a);
+    drop(q);
+    TU_OK(df_sem_free(s));
+    df_pool_free(p);
+    blocker_destroy(&b);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* Shutting the pool down under a semaphore: queued jobs fail with
+ * DF_ECANCELLED, waiters then fail with DF_ESHUTDOWN, and every token
+ * comes back; new runs are refused. */
+START_TEST(test_pool_sem_pool_shutdown)
+{
+    enum { N = 30 };
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    df_sem *s;
+    TU_OK(df_sem_new(loop, 3, &s));
+    blocker b;
+    blocker_init(&b, false);
+    atomic_store(&g_counted_runs, 0);
+    df_deferred *first, *d[N];
+    TU_OK(df_sem_run_in_pool(s, p, blocking_work, &b, &first));
+    for (int i = 0; i < N; i++)
+        TU_OK(df_sem_run_in_pool(s, p, counted_work, NULL, &d[i]));
+    TU_OK(df_deferred_add_errback(d[N - 1], open_gate_errback, &b.release));
+    gate_wait(&b.started);
+    TU_OK(df_pool_shutdown(p, DF_POOL_CANCEL));
+    ck_assert_int_eq(result_code(first), 0);
+    for (int i = 0; i < N; i++) {
+        int code = result_code(d[i]);
+        ck_assert_int_eq(code, i < 2 ? DF_ECANCELLED : DF_ESHUTDOWN);
+        drop(d[i]);
+    }
+    ck_assert_int_eq(atomic_load(&g_counted_runs), 0);
+    ck_assert_uint_eq(df_sem_tokens(s), 3);
+    df_deferred *late;
+    TU_ERR(df_sem_run_in_pool(s, p, counted_work, NULL, &late), DF_ESHUTDOWN);
+    df_deferred_unref(first);
+    TU_OK(df_sem_free(s));
+    df_pool_free(p);
+    blocker_destroy(&b);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* ------------------------------------------------------------- suite */
+
+static Suite *pool_suite(void)
+{
+    Suite *s = suite_create("pool");
+    TCase *tc;
+
+    tc = tcase_create("basic");
+    tcase_add_test(tc, test_pool_new_args);
+    tcase_add_test(tc, test_pool_runs_on_workers);
+    tcase_add_test(tc, test_pool_results_travel);
+    tcase_add_test(tc, test_pool_fifo_one_worker);
+    tcase_add_test(tc, test_pool_completion_order);
+    tcase_add_test(tc, test_pool_call_from_work);
+    tcase_add_test(tc, test_pool_wrong_thread);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("cancel");
+    tcase_add_test(tc, test_pool_cancel_queued);
+    tcase_add_test(tc, test_pool_cancel_running);
+    tcase_add_test(tc, test_pool_cancel_just_completed);
+    tcase_add_test(tc, test_pool_timeout_running);
+    tcase_add_test(tc, test_pool_cancel_race);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("shutdown");
+    tcase_add_test(tc, test_pool_shutdown_drain);
+    tcase_add_test(tc, test_pool_shutdown_cancel);
+    tcase_add_test(tc, test_pool_free_states);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("sem");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, test_pool_sem_bound_stress);
+    tcase_add_test(tc, test_pool_sem_cancel_waiting);
+    tcase_add_test(tc, test_pool_sem_cancel_running);
+    tcase_add_test(tc, test_pool_sem_cancel_queued_job);
+    tcase_add_test(tc, test_pool_sem_pool_shutdown);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+TU_MAIN(pool_suite)
