@@ -163,14 +163,14 @@ static void usage(FILE *f)
             "  -h, --help  this help\n");
 }
 
-static bool parse_uint(const char *s, unsigned long max, unsigned long *out)
+static bool parse_uint(const char *s, unsigned long max, unsigned long *val)
 {
     char *end;
     errno = 0;
     unsigned long v = strtoul(s, &end, 10);
     if (errno != 0 || end == s || *end != '\0' || *s == '-' || v > max)
         return false;
-    *out = v;
+    *val = v;
     return true;
 }
 

@@ -36,8 +36,8 @@ extern "C" {
  * touched only on its loop thread; a call from another thread returns
  * DF_EWRONG_THREAD and changes nothing (void functions print one line to
  * stderr and do nothing).  The thread-safe exceptions are named as such:
- * df_loop_call_from_thread(), df_loop_wakeup(), the df_failure functions
- * and the df_work functions used by work running on a pool thread.
+ * df_loop_call_from_thread(), df_loop_now(), the df_failure functions and
+ * the df_work functions used by work running on a pool thread.
  *
  * Errors: every fallible call returns 0 or a negative code from the table
  * below.  If a call that takes a callback fails, that callback is never
@@ -253,7 +253,9 @@ DF_EXPORT int df_loop_fd(const df_loop *loop);
 DF_EXPORT int df_loop_timeout_ms(const df_loop *loop);
 /* Dispatches, without blocking, what is ready: due timers, then at most
  * `budget` completions and cross-thread calls (0: all that are ready).
- * Stores the number dispatched in *ran if ran is not NULL.  Loop thread. */
+ * Stores the number dispatched in *ran if ran is not NULL.  While work
+ * remains the fd stays readable and df_loop_timeout_ms() returns 0.
+ * df_loop_stop() does not apply here.  Loop thread. */
 DF_EXPORT int df_loop_dispatch(df_loop *loop, unsigned budget, unsigned *ran);
 /* Number of things that keep df_loop_run() running (see there). */
 DF_EXPORT size_t df_loop_pending(const df_loop *loop);
@@ -367,8 +369,10 @@ DF_EXPORT int df_deferred_peek(const df_deferred *d, void **value,
                                df_failure **failure);
 /* Twisted addTimeout: cancels d if it has not fired within `timeout_ns`
  * on the loop's clock; the failure is then DF_ETIMEDOUT (DF_ECANCELLED when
- * cancelled by hand).  The timer goes away when d fires.  At most one
- * timeout per deferred (DF_EBUSY). */
+ * cancelled by hand).  The timer goes away when d fires.  A pending timeout
+ * is a timer: it keeps df_loop_run() running, makes df_loop_free() return
+ * DF_EBUSY, and holds a reference to d until it fires or is removed.  One
+ * timeout per deferred in its whole life (a second call: DF_EBUSY). */
 DF_EXPORT int df_deferred_set_timeout(df_deferred *d, uint64_t timeout_ns);
 
 /* ------------------------------------------------------------------- list */
@@ -486,9 +490,12 @@ DF_EXPORT size_t df_queue_waiting(const df_queue *q); /* pending gets */
  * df_work_cancelled(w).  It must not touch loop-thread objects. */
 typedef df_result (*df_work_fn)(df_work *w, void *arg);
 
+/* Worker threads are named df-worker-0, df-worker-1, ... and block
+ * asynchronous signals. */
 typedef struct df_pool_options {
     unsigned threads;   /* >= 1 */
-    size_t stack_size;  /* 0: the system default */
+    size_t stack_size;  /* 0: the system default; below PTHREAD_STACK_MIN:
+                           DF_EINVAL */
 } df_pool_options;
 #define DF_POOL_OPTIONS_INIT {2, 0}
 
@@ -496,15 +503,19 @@ DF_EXPORT int df_pool_new(df_loop *loop, const df_pool_options *opts,
                           df_pool **out);
 /* Queues work(w, arg); *out fires on the loop thread with its result.
  * DF_ESHUTDOWN after df_pool_shutdown().  Cancelling *out while the job is
- * queued removes it and fails it with DF_ECANCELLED; while it runs, sets
- * the flag df_work_cancelled() reads, and the deferred fails with
- * DF_ECANCELLED once work returns (its result is then destroyed). */
+ * queued removes it and fails it with DF_ECANCELLED; while it runs (or has
+ * returned but its completion has not been dispatched yet), sets the flag
+ * df_work_cancelled() reads, and the deferred fails with DF_ECANCELLED once
+ * work has returned (its result is then destroyed). */
 DF_EXPORT int df_pool_submit(df_pool *p, df_work_fn work, void *arg,
                              df_deferred **out);
 enum { DF_POOL_DRAIN = 0, DF_POOL_CANCEL = 1 };
 /* Stops accepting work; DRAIN runs every queued job, CANCEL fails each
- * queued job with DF_ECANCELLED; both wait for running jobs, dispatch their
- * completions and join every thread.  Idempotent.  Loop thread. */
+ * queued job with DF_ECANCELLED first; both wait for running jobs, dispatch
+ * this pool's completions (their callbacks run inside this call; other
+ * completions stay queued, in order) and join every thread.  A callback may
+ * free the pool: the free then happens at the end of the shutdown.
+ * Idempotent.  Loop thread. */
 DF_EXPORT int df_pool_shutdown(df_pool *p, int mode);
 /* Shuts down with DF_POOL_CANCEL if needed, then frees.  Loop thread. */
 DF_EXPORT void df_pool_free(df_pool *p);
@@ -518,7 +529,8 @@ DF_EXPORT df_loop *df_work_loop(const df_work *w);
  * only once the worker has returned.  Cancelling *out while waiting for the
  * token removes the waiter; once submitted, it cancels the job as
  * df_pool_submit says, and the token comes back only when the worker is
- * done. */
+ * done.  *out fails with DF_ESHUTDOWN if the pool was shut down while it
+ * waited for its token. */
 DF_EXPORT int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work,
                                  void *arg, df_deferred **out);
 

@@ -36,6 +36,40 @@ void df__wrong_thread(const char *func);
             return DF_EWRONG_THREAD;                                           \
     } while (0)
 
+/* ----------------------------------------------------------- block cache */
+/* A per-loop free list of blocks of one size, so that steady traffic
+ * allocates nothing.  Loop thread only.  A cached block's first bytes hold
+ * the link. */
+typedef struct df__cache {
+    void *head;
+    size_t len;
+} df__cache;
+#define DF__CACHE_MAX 1024
+
+/* The loop's cache of deferred blocks (deferred.c). */
+df__cache *df__loop_deferred_cache(df_loop *loop);
+
+static inline void *df__cache_get(df__cache *c)
+{
+    void *p = c->head;
+    if (p != NULL) {
+        c->head = *(void **)p;
+        c->len--;
+    }
+    return p;
+}
+
+/* Keeps p if there is room; returns false if the caller must free it. */
+static inline bool df__cache_put(df__cache *c, void *p)
+{
+    if (c->len >= DF__CACHE_MAX)
+        return false;
+    *(void **)p = c->head;
+    c->head = p;
+    c->len++;
+    return true;
+}
+
 /* ------------------------------------------------------ unhandled failure */
 /* Reports `f` (borrowed) through the loop's hook; counts it. */
 void df__report_unhandled(df_loop *loop, df_failure *f);
@@ -53,6 +87,10 @@ bool df__deferred_mark_timeout(df_deferred *d);
 /* ---------------------------------------------------------------- failure */
 /* The shared static out-of-memory failure. */
 df_failure *df__failure_nomem(void);
+/* The DF_ECANCELLED failure with which the release of an unfired (or
+ * waiting) deferred fails it; it is never reported as unhandled. */
+df_failure *df__failure_released(df_loop *loop);
+bool df__failure_is_released(const df_failure *f);
 /* A DF_EFIRST_ERROR failure for member `index` failing with `cause`
  * (borrowed; a reference is taken). */
 df_failure *df__failure_first_error(df_loop *loop, size_t index,

@@ -225,9 +225,14 @@ static void run_callbacks(df_deferred *self)
                 if (other->flags & F_CALLED) {
                     df_result old = take_result(cur);
                     df_result_clear(&old);
-                    put_result(cur, df_errf(cur->loop, DF_EALREADY_CALLED,
-                                            "chained deferred already "
-                                            "fired"));
+                    if (other->flags & F_SUPPRESS) {
+                        /* Cancelled without a canceller: swallowed. */
+                        other->flags &= ~F_SUPPRESS;
+                    } else {
+                        put_result(cur, df_errf(cur->loop, DF_EALREADY_CALLED,
+                                                "chained deferred already "
+                                                "fired"));
+                    }
                     df_deferred_unref(other);
                     continue;
                 }
@@ -271,8 +276,8 @@ static int deferred_alloc(df_loop *loop, df_deferred **out)
     if (loop == NULL || out == NULL)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
-    df_deferred *d = df__malloc(loop, sizeof *d);
-    if (d == NULL)
+    df_deferred *d = df__cache_get(df__loop_deferred_cache(loop));
+    if (d == NULL && (d = df__malloc(loop, sizeof *d)) == NULL)
         return DF_ENOMEM;
     memset(d, 0, sizeof *d);
     d->loop = loop;
@@ -303,7 +308,8 @@ int df_deferred_new_cancellable(df_loop *loop, df_canceller_fn fn, void *arg,
 static void deferred_discard(df_deferred *d)
 {
     assert(d->count == 0 && !(d->flags & F_CALLED));
-    df__free(d->loop, d);
+    if (!df__cache_put(df__loop_deferred_cache(d->loop), d))
+        df__free(d->loop, d);
 }
 
 df_deferred *df_deferred_ref(df_deferred *d)
@@ -363,18 +369,15 @@ static void deferred_release(df_deferred *d)
     while (d != NULL) {
         assert(d->refs == 0);
         df_deferred *next = d->chained_to;
-        df_failure *ours = NULL;
         if (next != NULL) {
             unlink_continuation(next, d);
             d->chained_to = NULL;
         }
         if (next != NULL || !(d->flags & F_CALLED)) {
-            ours = df_failure_new(d->loop, DF_ECANCELLED,
-                                  "deferred released before its result came");
-            d->failure = ours;
+            d->failure = df__failure_released(d->loop);
             d->flags |= F_CALLED;
         }
-        if (d->head < d->count) {
+        while (d->head < d->count) {
             d->paused = 0;
             d->refs = 1;
             run_callbacks(d);
@@ -383,17 +386,20 @@ static void deferred_release(df_deferred *d)
                 df_deferred_unref(next);
                 return;
             }
-        }
-        if (d->chained_to != NULL) {
-            /* A callback made it wait again; that result has no taker. */
-            unlink_continuation(d->chained_to, d);
-            df_deferred_unref(d->chained_to);
+            if (d->chained_to == NULL)
+                break;
+            /* A callback made it wait again, but nobody is left to take
+             * that result: give up the wait and go on as above. */
+            df_deferred *again = d->chained_to;
+            unlink_continuation(again, d);
             d->chained_to = NULL;
-        } else if (d->failure != NULL && d->failure != ours) {
-            df__report_unhandled(d->loop, d->failure);
+            df_deferred_unref(again);
+            d->failure = df__failure_released(d->loop);
         }
+        if (d->failure != NULL && !df__failure_is_released(d->failure))
+            df__report_unhandled(d->loop, d->failure);
 
-        /* Unrun chain entries: drop the references chain entries hold. */
+        /* Unrun chain entries (left by a pause): drop their references. */
         for (uint32_t i = d->head; i < d->count; i++) {
             if (d->entries[i].cb == chain_mark)
                 df_deferred_unref(d->entries[i].arg);
@@ -402,7 +408,8 @@ static void deferred_release(df_deferred *d)
         df_result_clear(&r);
         if (d->entries != d->inline_entries)
             df__free(d->loop, d->entries);
-        df__free(d->loop, d);
+        if (!df__cache_put(df__loop_deferred_cache(d->loop), d))
+            df__free(d->loop, d);
 
         d = NULL;
         if (next != NULL && --next->refs == 0)
@@ -477,7 +484,7 @@ int df_fail(df_loop *loop, df_failure *f, df_deferred **out)
 
 int df_maybe(df_loop *loop, df_run_fn fn, void *arg, df_deferred **out)
 {
-    if (fn == NULL)
+    if (fn == NULL || out == NULL)
         return DF_EINVAL;
     df_deferred *d;
     int rc = deferred_alloc(loop, &d); /* before fn: fn runs only on 0 */
@@ -600,7 +607,10 @@ int df_deferred_cancel(df_deferred *d)
     if (!(d->flags & F_CALLED) && !(d->flags & F_CANCEL_WAITS)) {
         df_failure *f = df_failure_new(d->loop, DF_ECANCELLED, NULL);
         df_deferred_resolve(d, df_err(f));
-        d->flags |= F_SUPPRESS;
+        /* Without a canceller the producer does not know: swallow its
+         * later fire (with one, the producer was told, as in Twisted). */
+        if (d->canceller == NULL)
+            d->flags |= F_SUPPRESS;
     }
     df_deferred_unref(d);
     return 0;

@@ -10,6 +10,7 @@
 struct df_failure {
     atomic_long refs;      /* < 0 marks the static out-of-memory failure */
     int code;
+    bool released;         /* made by the release of an unfired deferred */
     long index;            /* DF_EFIRST_ERROR: the member; else -1 */
     df_failure *cause;     /* DF_EFIRST_ERROR: the member's failure */
     void *payload;
@@ -67,6 +68,7 @@ static df_failure *failure_vnew(df_loop *loop, int code, void *payload,
     }
     atomic_init(&f->refs, 1);
     f->code = code;
+    f->released = false;
     f->index = -1;
     f->cause = NULL;
     f->payload = payload;
@@ -111,6 +113,20 @@ df_failure *df__failure_first_error(df_loop *loop, size_t index,
     f->index = (long)index;
     f->cause = df_failure_ref(cause);
     return f;
+}
+
+df_failure *df__failure_released(df_loop *loop)
+{
+    df_failure *f = df_failure_new(loop, DF_ECANCELLED,
+                                   "deferred released before its result came");
+    if (f != &nomem_failure)
+        f->released = true;
+    return f;
+}
+
+bool df__failure_is_released(const df_failure *f)
+{
+    return f != NULL && f != &nomem_failure && f->released;
 }
 
 df_result df_errf(df_loop *loop, int code, const char *fmt, ...)

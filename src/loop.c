@@ -98,6 +98,8 @@ struct df_loop {
     uint64_t timer_seq;
     df_timer *timer_free;
     size_t timer_free_len;
+
+    df__cache deferreds; /* spare deferred blocks (deferred.c) */
 };
 
 /* ------------------------------------------------------------ allocation */
@@ -122,6 +124,11 @@ static void default_free(void *ptr, void *ctx)
 
 static const df_allocator default_allocator = {default_malloc, default_realloc,
                                                default_free, NULL};
+
+df__cache *df__loop_deferred_cache(df_loop *loop)
+{
+    return &loop->deferreds;
+}
 
 const df_allocator *df__allocator(df_loop *loop)
 {
@@ -860,6 +867,9 @@ int df_loop_free(df_loop *loop)
     }
     free_call_list(loop, loop->spent_calls);
     free_call_list(loop, loop->call_free);
+    void *block;
+    while ((block = df__cache_get(&loop->deferreds)) != NULL)
+        df__free(loop, block);
     df__free(loop, loop->heap);
     close(loop->wake_fd);
     pthread_mutex_destroy(&loop->inbox_lock);

@@ -156,8 +156,9 @@ static void finish_slot(df_map *m, slot *s, df_result r)
         m->fin_tail = s;
     }
     /* Stop at the first failure in completion order, so that no more work
-     * starts; the items before it in ordered mode are still delivered. */
-    if (r.failure != NULL && m->stop_on_error && m->stop_failure == NULL) {
+     * starts; the items before it in ordered mode are still delivered.  A
+     * failure of the iterator before it stays the reason done fails. */
+    if (r.failure != NULL && m->stop_on_error && !m->cancelling) {
         set_stop(m, df_failure_ref(r.failure));
         cancel_running(m);
     }

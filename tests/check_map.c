@@ -997,6 +997,39 @@ START_TEST(test_map_iterator_fails_at_once)
 }
 END_TEST
 
+/* Under STOP_ON_ERROR, an item failing after the iterator did still
+ * cancels the rest, and done keeps failing with the iterator's code. */
+START_TEST(test_map_iterator_fails_then_item)
+{
+    df_loop *loop = tu_loop();
+    rig r;
+    int code;
+
+    rig_init(&r, loop);
+    r.n = ENDLESS;
+    r.hold_mod = 1;
+    r.fail_next_at = 4;
+    r.fail_next_code = -4242;
+    r.fail_mod = 1000;
+    r.fail_rem = 1;
+    rig_options(&r, NULL, 4, DF_MAP_STOP_ON_ERROR);
+    rig_start(&r);
+    ck_assert_uint_eq(r.nheld, 4);
+    fire_last(&r, false); /* item 3: the next pull fails */
+    ck_assert(!df_deferred_called(r.done));
+    ck_assert_uint_eq(r.held_v[1], 1);
+    TU_OK(df_deferred_errback(r.held[1],
+                              df_failure_new(loop, -EIO, "item 1 failed")));
+    ck_assert(df_deferred_called(r.done));
+    ck_assert_ptr_null(done_stats(&r, &code));
+    ck_assert_int_eq(code, -4242);
+    ck_assert_uint_eq(r.delivered, 4);
+    ck_assert_uint_eq(r.cancels, 2); /* items 0 and 2 */
+    rig_finish(&r);
+    tu_loop_free(loop);
+}
+END_TEST
+
 /* --------------------------------------------------------------- cancel */
 
 START_TEST(test_map_cancel_mid_stream)
@@ -1509,6 +1542,7 @@ static Suite *map_suite(void)
     tc = tcase_create("iterator");
     tcase_add_test(tc, test_map_iterator_fails);
     tcase_add_test(tc, test_map_iterator_fails_at_once);
+    tcase_add_test(tc, test_map_iterator_fails_then_item);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("cancel");

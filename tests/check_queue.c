@@ -860,13 +860,18 @@ START_TEST(test_queue_enomem_get)
     ck_assert(df_deferred_called(d));
     df_deferred_unref(d);
 
-    /* A get served from a stored value: the value stays stored. */
+    /* A get served from a stored value: the value stays stored.  The
+     * loop keeps the block of the deferred released above for reuse; hold
+     * it, so that the next deferred needs a real allocation. */
+    df_deferred *hold;
+    TU_OK(df_deferred_new(L, &hold));
     TU_OK(df_queue_put(q, &g_destroyed[0], destroy_counted));
     fail_after(0);
     TU_ERR(df_queue_get(q, &d), DF_ENOMEM);
     fail_after(-1);
     ck_assert_uint_eq(df_queue_size(q), 1);
     ck_assert_int_eq(g_destroyed[0], 0);
+    df_deferred_unref(hold);
     df_queue_free(q);
     ck_assert_int_eq(g_destroyed[0], 1);
 }

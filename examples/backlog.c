@@ -1,0 +1,553 @@
+/* SPDX-License-Identifier: MIT */
+/* backlog: the seed's motivating scenario at scale, a backlog of simulated
+ * sends run through a semaphore of K tokens on a pool of T threads, with
+ * every outcome gathered by one deferred list.
+ *
+ *     backlog -n 20000 -k 8 -t 4 -w 200 -f 0.05
+ *
+ * Each send is a CPU loop of about --work-us microseconds (the loop is
+ * calibrated at start) after which a deterministic pseudo-random share of
+ * the sends fail on purpose.  The work functions count how many of them
+ * run at once: the program checks that this never exceeds K, and that the
+ * list recorded exactly the successes and failures that were expected. */
+#include <deferred.h>
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* The code a failed send carries; any nonzero int would do. */
+#define SEND_FAILED DF_EFAILED
+
+#define PROGRESS_NS 200000000u /* a progress line every 200 ms */
+
+#define MAX_ITEMS 10000000ul
+#define MAX_LIMIT 1000000ul
+#define MAX_THREADS 1024ul
+#define MAX_WORK_US 10000000ul
+#define MAX_ITERS (1ull << 40)
+
+/* What every work function reads (the settings) and writes (the atomic
+ * counters).  It outlives the pool, so workers never see it freed. */
+typedef struct shared {
+    uint64_t iters;       /* CPU loop iterations per send */
+    uint64_t seed;        /* decides which sends fail */
+    double fail_rate;     /* share of sends that fail, 0..1 */
+    atomic_uint running;  /* work functions running now */
+    atomic_uint peak;     /* most work functions ever running at once */
+    atomic_size_t sent;   /* sends that returned success */
+    atomic_size_t failed; /* sends that returned failure */
+} shared;
+
+/* One send: the work function's argument. */
+typedef struct job {
+    shared *sh;
+    size_t index;
+} job;
+
+typedef struct app {
+    df_loop *loop;
+    shared *sh;
+    size_t items;
+    uint64_t started; /* df_loop_now() when the first send was queued */
+    df_timer *timer;  /* the pending progress timer, or NULL */
+    bool shown;       /* a progress line is on the screen */
+} app;
+
+/* ------------------------------------------------------------- the work */
+
+/* The simulated send's CPU work: `iters` rounds of xorshift64. */
+static uint64_t spin(uint64_t x, uint64_t iters)
+{
+    for (uint64_t i = 0; i < iters; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    return x;
+}
+
+/* SplitMix64 of (seed, index): a well-mixed 64-bit value per item. */
+static uint64_t mix(uint64_t seed, uint64_t index)
+{
+    uint64_t z = seed + (index + 1) * 0x9e3779b97f4a7c15u;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+    return z ^ (z >> 31);
+}
+
+/* Whether send `index` fails on purpose.  The main thread asks the same
+ * question up front to know how many failures to expect. */
+static bool send_fails(const shared *sh, size_t index)
+{
+    /* The top 53 bits as a double in [0, 1). */
+    double u = (double)(mix(sh->seed, index) >> 11) / 9007199254740992.0;
+    return u < sh->fail_rate;
+}
+
+/* Pool thread: one simulated send.  Its success value is the spin's
+ * result, a "receipt" with no destructor, so the loop cannot be optimised
+ * away and nothing needs freeing. */
+static df_result send_item(df_work *w, void *arg)
+{
+    const job *j = arg;
+    shared *sh = j->sh;
+
+    /* Count this send as running and raise the peak if it is a new one. */
+    unsigned now = atomic_fetch_add(&sh->running, 1) + 1;
+    unsigned peak = atomic_load(&sh->peak);
+    while (now > peak && !atomic_compare_exchange_weak(&sh->peak, &peak, now))
+        ;
+
+    uint64_t receipt = spin(mix(sh->seed, j->index) | 1, sh->iters);
+    df_result r;
+    if (send_fails(sh, j->index)) {
+        atomic_fetch_add(&sh->failed, 1);
+        r = df_errf(df_work_loop(w), SEND_FAILED, "send %zu failed", j->index);
+    } else {
+        atomic_fetch_add(&sh->sent, 1);
+        r = df_ok((void *)(uintptr_t)receipt, NULL);
+    }
+    atomic_fetch_sub(&sh->running, 1);
+    return r;
+}
+
+/* Nanoseconds for `iters` rounds of spin() on this thread. */
+static uint64_t time_spin(uint64_t iters)
+{
+    struct timespec a, b;
+    static volatile uint64_t sink; /* keeps the loop; written only here */
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    sink = spin(0x2545f4914f6cdd1du, iters);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    (void)sink;
+    return (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000u + (uint64_t)b.tv_nsec -
+           (uint64_t)a.tv_nsec;
+}
+
+/* Iterations of spin() per microsecond, measured for about 20 ms: the
+ * best of a few runs, so that a preempted run does not count. */
+static double calibrate(void)
+{
+    uint64_t iters = 1u << 16, ns;
+    while ((ns = time_spin(iters)) < 5000000u && iters < MAX_ITERS)
+        iters *= 2;
+    for (int i = 0; i < 3; i++) {
+        uint64_t t = time_spin(iters);
+        if (t < ns)
+            ns = t;
+    }
+    return ns > 0 ? (double)iters * 1000.0 / (double)ns : 1000.0;
+}
+
+/* ------------------------------------------------------ the loop thread */
+
+static void show_progress(app *a)
+{
+    shared *sh = a->sh;
+    size_t sent = atomic_load(&sh->sent), failed = atomic_load(&sh->failed);
+    double secs = (double)(df_loop_now(a->loop) - a->started) / 1e9;
+    fprintf(stderr,
+            "\rbacklog: %zu/%zu done, %zu failed, %u in flight, "
+            "%.0f items/s\033[K",
+            sent + failed, a->items, failed, atomic_load(&sh->running),
+            secs > 0 ? (double)(sent + failed) / secs : 0.0);
+    a->shown = true;
+}
+
+/* The progress timer: prints a line and re-arms itself.  Its handle is
+ * stale once it runs, so it is forgotten first. */
+static void on_progress(void *arg, int status)
+{
+    app *a = arg;
+    a->timer = NULL;
+    if (status != 0)
+        return;
+    show_progress(a);
+    if (df_loop_call_later(a->loop, PROGRESS_NS, on_progress, a, &a->timer) !=
+        0)
+        a->timer = NULL; /* no more progress lines; nothing else breaks */
+}
+
+/* An errback that drops the failure: for runs abandoned on a setup error,
+ * whose failures are expected and of no interest. */
+static df_result consume(df_result r, void *arg)
+{
+    (void)arg;
+    df_result_clear(&r);
+    return r;
+}
+
+/* Setup failed after `n` runs were queued: cancel them, let the loop
+ * settle every one (running sends finish first) and release them. */
+static void abandon(df_loop *loop, df_deferred **runs, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        df_deferred_add_errback(runs[i], consume, NULL);
+        df_deferred_cancel(runs[i]);
+    }
+    df_loop_run(loop);
+    for (size_t i = 0; i < n; i++)
+        df_deferred_unref(runs[i]);
+}
+
+/* ----------------------------------------------------------------- main */
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: backlog [OPTION]...\n"
+            "Runs a backlog of simulated sends (CPU work) through a "
+            "semaphore of K tokens\n"
+            "on a pool of T threads, gathers every outcome with a deferred "
+            "list and prints\n"
+            "a summary: sent, failed, elapsed, items/s and the peak number "
+            "of sends in\n"
+            "flight, which must never exceed K.\n"
+            "\n"
+            "  -n, --items N       number of sends (default 20000)\n"
+            "  -k, --limit K       semaphore tokens: most sends at once "
+            "(default 8)\n"
+            "  -t, --threads T     pool threads (default: online CPUs)\n"
+            "  -w, --work-us US    CPU time per send in microseconds, "
+            "roughly (default 200)\n"
+            "  -i, --iters N       CPU loop iterations per send instead of "
+            "calibrating -w\n"
+            "  -f, --fail-rate R   share of sends failing on purpose, 0 to 1 "
+            "(default 0.05)\n"
+            "  -s, --seed S        decides which sends fail (default 1)\n"
+            "  -q, --quiet         no progress or notes on stderr\n"
+            "  -h, --help          this help\n"
+            "\n"
+            "A progress line goes to stderr when it is a terminal.  Exit "
+            "status: 0 on success\n"
+            "(failed sends are expected), 1 if the limit was exceeded or the "
+            "counts do not\n"
+            "add up, 2 on a usage error.\n");
+}
+
+static bool parse_u64(const char *s, unsigned long long max,
+                      unsigned long long *val)
+{
+    char *end;
+    errno = 0;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    if (*s == '-' || *s == '+')
+        return false;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno != 0 || end == s || *end != '\0' || v > max)
+        return false;
+    *val = v;
+    return true;
+}
+
+static bool parse_rate(const char *s, double *val)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno != 0 || end == s || *end != '\0' || !isfinite(v) || v < 0 ||
+        v > 1)
+        return false;
+    *val = v;
+    return true;
+}
+
+static int fail(const char *what, int rc)
+{
+    fprintf(stderr, "backlog: %s: %s\n", what, df_strerror(rc));
+    return EXIT_FAILURE;
+}
+
+/* Checks the list result against what the work functions counted and what
+ * the seed predicts; prints each discrepancy and returns their number. */
+static int check_result(const df_list_result *lr, const shared *sh,
+                        size_t items, size_t expect_failed, size_t *okp,
+                        size_t *failedp)
+{
+    size_t ok = 0, failed = 0;
+    int bad = 0;
+
+    if (df_list_result_count(lr) != items) {
+        fprintf(stderr, "backlog: list has %zu results for %zu items\n",
+                df_list_result_count(lr), items);
+        bad++;
+    }
+    for (size_t i = 0; i < df_list_result_count(lr); i++) {
+        if (df_list_result_ok(lr, i)) {
+            ok++;
+            continue;
+        }
+        failed++;
+        df_failure *f = df_list_result_failure(lr, i);
+        if (!df_list_result_fired(lr, i) || f == NULL) {
+            fprintf(stderr, "backlog: item %zu has no outcome\n", i);
+            bad++;
+        } else if (df_failure_code(f) != SEND_FAILED || !send_fails(sh, i)) {
+            /* Only the failures made on purpose are expected. */
+            fprintf(stderr, "backlog: item %zu: unexpected failure: %s (%s)\n",
+                    i, df_failure_message(f), df_err_name(df_failure_code(f)));
+            bad++;
+        }
+    }
+    if (ok + failed != items || failed != expect_failed ||
+        ok != atomic_load(&sh->sent) || failed != atomic_load(&sh->failed)) {
+        fprintf(stderr,
+                "backlog: counts do not add up: list %zu ok + %zu failed, "
+                "workers %zu ok + %zu failed, %zu items, %zu failures "
+                "expected\n",
+                ok, failed, atomic_load(&sh->sent), atomic_load(&sh->failed),
+                items, expect_failed);
+        bad++;
+    }
+    *okp = ok;
+    *failedp = failed;
+    return bad;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"items", required_argument, NULL, 'n'},
+        {"limit", required_argument, NULL, 'k'},
+        {"threads", required_argument, NULL, 't'},
+        {"work-us", required_argument, NULL, 'w'},
+        {"iters", required_argument, NULL, 'i'},
+        {"fail-rate", required_argument, NULL, 'f'},
+        {"seed", required_argument, NULL, 's'},
+        {"quiet", no_argument, NULL, 'q'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    unsigned long long items = 20000, limit = 8, threads, work_us = 200;
+    unsigned long long iters = 0, seed = 1;
+    double fail_rate = 0.05;
+    bool quiet = false, have_iters = false;
+    int c;
+
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    threads = ncpu > 0 ? (unsigned long long)ncpu : 1;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    while ((c = getopt_long(argc, argv, "n:k:t:w:i:f:s:qh", longopts, NULL)) !=
+           -1) {
+        bool ok = true;
+        const char *want = NULL;
+        switch (c) {
+        case 'n':
+            ok = parse_u64(optarg, MAX_ITEMS, &items);
+            want = "an integer from 0 to 10000000";
+            break;
+        case 'k':
+            ok = parse_u64(optarg, MAX_LIMIT, &limit) && limit > 0;
+            want = "an integer from 1 to 1000000";
+            break;
+        case 't':
+            ok = parse_u64(optarg, MAX_THREADS, &threads) && threads > 0;
+            want = "an integer from 1 to 1024";
+            break;
+        case 'w':
+            ok = parse_u64(optarg, MAX_WORK_US, &work_us);
+            want = "an integer from 0 to 10000000";
+            break;
+        case 'i':
+            ok = parse_u64(optarg, MAX_ITERS, &iters);
+            have_iters = true;
+            want = "an integer from 0 to 2^40";
+            break;
+        case 'f':
+            ok = parse_rate(optarg, &fail_rate);
+            want = "a number from 0 to 1";
+            break;
+        case 's':
+            ok = parse_u64(optarg, UINT64_MAX, &seed);
+            want = "an unsigned 64-bit integer";
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'h':
+            usage(stdout);
+            return EXIT_SUCCESS;
+        default:
+            /* getopt_long has named the problem already. */
+            fprintf(stderr, "Try 'backlog --help' for more information.\n");
+            return 2;
+        }
+        if (!ok) {
+            fprintf(stderr, "backlog: invalid value '%s' for -%c: want %s\n",
+                    optarg, c, want);
+            return 2;
+        }
+    }
+    if (optind != argc) {
+        fprintf(stderr,
+                "backlog: unexpected argument '%s'\n"
+                "Try 'backlog --help' for more information.\n",
+                argv[optind]);
+        return 2;
+    }
+
+    shared sh = {0};
+    sh.seed = seed;
+    sh.fail_rate = fail_rate;
+    if (have_iters) {
+        sh.iters = iters;
+    } else if (work_us > 0) {
+        double per_us = calibrate();
+        sh.iters = (uint64_t)(per_us * (double)work_us + 0.5);
+        if (sh.iters == 0)
+            sh.iters = 1;
+    }
+    atomic_init(&sh.running, 0);
+    atomic_init(&sh.peak, 0);
+    atomic_init(&sh.sent, 0);
+    atomic_init(&sh.failed, 0);
+
+    size_t n = (size_t)items, expect_failed = 0;
+    for (size_t i = 0; i < n; i++)
+        expect_failed += send_fails(&sh, i);
+
+    app a = {0};
+    a.sh = &sh;
+    a.items = n;
+    job *jobs = calloc(n > 0 ? n : 1, sizeof *jobs);
+    df_deferred **runs = calloc(n > 0 ? n : 1, sizeof *runs);
+    if (jobs == NULL || runs == NULL) {
+        fprintf(stderr, "backlog: out of memory for %zu items\n", n);
+        free(jobs);
+        free(runs);
+        return EXIT_FAILURE;
+    }
+
+    df_pool *pool;
+    df_sem *sem;
+    df_deferred *list;
+    int rc;
+
+    if ((rc = df_loop_new(NULL, &a.loop)) != 0)
+        return fail("df_loop_new", rc);
+    df_pool_options po = DF_POOL_OPTIONS_INIT;
+    po.threads = (unsigned)threads;
+    if ((rc = df_pool_new(a.loop, &po, &pool)) != 0)
+        return fail("df_pool_new", rc);
+    if ((rc = df_sem_new(a.loop, (unsigned)limit, &sem)) != 0)
+        return fail("df_sem_new", rc);
+    if (!quiet)
+        fprintf(stderr,
+                "backlog: %zu sends of %" PRIu64 " iterations (~%llu us), "
+                "limit %llu, %llu threads, %zu failing on purpose\n",
+                n, sh.iters, have_iters ? 0ull : work_us, limit, threads,
+                expect_failed);
+
+    /* Queue every send.  The first K are submitted to the pool at once;
+     * the rest wait for a token in FIFO order. */
+    a.started = df_loop_now(a.loop);
+    for (size_t i = 0; i < n; i++) {
+        jobs[i] = (job){&sh, i};
+        rc = df_sem_run_in_pool(sem, pool, send_item, &jobs[i], &runs[i]);
+        if (rc != 0) {
+            abandon(a.loop, runs, i);
+            return fail("df_sem_run_in_pool", rc);
+        }
+    }
+    /* CONSUME_ERRORS: a failed send is recorded in the list's result and
+     * its own chain goes on with success, so nothing is left to be
+     * reported as unhandled when the runs are released. */
+    if ((rc = df_list_new(a.loop, runs, n, DF_LIST_CONSUME_ERRORS, &list)) !=
+        0) {
+        abandon(a.loop, runs, n);
+        return fail("df_list_new", rc);
+    }
+    /* The list holds its own reference to each run. */
+    for (size_t i = 0; i < n; i++)
+        df_deferred_unref(runs[i]);
+    free(runs);
+
+    if (!quiet && isatty(STDERR_FILENO)) {
+        rc = df_loop_call_later(a.loop, PROGRESS_NS, on_progress, &a, &a.timer);
+        if (rc != 0)
+            a.timer = NULL; /* run without progress lines */
+    }
+    rc = df_loop_run_until(a.loop, list);
+    uint64_t elapsed_ns = df_loop_now(a.loop) - a.started;
+    if (a.timer != NULL)
+        df_timer_cancel(a.timer);
+    if (a.shown) {
+        show_progress(&a);
+        fputc('\n', stderr);
+    }
+    if (rc != 0)
+        return fail("df_loop_run_until", rc);
+
+    int status = EXIT_SUCCESS;
+    void *value = NULL;
+    df_failure *f = NULL;
+    size_t ok = 0, failed = 0;
+    if ((rc = df_deferred_peek(list, &value, &f)) != 0)
+        return fail("df_deferred_peek", rc);
+    if (f != NULL) {
+        fprintf(stderr, "backlog: the list failed: %s\n",
+                df_failure_message(f));
+        df_deferred_add_errback(list, consume, NULL); /* reported here */
+        status = EXIT_FAILURE;
+    } else if (check_result(value, &sh, n, expect_failed, &ok, &failed) != 0) {
+        status = EXIT_FAILURE;
+    }
+    if (!quiet && failed > 0 && f == NULL) {
+        /* Show one failure, to show what the list recorded. */
+        const df_list_result *lr = value;
+        for (size_t i = 0; i < n; i++) {
+            if (!df_list_result_ok(lr, i)) {
+                fprintf(stderr, "backlog: e.g. item %zu: %s\n", i,
+                        df_failure_message(df_list_result_failure(lr, i)));
+                break;
+            }
+        }
+    }
+
+    unsigned peak = atomic_load(&sh.peak);
+    double secs = (double)elapsed_ns / 1e9;
+    printf("sent=%zu failed=%zu elapsed=%.2fs rate=%.0f items/s "
+           "peak_in_flight=%u limit=%llu threads=%llu\n",
+           ok, failed, secs, secs > 0 ? (double)n / secs : 0.0, peak, limit,
+           threads);
+    if (peak > limit) {
+        fprintf(stderr, "backlog: %u sends ran at once, above the limit %llu\n",
+                peak, limit);
+        status = EXIT_FAILURE;
+    }
+
+    /* Releasing the list frees its result (the receipts have no
+     * destructor).  The pool goes before the semaphore: every token is
+     * back once the list has fired. */
+    df_deferred_unref(list);
+    df_pool_free(pool);
+    if ((rc = df_sem_free(sem)) != 0) {
+        fail("df_sem_free", rc);
+        status = EXIT_FAILURE;
+    }
+    if (df_loop_unhandled_count(a.loop) != 0) {
+        fprintf(stderr, "backlog: %" PRIu64 " unhandled failures\n",
+                df_loop_unhandled_count(a.loop));
+        status = EXIT_FAILURE;
+    }
+    if ((rc = df_loop_free(a.loop)) != 0) {
+        fail("df_loop_free", rc);
+        status = EXIT_FAILURE;
+    }
+    free(jobs);
+    if (fflush(stdout) != 0) {
+        perror("backlog: stdout");
+        status = EXIT_FAILURE;
+    }
+    return status;
+}
