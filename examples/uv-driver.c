@@ -3,12 +3,15 @@
  * df_loop_run(), squaring 1..100 on a thread pool and printing the sum.
  *
  * The df_loop is made to be embedded: df_loop_fd() becomes readable when
- * completions are waiting, df_loop_timeout_ms() says when its next timer
- * is due, and df_loop_dispatch() runs what is ready without blocking.  So
- * libuv watches the fd with a uv_poll_t, a uv_timer_t covers the df_loop's
- * timers, and after every dispatch the uv timer is re-armed with the new
- * timeout.  Everything else (the semaphore, the pool, the gather) is used
- * exactly as under df_loop_run(). */
+ * completions are waiting, df_loop_timeout_ms() says how long the df_loop
+ * may be left alone (its next timer), and df_loop_dispatch() runs what is
+ * ready without blocking.  So libuv watches the fd with a uv_poll_t, a
+ * uv_timer_t stands for the timeout, and after every dispatch the uv timer
+ * is re-armed with the new timeout.  The timeout is honoured whatever it
+ * is: it is what df_loop_run() itself would pass to poll(2).  A program
+ * that also calls into the library from other uv callbacks re-arms the
+ * timer after those calls too.  Everything else (the semaphore, the pool,
+ * the gather) is used exactly as under df_loop_run(). */
 #include <deferred.h>
 
 #include <inttypes.h>
@@ -185,6 +188,8 @@ int main(void)
         if (rc != 0)
             return fail("df_sem_run_in_pool", rc);
     }
+    /* CONSUME_ERRORS: should jobs fail, the gather's failure reports the
+     * first one, and the jobs' own chains leave nothing unhandled. */
     if ((rc = df_gather(a.loop, runs, JOBS, DF_LIST_CONSUME_ERRORS, &all)) != 0)
         return fail("df_gather", rc);
     for (size_t i = 0; i < JOBS; i++)

@@ -244,12 +244,16 @@ DF_EXPORT int df_loop_run_until(df_loop *loop, df_deferred *d);
 DF_EXPORT int df_loop_stop(df_loop *loop);
 
 /* For driving the loop from another event loop: a file descriptor that
- * becomes readable when completions or cross-thread calls are waiting.
- * Timers do not make it readable: ask df_loop_timeout_ms() for the poll
- * timeout.  The fd belongs to the loop; do not close or read it. */
+ * becomes readable when cross-thread calls or most completions are
+ * waiting.  Timers do not make it readable, nor do the completions of
+ * df_sem_run_in_pool jobs whose worker went straight on to the next job
+ * (they are collected in batches): always poll with the timeout
+ * df_loop_timeout_ms() gives, which is at most 1 ms while such jobs are in
+ * flight.  The fd belongs to the loop; do not close or read it. */
 DF_EXPORT int df_loop_fd(const df_loop *loop);
-/* Milliseconds until the next timer is due (0 if due now), or -1 if none:
- * pass it to poll(2). */
+/* Milliseconds until the loop next needs a look: the next timer (0 if
+ * due now), at most 1 while df_sem_run_in_pool jobs are in flight, or -1
+ * if nothing: pass it to poll(2). */
 DF_EXPORT int df_loop_timeout_ms(const df_loop *loop);
 /* Dispatches, without blocking, what is ready: due timers, then at most
  * `budget` completions and cross-thread calls (0: all that are ready).
@@ -292,8 +296,11 @@ DF_EXPORT int df_timer_cancel(df_timer *t);
  * Every part of the library that needs a deferred later (a list member, a
  * chain waiting on an inner deferred, a pool job) holds its own reference.
  * When the last reference goes:
- *   - an unfired deferred is failed with DF_ECANCELLED first, so every
- *     callback chain runs exactly once (its canceller is not called);
+ *   - an unfired deferred, or one still waiting for an inner deferred, is
+ *     failed with DF_ECANCELLED first, so that what is left of its chain
+ *     runs, and every callback pair runs exactly once (its canceller is not
+ *     called; that failure is never reported as unhandled);
+ *   - a deferred paused by hand runs what is left of its chain;
  *   - a deferred whose chain ended on a failure reports it through the
  *     loop's unhandled hook, exactly once.
  */
@@ -368,8 +375,9 @@ DF_EXPORT bool df_deferred_paused(const df_deferred *d);
 DF_EXPORT int df_deferred_peek(const df_deferred *d, void **value,
                                df_failure **failure);
 /* Twisted addTimeout: cancels d if it has not fired within `timeout_ns`
- * on the loop's clock; the failure is then DF_ETIMEDOUT (DF_ECANCELLED when
- * cancelled by hand).  The timer goes away when d fires.  A pending timeout
+ * on the loop's clock; a DF_ECANCELLED failure that results becomes
+ * DF_ETIMEDOUT (it stays DF_ECANCELLED when cancelled by hand; a deferred
+ * whose cancel gives another outcome, a list say, keeps that outcome).  The timer goes away when d fires.  A pending timeout
  * is a timer: it keeps df_loop_run() running, makes df_loop_free() return
  * DF_EBUSY, and holds a reference to d until it fires or is removed.  One
  * timeout per deferred in its whole life (a second call: DF_EBUSY). */

@@ -24,8 +24,13 @@ void df__free(df_loop *loop, void *ptr);
 const df_allocator *df__allocator(df_loop *loop);
 
 /* ----------------------------------------------------------- thread check */
-/* True on the loop's own thread. */
-bool df__on_loop_thread(const df_loop *loop);
+/* True on the loop's own thread.  Inline, as it guards every entry point:
+ * the loop thread's id is the first member of struct df_loop (loop.c). */
+static inline bool df__on_loop_thread(const df_loop *loop)
+{
+    return pthread_equal(*(const pthread_t *)(const void *)loop,
+                         pthread_self()) != 0;
+}
 /* Prints one line naming the misused function; used by void entry points
  * that cannot return DF_EWRONG_THREAD. */
 void df__wrong_thread(const char *func);
@@ -125,5 +130,39 @@ size_t df__loop_run_matching(df_loop *loop,
 /* Counts the pools made from `loop`; df_loop_free() refuses while > 0.
  * Loop thread. */
 void df__loop_pools_add(df_loop *loop, int delta);
+
+/* ------------------------------------------------- semaphore gate (pool) */
+/* The fast path of df_sem_run_in_pool (see pool.c and sem.c): jobs waiting
+ * for a token of a semaphore in a line that pool threads can read. */
+typedef struct df__gate df__gate;
+
+/* sem.c, loop thread. */
+df__gate *df__sem_gate(const df_sem *s);
+void df__sem_set_gate(df_sem *s, df__gate *g);
+df_loop *df__sem_loop(const df_sem *s);
+bool df__sem_usable(const df_sem *s); /* not being freed */
+uint64_t df__sem_next_ticket(df_sem *s);
+/* Takes a free token (there is one only if nobody waits). */
+bool df__sem_try_take(df_sem *s);
+/* Gives a token back to the first waiter of either line, or frees it; may
+ * run user code (a loop-side waiter starts). */
+void df__sem_return(df_sem *s);
+
+/* pool.c, loop thread. */
+/* If the gate's first job has a ticket below `before`, hands it the token
+ * (submits it to its pool) and returns true.  Runs no user code. */
+bool df__gate_take(df__gate *g, uint64_t before);
+/* The ticket of the semaphore's first loop-side waiter (UINT64_MAX: none). */
+void df__gate_set_loop_ticket(df__gate *g, uint64_t ticket);
+size_t df__gate_waiting(const df__gate *g);
+/* The semaphore is going away (its gate is empty). */
+void df__gate_free(df__gate *g);
+
+/* loop.c: posts without waking the loop; the poster must be a pool job
+ * counted by df__loop_lazy_add, so that the loop, while such jobs are in
+ * flight, never sleeps longer than DF__LAZY_MS. */
+#define DF__LAZY_MS 1
+void df__loop_post_lazy(df_loop *loop, df__inbox_node *n);
+void df__loop_lazy_add(df_loop *loop, long delta);
 
 #endif /* DEFERRED_INTERNAL_H */

@@ -66,8 +66,8 @@ struct df_timer {
 #define TIMER_FREE_MAX 256
 
 struct df_loop {
+    pthread_t thread; /* the loop thread; first (df__on_loop_thread) */
     df_allocator alloc;
-    pthread_t thread; /* the loop thread */
     df_unhandled_fn unhandled;
     void *unhandled_arg;
     uint64_t unhandled_count;
@@ -89,6 +89,7 @@ struct df_loop {
     df__inbox_node *spent_calls; /* run; returned to call_free later */
     size_t jobs;                 /* pool jobs whose completion is due */
     size_t pools;                /* pools made from this loop */
+    size_t lazy;                 /* jobs that may post without waking */
     bool dispatching;            /* inside run/dispatch/run_matching */
     bool stop;                   /* df_loop_stop() was called */
 
@@ -166,10 +167,6 @@ void df__free(df_loop *loop, void *ptr)
 
 /* ------------------------------------------------- thread check, unhandled */
 
-bool df__on_loop_thread(const df_loop *loop)
-{
-    return pthread_equal(loop->thread, pthread_self()) != 0;
-}
 
 void df__wrong_thread(const char *func)
 {
@@ -220,14 +217,25 @@ static void wake(df_loop *loop)
     /* EAGAIN means the counter is near overflow: the fd is readable. */
 }
 
-void df__loop_post(df_loop *loop, df__inbox_node *n)
+void df__loop_post_lazy(df_loop *loop, df__inbox_node *n)
 {
     n->next = NULL;
     pthread_mutex_lock(&loop->inbox_lock);
     *loop->inbox_tail = n;
     loop->inbox_tail = &n->next;
     pthread_mutex_unlock(&loop->inbox_lock);
+}
+
+void df__loop_post(df_loop *loop, df__inbox_node *n)
+{
+    df__loop_post_lazy(loop, n);
     wake(loop);
+}
+
+void df__loop_lazy_add(df_loop *loop, long delta)
+{
+    assert(delta >= 0 || loop->lazy >= (size_t)-delta);
+    loop->lazy = (size_t)((long)loop->lazy + delta);
 }
 
 /* Moves everything posted so far to the end of loop->batch, and hands the
@@ -555,10 +563,8 @@ static size_t pending(const df_loop *loop)
            atomic_load_explicit(&loop->calls, memory_order_relaxed);
 }
 
-static int timeout_ms(const df_loop *loop)
+static int timer_timeout_ms(const df_loop *loop)
 {
-    if (loop->batch_head != NULL)
-        return 0;
     if (loop->heap_len == 0)
         return -1;
     uint64_t now = df_loop_now(loop);
@@ -568,6 +574,18 @@ static int timeout_ms(const df_loop *loop)
     /* Round up: waking before the deadline would only spin. */
     uint64_t ms = (deadline - now + 999999u) / 1000000u;
     return ms > INT_MAX ? INT_MAX : (int)ms;
+}
+
+static int timeout_ms(const df_loop *loop)
+{
+    if (loop->batch_head != NULL)
+        return 0;
+    int ms = timer_timeout_ms(loop);
+    /* Jobs that post their completions without a wake-up are in flight:
+     * look at the inbox at least every DF__LAZY_MS. */
+    if (loop->lazy > 0 && (ms < 0 || ms > DF__LAZY_MS))
+        ms = DF__LAZY_MS;
+    return ms;
 }
 
 /* Gives control back: producers' wake-ups are re-armed, and if anything is

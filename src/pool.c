@@ -31,7 +31,8 @@
 enum job_state {
     JOB_QUEUED,  /* on the work queue */
     JOB_RUNNING, /* taken by a worker; completion not yet dispatched */
-    JOB_TAKEN    /* removed from the queue by shutdown(CANCEL) */
+    JOB_TAKEN,   /* removed from the queue by shutdown(CANCEL) */
+    JOB_GATED    /* in a semaphore's gate, waiting for a token */
 };
 
 struct df_work {
@@ -47,9 +48,46 @@ typedef struct job {
     void *arg;
     df_deferred *d;   /* the job's own reference */
     df_result result; /* written by the worker before posting */
-    int state;        /* enum job_state, protected by pool->mu */
+    int state;        /* enum job_state, protected by pool->mu, or by
+                         gate->mu while JOB_GATED */
+    bool handed;      /* the worker passed the token to the next job */
+    df__gate *gate;   /* holds, or waits for, a token of gate->sem */
+    uint64_t ticket;  /* JOB_GATED: FIFO order in the semaphore */
     df_work w;
 } job;
+
+/*
+ * The semaphore gate: df_sem_run_in_pool's fast path
+ * ==================================================
+ * A semaphore used with a pool gets a gate: a FIFO of jobs waiting for one
+ * of its tokens, under the gate's own mutex so that pool threads can read
+ * it.  A job that has a token runs as usual; when its work returns, the
+ * worker looks at the gate and, if the first job there comes before every
+ * loop-side waiter of the semaphore (tickets), takes it and runs it at
+ * once: the token passes from job to job with no round trip through the
+ * loop thread, and the number of jobs holding tokens never changes.  The
+ * finished job's completion still goes to the loop, in order, and fires
+ * its deferred there; a completion whose token was not handed on gives the
+ * token back to the semaphore (which may pass it to the gate's first job,
+ * df__gate_take) before the deferred fires.  Completions of handed-on
+ * jobs are posted without a wake-up: the loop picks them up within
+ * DF__LAZY_MS, in batches, instead of waking once per job.
+ *
+ * A gate serves one pool at a time (the first it is used with); a
+ * semaphore used with another pool meanwhile takes the general path.
+ * gate->mu is a leaf lock: never held while taking pool->mu or the inbox
+ * lock.
+ */
+struct df__gate {
+    df_sem *sem;             /* immutable */
+    df_pool *pool;           /* loop thread; NULL once the pool is gone */
+    df__gate *pool_next;     /* the pool's gates (loop thread) */
+    pthread_mutex_t mu;      /* protects head, tail, loop_ticket, and the
+                                state of the jobs on the line */
+    job *head, *tail;        /* waiting jobs, FIFO (linked by next/prev) */
+    uint64_t loop_ticket;    /* first loop-side waiter; UINT64_MAX: none */
+    atomic_size_t waiting;   /* jobs on the line */
+};
 
 enum pool_state { POOL_OPEN, POOL_SHUTTING, POOL_DOWN };
 
@@ -73,6 +111,7 @@ struct df_pool {
     unsigned nthreads;
     job *free_jobs;
     size_t free_len;
+    df__gate *gates;   /* gates serving this pool */
     size_t inflight;   /* submitted, completion not dispatched */
     int state;         /* enum pool_state */
     bool free_pending; /* df_pool_free() waits for shutdown */
@@ -101,6 +140,9 @@ static job *job_get(df_pool *p)
     j->d = NULL;
     j->result = df_ok(NULL, NULL);
     j->state = JOB_QUEUED;
+    j->handed = false;
+    j->gate = NULL;
+    j->ticket = 0;
     atomic_store_explicit(&j->w.cancelled, false, memory_order_relaxed);
     j->w.loop = p->loop;
     return j;
@@ -123,6 +165,8 @@ static void job_put(df_pool *p, job *j)
 static df_deferred *job_retire(df_pool *p, job *j)
 {
     df_deferred *d = j->d;
+    if (j->gate != NULL)
+        df__loop_lazy_add(p->loop, -1);
     job_put(p, j);
     assert(p->inflight > 0);
     p->inflight--;
@@ -130,13 +174,22 @@ static df_deferred *job_retire(df_pool *p, job *j)
     return d;
 }
 
-/* Fails d with DF_ECANCELLED and drops the job's reference to it. */
-static void fail_cancelled(df_loop *loop, df_deferred *d)
+/* Fails d with `code` and drops the job's reference to it. */
+static void fail_job(df_loop *loop, df_deferred *d, int code)
 {
-    df_failure *f = df_failure_new(loop, DF_ECANCELLED, "pool job cancelled");
+    df_failure *f = df_failure_new(loop, code,
+                                   code == DF_ECANCELLED
+                                       ? "pool job cancelled"
+                                       : "pool shut down before the job "
+                                         "got a semaphore token");
     if (df_deferred_errback(d, f) != 0)
         df_failure_unref(f);
     df_deferred_unref(d);
+}
+
+static void fail_cancelled(df_loop *loop, df_deferred *d)
+{
+    fail_job(loop, d, DF_ECANCELLED);
 }
 
 static void queue_unlink(df_pool *p, job *j)
@@ -161,7 +214,13 @@ static void job_complete(df_loop *loop, df__inbox_node *n, int status)
     df_result r = j->result;
     bool cancelled =
         atomic_load_explicit(&j->w.cancelled, memory_order_relaxed);
+    df__gate *g = j->gate;
+    bool give_back = g != NULL && !j->handed;
     df_deferred *d = job_retire(j->pool, j);
+    /* The token comes back before the deferred fires, so that its
+     * callbacks see it released (as df_sem_run promises). */
+    if (give_back)
+        df__sem_return(g->sem);
     /* From here on the job and perhaps the pool may be gone. */
     if (r.wait != NULL) {
         df_result_clear(&r);
@@ -183,12 +242,192 @@ static bool job_of_pool(const df__inbox_node *n, void *arg)
            DF__CONTAINER_OF(n, const job, node)->pool == arg;
 }
 
+/* ------------------------------------------------------------------ gates */
+
+/* Appends j to the pool's work queue and wakes one idle worker.  Takes
+ * pool->mu. */
+static void pool_enqueue(df_pool *p, job *j)
+{
+    pthread_mutex_lock(&p->mu);
+    j->state = JOB_QUEUED;
+    j->next = NULL;
+    j->prev = p->tail;
+    if (p->tail != NULL)
+        p->tail->next = j;
+    else
+        p->head = j;
+    p->tail = j;
+    /* One job wakes at most one worker, and only if no worker already
+     * signalled is still on its way: a burst of N submits costs at most
+     * min(N, idle) wake-ups, never a broadcast.  (A spurious wake-up only
+     * makes `signaled` low, which costs an extra signal, never a lost
+     * job: a worker always looks at the queue before it waits.)  Signalled
+     * under the lock, which costs little and keeps race detectors quiet. */
+    if (p->idle > p->signaled) {
+        p->signaled++;
+        pthread_cond_signal(&p->cv);
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* Pops the gate's first job if its ticket is below `before`; the job then
+ * holds the token.  Any thread. */
+static job *gate_pop(df__gate *g, bool check_loop, uint64_t before)
+{
+    pthread_mutex_lock(&g->mu);
+    job *j = g->head;
+    if (j != NULL && j->ticket < (check_loop ? g->loop_ticket : before)) {
+        g->head = j->next;
+        if (g->head != NULL)
+            g->head->prev = NULL;
+        else
+            g->tail = NULL;
+        j->prev = j->next = NULL;
+        j->state = JOB_RUNNING;
+        atomic_fetch_sub_explicit(&g->waiting, 1, memory_order_relaxed);
+    } else {
+        j = NULL;
+    }
+    pthread_mutex_unlock(&g->mu);
+    return j;
+}
+
+/* Takes j off the gate's line if it is still there.  Loop thread. */
+static bool gate_unlink(df__gate *g, job *j)
+{
+    pthread_mutex_lock(&g->mu);
+    bool on_line = j->state == JOB_GATED;
+    if (on_line) {
+        if (j->prev != NULL)
+            j->prev->next = j->next;
+        else
+            g->head = j->next;
+        if (j->next != NULL)
+            j->next->prev = j->prev;
+        else
+            g->tail = j->prev;
+        j->prev = j->next = NULL;
+        j->state = JOB_TAKEN;
+        atomic_fetch_sub_explicit(&g->waiting, 1, memory_order_relaxed);
+    }
+    pthread_mutex_unlock(&g->mu);
+    return on_line;
+}
+
+bool df__gate_take(df__gate *g, uint64_t before)
+{
+    df_pool *p = g->pool;
+    if (p == NULL || p->state != POOL_OPEN)
+        return false; /* a pool shutting down starts nothing new */
+    job *j = gate_pop(g, false, before);
+    if (j == NULL)
+        return false;
+    pool_enqueue(p, j);
+    return true;
+}
+
+void df__gate_set_loop_ticket(df__gate *g, uint64_t ticket)
+{
+    pthread_mutex_lock(&g->mu);
+    g->loop_ticket = ticket;
+    pthread_mutex_unlock(&g->mu);
+}
+
+size_t df__gate_waiting(const df__gate *g)
+{
+    return atomic_load_explicit(&g->waiting, memory_order_relaxed);
+}
+
+static void gate_detach(df__gate *g)
+{
+    df_pool *p = g->pool;
+    if (p == NULL)
+        return;
+    for (df__gate **pp = &p->gates; *pp != NULL; pp = &(*pp)->pool_next) {
+        if (*pp == g) {
+            *pp = g->pool_next;
+            break;
+        }
+    }
+    g->pool = NULL;
+    g->pool_next = NULL;
+}
+
+void df__gate_free(df__gate *g)
+{
+    assert(g->head == NULL);
+    gate_detach(g);
+    pthread_mutex_destroy(&g->mu);
+    df__free(df__sem_loop(g->sem), g);
+}
+
+/* Fails every job still waiting in the pool's gates (they hold no token)
+ * with DF_ESHUTDOWN.  Loop thread. */
+static void gates_cancel(df_pool *p)
+{
+    for (df__gate *g = p->gates; g != NULL; g = g->pool_next) {
+        pthread_mutex_lock(&g->mu);
+        job *taken = g->head;
+        for (job *j = taken; j != NULL; j = j->next)
+            j->state = JOB_TAKEN;
+        g->head = g->tail = NULL;
+        atomic_store_explicit(&g->waiting, 0, memory_order_relaxed);
+        pthread_mutex_unlock(&g->mu);
+        while (taken != NULL) {
+            job *j = taken;
+            taken = j->next;
+            fail_job(p->loop, job_retire(p, j), DF_ESHUTDOWN);
+        }
+    }
+}
+
+/* The gate of s for pool p: made on first use; NULL when s's gate serves
+ * another pool (the caller then takes the general path) or on ENOMEM. */
+static df__gate *gate_for(df_sem *s, df_pool *p, int *rc)
+{
+    df__gate *g = df__sem_gate(s);
+    *rc = 0;
+    if (g != NULL) {
+        if (g->pool == NULL && df__gate_waiting(g) == 0) {
+            g->pool = p; /* its pool is gone: serve this one */
+            g->pool_next = p->gates;
+            p->gates = g;
+        }
+        return g->pool == p ? g : NULL;
+    }
+    g = df__calloc(p->loop, 1, sizeof *g);
+    if (g == NULL) {
+        *rc = DF_ENOMEM;
+        return NULL;
+    }
+    int err = pthread_mutex_init(&g->mu, NULL);
+    if (err != 0) {
+        df__free(p->loop, g);
+        *rc = -err;
+        return NULL;
+    }
+    g->sem = s;
+    g->pool = p;
+    g->loop_ticket = UINT64_MAX;
+    atomic_init(&g->waiting, 0);
+    g->pool_next = p->gates;
+    p->gates = g;
+    df__sem_set_gate(s, g);
+    return g;
+}
+
 /* df_deferred_cancel() on a job's deferred; loop thread. */
 static void job_cancel(df_deferred *d, void *arg)
 {
     DF__UNUSED(d);
     job *j = arg;
     df_pool *p = j->pool;
+    df__gate *g = j->gate;
+    if (g != NULL && gate_unlink(g, j)) {
+        /* Still waiting for a token: it leaves the line holding none. */
+        fail_cancelled(p->loop, job_retire(p, j));
+        return;
+    }
     pthread_mutex_lock(&p->mu);
     bool queued = j->state == JOB_QUEUED;
     if (queued)
@@ -196,8 +435,12 @@ static void job_cancel(df_deferred *d, void *arg)
     else /* seq_cst: a locked xchg on x86, which helgrind understands */
         atomic_store_explicit(&j->w.cancelled, true, memory_order_seq_cst);
     pthread_mutex_unlock(&p->mu);
-    if (queued)
-        fail_cancelled(p->loop, job_retire(p, j));
+    if (queued) {
+        df_deferred *dd = job_retire(p, j);
+        if (g != NULL) /* it held a token and never ran: give it back */
+            df__sem_return(g->sem);
+        fail_cancelled(p->loop, dd);
+    }
 }
 
 /* ---------------------------------------------------------------- workers */
@@ -221,9 +464,24 @@ static void *worker_main(void *arg)
         j->state = JOB_RUNNING;
         pthread_mutex_unlock(&p->mu);
 
-        j->result = j->work(&j->w, j->arg);
-        /* The node now belongs to the loop: do not touch it after this. */
-        df__loop_post(p->loop, &j->node);
+        while (j != NULL) {
+            j->result = j->work(&j->w, j->arg);
+            /* A job holding a semaphore token hands it straight to the
+             * next job waiting for one, if that one comes first. */
+            job *next = NULL;
+            if (j->gate != NULL) {
+                next = gate_pop(j->gate, true, 0);
+                j->handed = next != NULL;
+            }
+            /* The node now belongs to the loop: do not touch it after
+             * this.  While we go on with the next job the loop collects
+             * completions in batches (see the gate, above). */
+            if (next != NULL)
+                df__loop_post_lazy(p->loop, &j->node);
+            else
+                df__loop_post(p->loop, &j->node);
+            j = next;
+        }
 
         pthread_mutex_lock(&p->mu);
     }
@@ -259,6 +517,8 @@ static void stop_and_join(df_pool *p, unsigned n)
 static void pool_destroy(df_pool *p)
 {
     df_loop *loop = p->loop;
+    while (p->gates != NULL)
+        gate_detach(p->gates);
     while (p->free_jobs != NULL) {
         job *j = p->free_jobs;
         p->free_jobs = j->next;
@@ -347,13 +607,11 @@ unsigned df_pool_threads(const df_pool *p)
     return p != NULL ? p->nthreads : 0;
 }
 
-int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
+/* Makes a job and its deferred (*out gets the caller's reference) and
+ * counts it in flight; the caller queues it.  Loop thread. */
+static int job_make(df_pool *p, df_work_fn work, void *arg, df__gate *g,
+                    df_deferred **out, job **jp)
 {
-    if (p == NULL || work == NULL || out == NULL)
-        return DF_EINVAL;
-    DF__CHECK_THREAD(p->loop);
-    if (p->state != POOL_OPEN)
-        return DF_ESHUTDOWN;
     job *j = job_get(p);
     if (j == NULL)
         return DF_ENOMEM;
@@ -367,34 +625,40 @@ int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
     j->work = work;
     j->arg = arg;
     j->d = d;
+    j->gate = g;
     *out = df_deferred_ref(d);
     p->inflight++;
     df__loop_pending_add(p->loop, 1);
-
-    pthread_mutex_lock(&p->mu);
-    j->prev = p->tail;
-    if (p->tail != NULL)
-        p->tail->next = j;
-    else
-        p->head = j;
-    p->tail = j;
-    /* One job wakes at most one worker, and only if no worker already
-     * signalled is still on its way: a burst of N submits costs at most
-     * min(N, idle) wake-ups, never a broadcast.  (A spurious wake-up only
-     * makes `signaled` low, which costs an extra signal, never a lost
-     * job: a worker always looks at the queue before it waits.)  Signalled
-     * under the lock, which costs little and keeps race detectors quiet. */
-    if (p->idle > p->signaled) {
-        p->signaled++;
-        pthread_cond_signal(&p->cv);
-    }
-    pthread_mutex_unlock(&p->mu);
+    if (g != NULL)
+        df__loop_lazy_add(p->loop, 1);
+    *jp = j;
     return 0;
+}
+
+int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
+{
+    if (p == NULL || work == NULL || out == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(p->loop);
+    if (p->state != POOL_OPEN)
+        return DF_ESHUTDOWN;
+    job *j;
+    int rc = job_make(p, work, arg, NULL, out, &j);
+    if (rc == 0)
+        pool_enqueue(p, j);
+    return rc;
 }
 
 static void pool_shutdown(df_pool *p, int mode)
 {
     p->state = POOL_SHUTTING;
+
+    /* Jobs waiting in a semaphore's gate hold no token.  CANCEL fails them
+     * now; DRAIN lets the workers run those that running jobs hand their
+     * tokens to, and fails the rest (which wait behind loop-side waiters,
+     * which cannot run until this call returns) at the end. */
+    if (mode == DF_POOL_CANCEL)
+        gates_cancel(p);
 
     job *taken = NULL;
     pthread_mutex_lock(&p->mu);
@@ -413,12 +677,17 @@ static void pool_shutdown(df_pool *p, int mode)
     while (taken != NULL) {
         job *j = taken;
         taken = j->next;
-        fail_cancelled(p->loop, job_retire(p, j));
+        df__gate *g = j->gate;
+        df_deferred *d = job_retire(p, j);
+        if (g != NULL) /* it held a token and never ran */
+            df__sem_return(g->sem);
+        fail_cancelled(p->loop, d);
     }
 
     stop_and_join(p, p->nthreads);
     /* Every job has been posted by now; dispatch this pool's share. */
     df__loop_run_matching(p->loop, job_of_pool, p);
+    gates_cancel(p);
     assert(p->inflight == 0);
     p->state = POOL_DOWN;
 }
@@ -563,6 +832,33 @@ static void rip_cancel(df_deferred *d, void *arg)
     }
 }
 
+/* The fast path: one job, one deferred, no acquire (see the gate). */
+static int run_gated(df_sem *s, df_pool *p, df__gate *g, df_work_fn work,
+                     void *arg, df_deferred **out)
+{
+    job *j;
+    int rc = job_make(p, work, arg, g, out, &j);
+    if (rc != 0)
+        return rc;
+    if (df__sem_try_take(s)) {
+        pool_enqueue(p, j);
+        return 0;
+    }
+    j->ticket = df__sem_next_ticket(s);
+    pthread_mutex_lock(&g->mu);
+    j->state = JOB_GATED;
+    j->next = NULL;
+    j->prev = g->tail;
+    if (g->tail != NULL)
+        g->tail->next = j;
+    else
+        g->head = j;
+    g->tail = j;
+    atomic_fetch_add_explicit(&g->waiting, 1, memory_order_relaxed);
+    pthread_mutex_unlock(&g->mu);
+    return 0;
+}
+
 int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
                        df_deferred **out)
 {
@@ -570,14 +866,25 @@ int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
         return DF_EINVAL;
     df_loop *loop = p->loop;
     DF__CHECK_THREAD(loop);
+    if (df__sem_loop(s) != loop)
+        return DF_EINVAL;
     if (p->state != POOL_OPEN)
         return DF_ESHUTDOWN;
+    if (!df__sem_usable(s))
+        return DF_ESTATE;
+    int rc;
+    df__gate *g = gate_for(s, p, &rc);
+    if (g != NULL)
+        return run_gated(s, p, g, work, arg, out);
+    if (rc != 0)
+        return rc;
+    /* The semaphore's gate serves another pool: the general path. */
     run_in_pool *st = df__malloc(loop, sizeof *st);
     if (st == NULL)
         return DF_ENOMEM;
     *st = (run_in_pool){loop, s,    p,    work,        arg,
                         NULL, NULL, NULL, RIP_WAITING, false};
-    int rc = df_deferred_new_cancellable(loop, rip_cancel, st, &st->out);
+    rc = df_deferred_new_cancellable(loop, rip_cancel, st, &st->out);
     if (rc != 0)
         goto fail_st;
     df__deferred_set_cancel_waits(st->out);

@@ -32,6 +32,14 @@
  * even inside a dispatch: that deferred has no callbacks yet, so firing it
  * runs no user code.
  *
+ * The pool's fast path (df_sem_run_in_pool, pool.c) keeps a second line:
+ * jobs waiting for a token in the semaphore's gate, which pool threads read
+ * under the gate's own lock so that a worker that finishes a job can hand
+ * its token straight to the next job without a round trip through the loop.
+ * Both lines are one FIFO: every waiter gets a ticket from `next_ticket`,
+ * and a token goes to whichever head has the older ticket.  The gate is
+ * told the ticket of the first loop-side waiter whenever it changes.
+ *
  * Deferred deletion.  User code run by the dispatcher may free the
  * semaphore (typically in the callback of the last run).  df_sem_free()
  * then only marks it; the dispatcher frees it when it unwinds.  No code
@@ -79,6 +87,12 @@ static link *list_pop(link *head)
     return l;
 }
 
+/* The ticket of the first loop-side waiter, or UINT64_MAX. */
+#define FIRST_TICKET(s)                                                        \
+    (list_empty(&(s)->waiting)                                                 \
+         ? UINT64_MAX                                                          \
+         : DF__CONTAINER_OF((s)->waiting.next, sem_node, link)->ticket)
+
 struct df_sem {
     df_loop *loop;
     unsigned limit;
@@ -88,6 +102,8 @@ struct df_sem {
     link ready;            /* token handed over, not started yet, FIFO  */
     bool dispatching;      /* a sem_enter() frame is on the stack       */
     bool free_pending;     /* df_sem_free() called during a dispatch    */
+    uint64_t next_ticket;  /* FIFO order across `waiting` and the gate  */
+    df__gate *gate;        /* pool fast path, or NULL (pool.c)          */
 };
 
 struct df_lock {
@@ -108,6 +124,7 @@ typedef struct sem_node {
     link link;             /* on `waiting` or `ready` (WAITING, READY)  */
     df_sem *sem;
     df_deferred *d;        /* acquire: its deferred; run: *out.  Ref.   */
+    uint64_t ticket;       /* order against the gate's jobs             */
     unsigned char kind;
     unsigned char state;
 } sem_node;
@@ -138,6 +155,8 @@ static bool sem_enter(df_sem *s)
 static void sem_destroy(df_sem *s)
 {
     assert(list_empty(&s->waiting) && list_empty(&s->ready));
+    if (s->gate != NULL)
+        df__gate_free(s->gate);
     df__free(s->loop, s);
 }
 
@@ -165,11 +184,43 @@ static void sem_leave(df_sem *s, bool outer)
         sem_destroy(s);
 }
 
+/* Tells the gate, if any, which loop-side waiter comes first now. */
+static void gate_sync(df_sem *s)
+{
+    if (s->gate != NULL)
+        df__gate_set_loop_ticket(s->gate, FIRST_TICKET(s));
+}
+
+/* Puts a node at the end of the waiting line. */
+static void wait_append(df_sem *s, sem_node *n)
+{
+    bool first = list_empty(&s->waiting);
+    n->ticket = s->next_ticket++;
+    n->state = ST_WAITING;
+    list_append(&s->waiting, &n->link);
+    s->nwaiting++;
+    if (first)
+        gate_sync(s);
+}
+
+/* Takes a node out of the waiting line (cancel). */
+static void wait_remove(df_sem *s, sem_node *n)
+{
+    bool first = s->waiting.next == &n->link;
+    list_remove(&n->link);
+    s->nwaiting--;
+    if (first)
+        gate_sync(s);
+}
+
 /* Gives a held token back: straight to the first waiter if there is one
- * (it moves to `ready` and the dispatcher starts it), else to the pool of
- * free tokens.  Runs no user code. */
+ * (a gated pool job is submitted; a loop-side node moves to `ready` and the
+ * dispatcher starts it), else to the pool of free tokens.  Runs no user
+ * code. */
 static void sem_give_back(df_sem *s)
 {
+    if (s->gate != NULL && df__gate_take(s->gate, FIRST_TICKET(s)))
+        return;
     link *l = list_pop(&s->waiting);
     if (l == NULL) {
         assert(s->tokens < s->limit);
@@ -177,6 +228,7 @@ static void sem_give_back(df_sem *s)
         return;
     }
     s->nwaiting--;
+    gate_sync(s);
     NODE_OF(l)->state = ST_READY;
     list_append(&s->ready, l);
 }
@@ -269,8 +321,7 @@ static void sem_cancel(df_deferred *d, void *arg)
     switch (n->state) {
     case ST_WAITING:
         /* Still in line: leave the line.  No token changes hands. */
-        list_remove(&n->link);
-        s->nwaiting--;
+        wait_remove(s, n);
         if (n->kind == NODE_RUN) {
             df__free(s->loop, RUN_OF(n));
             /* *out waits for its producer on cancel (see df_sem_run), so
@@ -354,6 +405,8 @@ int df_sem_free(df_sem *s)
         return DF_EINVAL; /* freed twice while a dispatch unwinds */
     if (s->tokens != s->limit || s->nwaiting != 0 || !list_empty(&s->ready))
         return DF_EBUSY;
+    if (s->gate != NULL && df__gate_waiting(s->gate) != 0)
+        return DF_EBUSY;
     if (s->dispatching)
         s->free_pending = true; /* the dispatcher frees it on its way out */
     else
@@ -400,9 +453,7 @@ int df_sem_acquire(df_sem *s, df_deferred **out)
      * node waits, and the node must not point at a freed deferred. */
     n->d = df_deferred_ref(d);
     n->kind = NODE_ACQUIRE;
-    n->state = ST_WAITING;
-    list_append(&s->waiting, &n->link);
-    s->nwaiting++;
+    wait_append(s, n);
     *out = d;
     return 0;
 }
@@ -453,9 +504,7 @@ int df_sem_run(df_sem *s, df_run_fn fn, void *arg, df_deferred **out)
     *out = d;
 
     if (s->tokens == 0) {
-        run->node.state = ST_WAITING;
-        list_append(&s->waiting, &run->node.link);
-        s->nwaiting++;
+        wait_append(s, &run->node);
         return 0;
     }
     /* A free token: take it, and call fn now, unless a dispatch is under
@@ -480,7 +529,54 @@ unsigned df_sem_limit(const df_sem *s)
 
 size_t df_sem_waiting(const df_sem *s)
 {
-    return s != NULL ? s->nwaiting : 0;
+    if (s == NULL)
+        return 0;
+    return s->nwaiting + (s->gate != NULL ? df__gate_waiting(s->gate) : 0);
+}
+
+/* ------------------------------------------------- the pool's fast path */
+
+df__gate *df__sem_gate(const df_sem *s)
+{
+    return s->gate;
+}
+
+void df__sem_set_gate(df_sem *s, df__gate *g)
+{
+    assert(s->gate == NULL);
+    s->gate = g;
+    gate_sync(s);
+}
+
+df_loop *df__sem_loop(const df_sem *s)
+{
+    return s->loop;
+}
+
+bool df__sem_usable(const df_sem *s)
+{
+    return !s->free_pending;
+}
+
+uint64_t df__sem_next_ticket(df_sem *s)
+{
+    return s->next_ticket++;
+}
+
+bool df__sem_try_take(df_sem *s)
+{
+    /* A free token means nobody waits, in either line. */
+    if (s->tokens == 0)
+        return false;
+    s->tokens--;
+    return true;
+}
+
+void df__sem_return(df_sem *s)
+{
+    bool outer = sem_enter(s);
+    sem_give_back(s);
+    sem_leave(s, outer);
 }
 
 /* ------------------------------------------------------------------ lock */
