@@ -51,8 +51,10 @@ typedef struct df__cache {
 } df__cache;
 #define DF__CACHE_MAX 1024
 
-/* The loop's cache of deferred blocks (deferred.c). */
-df__cache *df__loop_deferred_cache(df_loop *loop);
+/* The loop's caches of blocks: deferreds, and deferreds with room for a
+ * pool job (deferred.c). */
+enum { DF__CACHE_DEFERRED, DF__CACHE_DEFERRED_JOB, DF__CACHES };
+df__cache *df__loop_cache(df_loop *loop, int which);
 
 static inline void *df__cache_get(df__cache *c)
 {
@@ -88,6 +90,12 @@ bool df__deferred_cancel_requested(const df_deferred *d);
 /* Marks that d has a timeout (df_deferred_set_timeout, loop.c); returns
  * false if it already had one. */
 bool df__deferred_mark_timeout(df_deferred *d);
+/* A cancellable deferred and a pool job in one block: *job points to
+ * DF__JOB_SIZE bytes that live as long as the deferred and are also the
+ * canceller's argument (pool.c checks the size). */
+#define DF__JOB_SIZE 160
+int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
+                         df_deferred **out, void **job);
 
 /* ---------------------------------------------------------------- failure */
 /* The shared static out-of-memory failure. */

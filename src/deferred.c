@@ -36,6 +36,7 @@ enum {
     F_CANCEL_WAITS = 1u << 3,  /* canceller fires it later (pool jobs)      */
     F_CANCEL_REQ = 1u << 4,    /* df_deferred_cancel was called             */
     F_TIMEOUT = 1u << 5,       /* a timeout was set (loop.c)                */
+    F_EXT = 1u << 6,           /* allocated with room for a pool job        */
 };
 
 typedef struct entry {
@@ -271,21 +272,57 @@ static void run_callbacks(df_deferred *self)
 
 /* -------------------------------------------------------------- lifecycle */
 
-static int deferred_alloc(df_loop *loop, df_deferred **out)
+/* Where a block made with room for a pool job starts that room. */
+#define EXT_OFFSET ((sizeof(df_deferred) + 15u) & ~(size_t)15u)
+
+static df__cache *cache_of(df_loop *loop, bool ext)
+{
+    return df__loop_cache(loop, ext ? DF__CACHE_DEFERRED_JOB
+                                    : DF__CACHE_DEFERRED);
+}
+
+/* Frees a deferred's block, or keeps it for the next deferred. */
+static void block_put(df_deferred *d)
+{
+    if (!df__cache_put(cache_of(d->loop, d->flags & F_EXT), d))
+        df__free(d->loop, d);
+}
+
+static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
 {
     if (loop == NULL || out == NULL)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
-    df_deferred *d = df__cache_get(df__loop_deferred_cache(loop));
-    if (d == NULL && (d = df__malloc(loop, sizeof *d)) == NULL)
+    size_t size = ext ? EXT_OFFSET + DF__JOB_SIZE : sizeof(df_deferred);
+    df_deferred *d = df__cache_get(cache_of(loop, ext));
+    if (d == NULL && (d = df__malloc(loop, size)) == NULL)
         return DF_ENOMEM;
     memset(d, 0, sizeof *d);
+    if (ext)
+        d->flags = F_EXT;
     d->loop = loop;
     d->refs = 1;
     d->entries = d->inline_entries;
     d->cap = INLINE_ENTRIES;
     *out = d;
     return 0;
+}
+
+static int deferred_alloc(df_loop *loop, df_deferred **out)
+{
+    return deferred_alloc_size(loop, false, out);
+}
+
+int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
+                         df_deferred **out, void **job)
+{
+    int rc = deferred_alloc_size(loop, true, out);
+    if (rc == 0) {
+        *job = (char *)*out + EXT_OFFSET;
+        (*out)->canceller = fn;
+        (*out)->canceller_arg = *job;
+    }
+    return rc;
 }
 
 int df_deferred_new(df_loop *loop, df_deferred **out)
@@ -308,8 +345,7 @@ int df_deferred_new_cancellable(df_loop *loop, df_canceller_fn fn, void *arg,
 static void deferred_discard(df_deferred *d)
 {
     assert(d->count == 0 && !(d->flags & F_CALLED));
-    if (!df__cache_put(df__loop_deferred_cache(d->loop), d))
-        df__free(d->loop, d);
+    block_put(d);
 }
 
 df_deferred *df_deferred_ref(df_deferred *d)
@@ -408,8 +444,7 @@ static void deferred_release(df_deferred *d)
         df_result_clear(&r);
         if (d->entries != d->inline_entries)
             df__free(d->loop, d->entries);
-        if (!df__cache_put(df__loop_deferred_cache(d->loop), d))
-            df__free(d->loop, d);
+        block_put(d);
 
         d = NULL;
         if (next != NULL && --next->refs == 0)

@@ -100,7 +100,7 @@ struct df_loop {
     df_timer *timer_free;
     size_t timer_free_len;
 
-    df__cache deferreds; /* spare deferred blocks (deferred.c) */
+    df__cache caches[DF__CACHES]; /* spare blocks (deferred.c) */
 };
 
 /* ------------------------------------------------------------ allocation */
@@ -126,9 +126,9 @@ static void default_free(void *ptr, void *ctx)
 static const df_allocator default_allocator = {default_malloc, default_realloc,
                                                default_free, NULL};
 
-df__cache *df__loop_deferred_cache(df_loop *loop)
+df__cache *df__loop_cache(df_loop *loop, int which)
 {
-    return &loop->deferreds;
+    return &loop->caches[which];
 }
 
 const df_allocator *df__allocator(df_loop *loop)
@@ -885,9 +885,11 @@ int df_loop_free(df_loop *loop)
     }
     free_call_list(loop, loop->spent_calls);
     free_call_list(loop, loop->call_free);
-    void *block;
-    while ((block = df__cache_get(&loop->deferreds)) != NULL)
-        df__free(loop, block);
+    for (int i = 0; i < DF__CACHES; i++) {
+        void *block;
+        while ((block = df__cache_get(&loop->caches[i])) != NULL)
+            df__free(loop, block);
+    }
     df__free(loop, loop->heap);
     close(loop->wake_fd);
     pthread_mutex_destroy(&loop->inbox_lock);

@@ -51,6 +51,7 @@ typedef struct job {
     int state;        /* enum job_state, protected by pool->mu, or by
                          gate->mu while JOB_GATED */
     bool handed;      /* the worker passed the token to the next job */
+    bool embedded;    /* lives in its deferred's block (gated jobs) */
     df__gate *gate;   /* holds, or waits for, a token of gate->sem */
     uint64_t ticket;  /* JOB_GATED: FIFO order in the semaphore */
     df_work w;
@@ -121,6 +122,23 @@ struct df_pool {
 
 static void job_complete(df_loop *loop, df__inbox_node *n, int status);
 
+static void job_init(df_pool *p, job *j)
+{
+    j->node.next = NULL;
+    j->node.run = job_complete;
+    j->prev = j->next = NULL;
+    j->pool = p;
+    j->d = NULL;
+    j->result = df_ok(NULL, NULL);
+    j->state = JOB_QUEUED;
+    j->handed = false;
+    j->embedded = false;
+    j->gate = NULL;
+    j->ticket = 0;
+    atomic_store_explicit(&j->w.cancelled, false, memory_order_relaxed);
+    j->w.loop = p->loop;
+}
+
 static job *job_get(df_pool *p)
 {
     job *j = p->free_jobs;
@@ -133,24 +151,17 @@ static job *job_get(df_pool *p)
             return NULL;
         atomic_init(&j->w.cancelled, false);
     }
-    j->node.next = NULL;
-    j->node.run = job_complete;
-    j->prev = j->next = NULL;
-    j->pool = p;
-    j->d = NULL;
-    j->result = df_ok(NULL, NULL);
-    j->state = JOB_QUEUED;
-    j->handed = false;
-    j->gate = NULL;
-    j->ticket = 0;
-    atomic_store_explicit(&j->w.cancelled, false, memory_order_relaxed);
-    j->w.loop = p->loop;
+    job_init(p, j);
     return j;
 }
+
+_Static_assert(sizeof(job) <= DF__JOB_SIZE, "raise DF__JOB_SIZE");
 
 /* Gives a finished job's node back and forgets it; loop thread. */
 static void job_put(df_pool *p, job *j)
 {
+    if (j->embedded)
+        return; /* goes with its deferred's block */
     if (p->free_len < JOB_FREE_MAX) {
         j->next = p->free_jobs;
         p->free_jobs = j;
@@ -612,14 +623,29 @@ unsigned df_pool_threads(const df_pool *p)
 static int job_make(df_pool *p, df_work_fn work, void *arg, df__gate *g,
                     df_deferred **out, job **jp)
 {
-    job *j = job_get(p);
-    if (j == NULL)
-        return DF_ENOMEM;
     df_deferred *d;
-    int rc = df_deferred_new_cancellable(p->loop, job_cancel, j, &d);
-    if (rc != 0) {
-        job_put(p, j);
-        return rc;
+    job *j;
+    int rc;
+    if (g != NULL) {
+        /* Gated jobs may wait long in large numbers (a whole backlog
+         * submitted at once): one block for the job and its deferred. */
+        void *mem;
+        rc = df__deferred_new_job(p->loop, job_cancel, &d, &mem);
+        if (rc != 0)
+            return rc;
+        j = mem;
+        atomic_init(&j->w.cancelled, false);
+        job_init(p, j);
+        j->embedded = true;
+    } else {
+        j = job_get(p);
+        if (j == NULL)
+            return DF_ENOMEM;
+        rc = df_deferred_new_cancellable(p->loop, job_cancel, j, &d);
+        if (rc != 0) {
+            job_put(p, j);
+            return rc;
+        }
     }
     df__deferred_set_cancel_waits(d);
     j->work = work;
