@@ -101,9 +101,19 @@ void bench_results_free(struct bench_results *r)
     memset(r, 0, sizeof *r);
 }
 
-bool bench_check(const struct bench_results *r, const struct bench_args *a,
-                 unsigned max_inflight)
+void bench_inflight_init(struct bench_inflight *f)
 {
+    atomic_init(&f->cur, 0);
+    atomic_init(&f->max, 0);
+    atomic_init(&f->on_loop, 0);
+    f->loop = pthread_self();
+}
+
+bool bench_check(const struct bench_results *r, const struct bench_args *a,
+                 const struct bench_inflight *f, unsigned flags)
+{
+    unsigned max_inflight = atomic_load(&f->max);
+    unsigned long on_loop = atomic_load(&f->on_loop);
     bool ok = true;
     uint64_t missing = 0, dup = 0, wrong = 0, first_wrong = UINT64_MAX;
     for (uint64_t i = 0; i < r->n; i++) {
@@ -137,6 +147,13 @@ bool bench_check(const struct bench_results *r, const struct bench_args *a,
         fprintf(stderr,
                 "bench: check: max in flight %u outside [1, limit=%u]\n",
                 max_inflight, a->limit);
+        ok = false;
+    }
+    if (on_loop != 0 && !(flags & BENCH_WORK_ON_LOOP)) {
+        fprintf(stderr,
+                "bench: check: the work of %lu items ran on the loop "
+                "thread\n",
+                on_loop);
         ok = false;
     }
     return ok;

@@ -3,6 +3,7 @@
 #ifndef BENCH_COMMON_H
 #define BENCH_COMMON_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -106,16 +107,28 @@ static inline void bench_record(struct bench_results *r, uint64_t i,
  * implementation: bench_inflight_enter() at its start, _leave() at its end.
  * The maximum observed must never exceed LIMIT.  Relaxed atomics are
  * enough: each counter is a single location, so its modification order is
- * total, and the maximum is only read after the workers are joined or their
- * completions received.
+ * total, and the counters are only read after the workers are joined or
+ * their completions received.
+ *
+ * It also counts the items whose work ran on the loop (main) thread: a
+ * pool that ran work inline there would look unbeatable on the no-work
+ * cases while measuring something else, so bench_check() refuses it for
+ * every implementation but the sequential one.
  */
 struct bench_inflight {
     atomic_uint cur;
     atomic_uint max;
+    atomic_ulong on_loop; /* items whose work ran on the loop thread */
+    pthread_t loop;       /* the thread that called bench_inflight_init */
 };
+
+/* Zeroes the counters; the calling thread becomes the loop thread. */
+void bench_inflight_init(struct bench_inflight *f);
 
 static inline void bench_inflight_enter(struct bench_inflight *f)
 {
+    if (pthread_equal(pthread_self(), f->loop))
+        atomic_fetch_add_explicit(&f->on_loop, 1, memory_order_relaxed);
     unsigned cur =
         atomic_fetch_add_explicit(&f->cur, 1, memory_order_relaxed) + 1;
     unsigned max = atomic_load_explicit(&f->max, memory_order_relaxed);
@@ -131,14 +144,20 @@ static inline void bench_inflight_leave(struct bench_inflight *f)
     atomic_fetch_sub_explicit(&f->cur, 1, memory_order_relaxed);
 }
 
+/* bench_check() flags. */
+enum {
+    BENCH_WORK_ON_LOOP = 1u << 0 /* the work may run on the loop thread */
+};
+
 /*
  * Checks the run: every item delivered exactly once with the value of a
- * sequential recomputation (bench_work(i, iters)), and max_inflight within
- * [1, limit].  Prints one diagnostic line per kind of problem to stderr.
- * Returns true when everything holds.
+ * sequential recomputation (bench_work(i, iters)); the maximum in flight
+ * within [1, limit]; no work on the loop thread unless the flags allow it.
+ * Prints one diagnostic line per kind of problem to stderr.  Returns true
+ * when everything holds.
  */
 bool bench_check(const struct bench_results *r, const struct bench_args *a,
-                 unsigned max_inflight);
+                 const struct bench_inflight *f, unsigned flags);
 
 /* Prints the one output line to stdout (see above) and returns the exit
  * status to use: 0 if ok, else 1 (or 3 when `failed`, meaning an API call

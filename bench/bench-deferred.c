@@ -173,6 +173,7 @@ int main(int argc, char **argv)
     memset(&b, 0, sizeof b);
     bench_parse_args(argc, argv, IMPL, &b.args);
     bench_results_init(&b.results, b.args.n);
+    bench_inflight_init(&b.inflight);
     the_bench = &b;
 
     df_loop *loop = NULL;
@@ -303,7 +304,7 @@ int main(int argc, char **argv)
         !api_ok(df_loop_free(loop), "df_loop_free"))
         failed = true;
 
-    bool ok = bench_check(&b.results, &b.args, atomic_load(&b.inflight.max));
+    bool ok = bench_check(&b.results, &b.args, &b.inflight, 0);
     int status = bench_report(IMPL, &b.args, t1 - t0, ok, failed);
     bench_results_free(&b.results);
     return status;

@@ -157,6 +157,7 @@ int main(int argc, char **argv)
     memset(&b, 0, sizeof b);
     bench_parse_args(argc, argv, IMPL, &b.args);
     bench_results_init(&b.results, b.args.n);
+    bench_inflight_init(&b.inflight);
 
     b.ctx = g_main_context_new();
     g_main_context_push_thread_default(b.ctx);
@@ -196,7 +197,7 @@ int main(int argc, char **argv)
     /* Waits for the workers to exit. */
     g_thread_pool_free(b.pool, FALSE, TRUE);
 
-    bool ok = bench_check(&b.results, &b.args, atomic_load(&b.inflight.max));
+    bool ok = bench_check(&b.results, &b.args, &b.inflight, 0);
     int status = bench_report(IMPL, &b.args, t1 - t0, ok, b.failed);
 
     g_free(slots);

@@ -12,10 +12,11 @@ int main(int argc, char **argv)
 {
     struct bench_args a;
     struct bench_results r;
-    struct bench_inflight inflight = {0, 0};
+    struct bench_inflight inflight;
 
     bench_parse_args(argc, argv, "seq", &a);
     bench_results_init(&r, a.n);
+    bench_inflight_init(&inflight);
 
     uint64_t t0 = bench_now_ns();
     for (uint64_t i = 0; i < a.n; i++) {
@@ -26,7 +27,7 @@ int main(int argc, char **argv)
     }
     uint64_t t1 = bench_now_ns();
 
-    bool ok = bench_check(&r, &a, atomic_load(&inflight.max));
+    bool ok = bench_check(&r, &a, &inflight, BENCH_WORK_ON_LOOP);
     int status = bench_report("seq", &a, t1 - t0, ok, false);
     bench_results_free(&r);
     return status;

@@ -82,6 +82,7 @@ int main(int argc, char **argv)
     memset(&b, 0, sizeof b);
     bench_parse_args(argc, argv, "uv", &b.args);
     bench_results_init(&b.results, b.args.n);
+    bench_inflight_init(&b.inflight);
 
     char nthreads[16];
     snprintf(nthreads, sizeof nthreads, "%u", b.args.threads);
@@ -119,7 +120,7 @@ int main(int argc, char **argv)
     uv_run(&loop, UV_RUN_DEFAULT);
     uint64_t t1 = bench_now_ns();
 
-    bool ok = bench_check(&b.results, &b.args, atomic_load(&b.inflight.max));
+    bool ok = bench_check(&b.results, &b.args, &b.inflight, 0);
     int status = bench_report("libuv", &b.args, t1 - t0, ok, b.failed != 0);
 
     uv_loop_close(&loop);

@@ -410,6 +410,10 @@ enum {
  * member's chain goes on with the same pointer but no destructor); failures
  * are shared by reference.  Cancelling the list's deferred cancels every
  * member captured here.  n == 0 fires at once with an empty result.
+ * Releasing the list deferred is not cancelling it: members are released,
+ * not cancelled.  Once the list has failed (FIRE_ON_ONE_ERRBACK, gather) or
+ * was released unfired, the values it took are destroyed, so the pointers
+ * left in members' chains no longer point to anything valid.
  */
 DF_EXPORT int df_list_new(df_loop *loop, df_deferred *const *members,
                           size_t n, unsigned flags, df_deferred **out);
@@ -459,6 +463,14 @@ DF_EXPORT int df_sem_run(df_sem *s, df_run_fn fn, void *arg,
 DF_EXPORT unsigned df_sem_tokens(const df_sem *s);  /* free now  */
 DF_EXPORT unsigned df_sem_limit(const df_sem *s);   /* given     */
 DF_EXPORT size_t df_sem_waiting(const df_sem *s);   /* in queue  */
+
+/* Inside a callback run by the semaphore itself, an acquire or run that
+ * gets a token starts once that callback returns (that is what keeps
+ * releases non-recursive).  A cancel that arrives after the token was
+ * handed over is too late: the acquire fires with success, a run's cancel
+ * goes to fn's deferred (as in Twisted, whose release fires at once).
+ * df_sem_free may be called from such a callback; the semaphore is freed
+ * once the dispatch unwinds. */
 
 /* Twisted DeferredLock: a semaphore of one token. */
 DF_EXPORT int df_lock_new(df_loop *loop, df_lock **out);
@@ -557,10 +569,10 @@ DF_EXPORT int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work,
  */
 typedef struct df_map df_map;
 
-/* Pulls the next input.  Return 1 and set *item (and *item_free, which may
- * stay NULL) for an item; 0 at the end; a negative code on failure (the map
- * then stops pulling and its final deferred fails with that code after the
- * items in flight finish).  Loop thread. */
+/* Pulls the next input.  Return a positive value and set *item (and
+ * *item_free, which may stay NULL) for an item; 0 at the end; a negative
+ * code on failure (the map then stops pulling and its final deferred fails
+ * with that code after the items in flight finish).  Loop thread. */
 typedef int (*df_map_next_fn)(void *arg, void **item, df_free_fn *item_free);
 /* Receives item `index` (0-based input position) and its result, which it
  * owns.  The item itself is still owned by the map and freed after this
@@ -572,13 +584,17 @@ typedef df_result (*df_map_call_fn)(void *item, void *arg);
 
 enum {
     DF_MAP_ORDERED = 1u << 0,       /* deliver in input order             */
-    DF_MAP_STOP_ON_ERROR = 1u << 1  /* first failure stops the map        */
+    DF_MAP_STOP_ON_ERROR = 1u << 1  /* first failure (in completion order)
+                                       stops the map */
 };
 
 typedef struct df_map_options {
     unsigned limit;           /* most items in flight, >= 1               */
     unsigned flags;           /* DF_MAP_*                                 */
-    size_t window;            /* ordered: most results held back; 0: limit */
+    size_t window;            /* ordered: most results held back; 0: limit.
+                                 Items are pulled only while pulled -
+                                 delivered <= window, so a window below
+                                 limit - 1 also lowers concurrency. */
     df_map_next_fn next;      /* required                                 */
     void *next_arg;
     df_pool *pool;            /* with work: run items on the pool         */
@@ -595,9 +611,12 @@ typedef struct df_map_stats {
     uint64_t failed;   /* of which failures                               */
     uint64_t cancelled;/* of which DF_ECANCELLED                          */
     uint64_t buffered; /* ordered mode: finished, waiting for their turn  */
-} df_map_stats;
+} df_map_stats;     /* counts include the item being delivered now      */
 
-/* Starts the map: pulls the first items at once.  *done fires with a
+/* Starts the map: pulls the first items at once.  Every pulled item
+ * reaches on_result exactly once (items in flight at a cancel or stop come
+ * back as DF_ECANCELLED); a submit the pool refuses fails that item and
+ * stops the map with that code.  *done fires with a
  * df_map_stats * value (owned by the chain, freed by its destructor) once
  * the input has ended (or stopped) and every item in flight has been
  * delivered; it fails with the first failure under DF_MAP_STOP_ON_ERROR,
@@ -607,10 +626,12 @@ DF_EXPORT int df_map_start(df_loop *loop, const df_map_options *opts,
                            df_map **map, df_deferred **done);
 /* Stops pulling, cancels queued items, lets running ones finish (their
  * results are delivered with DF_ECANCELLED).  Idempotent.  Cancelling the
- * done deferred does the same. */
+ * done deferred does the same; done fires only once the running items
+ * have returned (a timeout on done gives DF_ETIMEDOUT). */
 DF_EXPORT int df_map_cancel(df_map *m);
 DF_EXPORT int df_map_get_stats(const df_map *m, df_map_stats *out);
-/* DF_EBUSY while items are in flight (cancel and run the loop first). */
+/* DF_EBUSY until done has fired (cancel and run the loop first); may be
+ * called from done's own callbacks. */
 DF_EXPORT int df_map_free(df_map *m);
 
 #ifdef __cplusplus
