@@ -531,7 +531,10 @@ DF_EXPORT int df_pool_submit(df_pool *p, df_work_fn work, void *arg,
                              df_deferred **out);
 enum { DF_POOL_DRAIN = 0, DF_POOL_CANCEL = 1 };
 /* Stops accepting work; DRAIN runs every queued job, CANCEL fails each
- * queued job with DF_ECANCELLED first; both wait for running jobs, dispatch
+ * queued job with DF_ECANCELLED first (before any callback can let one
+ * start).  df_sem_run_in_pool jobs still waiting for a token fail with
+ * DF_ESHUTDOWN: under CANCEL at once; under DRAIN at the end, those that
+ * no finishing job handed a token to.  Both wait for running jobs, dispatch
  * this pool's completions (their callbacks run inside this call; other
  * completions stay queued, in order) and join every thread.  A callback may
  * free the pool: the free then happens at the end of the shutdown.

@@ -93,7 +93,7 @@ bool df__deferred_mark_timeout(df_deferred *d);
 /* A cancellable deferred and a pool job in one block: *job points to
  * DF__JOB_SIZE bytes that live as long as the deferred and are also the
  * canceller's argument (pool.c checks the size). */
-#define DF__JOB_SIZE 160
+#define DF__JOB_SIZE 136
 int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                          df_deferred **out, void **job);
 

