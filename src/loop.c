@@ -33,16 +33,18 @@
  * poller (settle()), so while the loop is busy, posts cost no system call
  * at all, and N posts between two sleeps cost one write(2).
  *
- * Each flip to true is followed by exactly one write of 1, and the loop
- * makes a few writes of its own (force_wake()).  `wake_owed` counts the
- * writes the loop knows of (flips it observed plus its own) minus the
- * counts it has read back; settle() reads the eventfd while that is
- * positive, which also copes with a producer preempted between its flip
- * and its write.  settle() then looks at the inbox again: an entry posted
- * before that look is seen; one posted after it comes with a write that
- * settle() has not consumed.  So when settle() finds the inbox empty, the
- * loop may block; when it does not, it must not, and a loop giving control
- * away makes the fd readable itself.
+ * settle() does three things in this order: clear the flag, drain the
+ * eventfd (a non-blocking read), look at the inbox.  A producer appends its
+ * entry before it flips the flag and writes, so any write the drain
+ * consumes belongs to an entry the look then sees; an entry appended after
+ * the look comes with a flip (the flag is clear) and a write the drain has
+ * not consumed, so poll(2) returns.  A producer preempted between its flip
+ * and its write only costs a spurious wake-up later.  So when settle()
+ * finds the inbox empty, the loop may block; when it does not, it must
+ * not, and a loop giving control away makes the fd readable itself
+ * (force_wake()).  (An earlier version counted the writes it expected so
+ * as to skip the read; that bookkeeping could consume a write it had not
+ * counted and then sleep with work queued.)
  */
 
 /* A cross-thread call, queued on the inbox.  Nodes are recycled through
@@ -83,7 +85,6 @@ struct df_loop {
     int wake_fd;               /* eventfd; written by any thread */
 
     /* Loop thread only from here on. */
-    long wake_owed;             /* writes known of minus counts read */
     df__inbox_node *batch_head; /* taken from the inbox, not yet run */
     df__inbox_node **batch_tail;
     df__inbox_node *spent_calls; /* run; returned to call_free later */
@@ -268,14 +269,12 @@ static void inbox_collect(df_loop *loop)
  * Loop thread. */
 static bool settle(df_loop *loop)
 {
-    if (atomic_exchange_explicit(&loop->wake_pending, false,
-                                 memory_order_seq_cst))
-        loop->wake_owed++;
-    if (loop->wake_owed > 0) {
-        uint64_t count;
-        if (read(loop->wake_fd, &count, sizeof count) == sizeof count)
-            loop->wake_owed -= (long)count;
-    }
+    atomic_store_explicit(&loop->wake_pending, false, memory_order_seq_cst);
+    uint64_t count;
+    ssize_t n;
+    do /* EAGAIN: nothing was written */
+        n = read(loop->wake_fd, &count, sizeof count);
+    while (n < 0 && errno == EINTR);
     if (loop->batch_head != NULL)
         return false;
     pthread_mutex_lock(&loop->inbox_lock);
@@ -287,12 +286,8 @@ static bool settle(df_loop *loop)
 /* Makes the fd readable whatever the flag says.  Loop thread. */
 static void force_wake(df_loop *loop)
 {
-    /* If we flip the flag, the next settle() counts our write with the
-     * flip; if someone else did, their write is counted so and ours is
-     * one more. */
-    if (atomic_exchange_explicit(&loop->wake_pending, true,
-                                 memory_order_seq_cst))
-        loop->wake_owed++;
+    /* Producers need not write while the fd is readable anyway. */
+    atomic_store_explicit(&loop->wake_pending, true, memory_order_seq_cst);
     uint64_t one = 1;
     ssize_t n;
     do
