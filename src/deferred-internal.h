@@ -86,7 +86,6 @@ void df__report_unhandled(df_loop *loop, df_failure *f);
  * canceller but does not fail the deferred itself; the producer fires it
  * (with DF_ECANCELLED) when the work has really stopped. */
 void df__deferred_set_cancel_waits(df_deferred *d);
-bool df__deferred_cancel_requested(const df_deferred *d);
 /* Marks that d has a timeout (df_deferred_set_timeout, loop.c); returns
  * false if it already had one. */
 bool df__deferred_mark_timeout(df_deferred *d);

@@ -34,7 +34,6 @@ enum {
     F_IN_RUN = 1u << 1,        /* on a run_callbacks stack                  */
     F_SUPPRESS = 1u << 2,      /* cancelled: swallow the producer's fire    */
     F_CANCEL_WAITS = 1u << 3,  /* canceller fires it later (pool jobs)      */
-    F_CANCEL_REQ = 1u << 4,    /* df_deferred_cancel was called             */
     F_TIMEOUT = 1u << 5,       /* a timeout was set (loop.c)                */
     F_EXT = 1u << 6,           /* allocated with room for a pool job        */
 };
@@ -636,7 +635,6 @@ int df_deferred_cancel(df_deferred *d)
         return 0;
 
     d->refs++;
-    d->flags |= F_CANCEL_REQ;
     if (d->canceller != NULL)
         d->canceller(d, d->canceller_arg);
     if (!(d->flags & F_CALLED) && !(d->flags & F_CANCEL_WAITS)) {
@@ -654,11 +652,6 @@ int df_deferred_cancel(df_deferred *d)
 void df__deferred_set_cancel_waits(df_deferred *d)
 {
     d->flags |= F_CANCEL_WAITS;
-}
-
-bool df__deferred_cancel_requested(const df_deferred *d)
-{
-    return (d->flags & F_CANCEL_REQ) != 0;
 }
 
 bool df__deferred_mark_timeout(df_deferred *d)
