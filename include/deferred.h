@@ -464,9 +464,11 @@ DF_EXPORT unsigned df_sem_tokens(const df_sem *s);  /* free now  */
 DF_EXPORT unsigned df_sem_limit(const df_sem *s);   /* given     */
 DF_EXPORT size_t df_sem_waiting(const df_sem *s);   /* in queue  */
 
-/* Inside a callback run by the semaphore itself, an acquire or run that
- * gets a token starts once that callback returns (that is what keeps
- * releases non-recursive).  A cancel that arrives after the token was
+/* Inside a callback run by the semaphore itself, a run that gets a token
+ * calls its function once that callback returns (that is what keeps
+ * releases non-recursive); an acquire that finds a free token fires at
+ * once (its deferred has no callbacks yet), so it may get ahead of such a
+ * run.  A cancel that arrives after the token was
  * handed over is too late: the acquire fires with success, a run's cancel
  * goes to fn's deferred (as in Twisted, whose release fires at once).
  * df_sem_free may be called from such a callback; the semaphore is freed
