@@ -11,45 +11,15 @@
 
 #include "deferred.h"
 #include "deferred-internal.h"
+#include "testutil.h"
 
 /* ------------------------------------------------------------ helpers */
 
-/* A thread-safe allocator that counts live blocks and fails on demand. */
-typedef struct counting_alloc {
-    atomic_long live;    /* blocks handed out and not yet freed */
-    atomic_long calls;   /* malloc and realloc(NULL, n) calls */
-    atomic_int fail;     /* non-zero: every allocation returns NULL */
-} counting_alloc;
-
-static void *ca_malloc(size_t size, void *ctx)
-{
-    counting_alloc *ca = ctx;
-    atomic_fetch_add(&ca->calls, 1);
-    if (atomic_load(&ca->fail))
-        return NULL;
-    void *p = malloc(size);
-    if (p != NULL)
-        atomic_fetch_add(&ca->live, 1);
-    return p;
-}
-
-static void *ca_realloc(void *ptr, size_t size, void *ctx)
-{
-    counting_alloc *ca = ctx;
-    if (ptr == NULL)
-        return ca_malloc(size, ctx);
-    if (atomic_load(&ca->fail))
-        return NULL;
-    return realloc(ptr, size);
-}
-
-static void ca_free(void *ptr, void *ctx)
-{
-    counting_alloc *ca = ctx;
-    if (ptr != NULL)
-        atomic_fetch_sub(&ca->live, 1);
-    free(ptr);
-}
+/* The counting allocator of testutil.h. */
+typedef tu_counting_alloc counting_alloc;
+#define ca_malloc tu_ca_malloc
+#define ca_realloc tu_ca_realloc
+#define ca_free tu_ca_free
 
 static counting_alloc g_ca;
 static df_allocator g_allocator = {ca_malloc, ca_realloc, ca_free, &g_ca};

@@ -4,6 +4,7 @@
 #define DF_TESTUTIL_H
 
 #include <check.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
 #include <deferred.h>
@@ -25,6 +26,45 @@
                       #expr, tu_rc_, df_err_name(tu_rc_), tu_want_,            \
                       df_err_name(tu_want_));                                  \
     } while (0)
+
+/* A thread-safe allocator for df_loop_options.allocator that counts live
+ * blocks and allocation calls, and fails every allocation while `fail` is
+ * non-zero.  Pass a tu_counting_alloc as the allocator's ctx. */
+typedef struct tu_counting_alloc {
+    atomic_long live;  /* blocks handed out and not yet freed */
+    atomic_long calls; /* malloc and realloc(NULL, n) calls */
+    atomic_int fail;   /* non-zero: every allocation returns NULL */
+} tu_counting_alloc;
+
+static inline void *tu_ca_malloc(size_t size, void *ctx)
+{
+    tu_counting_alloc *ca = ctx;
+    atomic_fetch_add(&ca->calls, 1);
+    if (atomic_load(&ca->fail))
+        return NULL;
+    void *p = malloc(size);
+    if (p != NULL)
+        atomic_fetch_add(&ca->live, 1);
+    return p;
+}
+
+static inline void *tu_ca_realloc(void *ptr, size_t size, void *ctx)
+{
+    tu_counting_alloc *ca = ctx;
+    if (ptr == NULL)
+        return tu_ca_malloc(size, ctx);
+    if (atomic_load(&ca->fail))
+        return NULL;
+    return realloc(ptr, size);
+}
+
+static inline void tu_ca_free(void *ptr, void *ctx)
+{
+    tu_counting_alloc *ca = ctx;
+    if (ptr != NULL)
+        atomic_fetch_sub(&ca->live, 1);
+    free(ptr);
+}
 
 /* A new loop with default options, owned by the calling thread. */
 static inline df_loop *tu_loop(void)
