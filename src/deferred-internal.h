@@ -169,6 +169,9 @@ void df__gate_free(df__gate *g);
  * counted by df__loop_lazy_add, so that the loop, while such jobs are in
  * flight, never sleeps longer than DF__LAZY_MS. */
 #define DF__LAZY_MS 1
+/* While pool jobs are in flight the loop never sleeps longer than this
+ * (loop.c, timeout_ms: a safety net against a lost wake-up). */
+#define DF__SAFETY_MS 100
 void df__loop_post_lazy(df_loop *loop, df__inbox_node *n);
 void df__loop_lazy_add(df_loop *loop, long delta);
 
