@@ -254,8 +254,8 @@ DF_EXPORT int df_loop_stop(df_loop *loop);
  * flight.  The fd belongs to the loop; do not close or read it. */
 DF_EXPORT int df_loop_fd(const df_loop *loop);
 /* Milliseconds until the loop next needs a look: the next timer (0 if
- * due now), at most 1 while df_sem_run_in_pool jobs are in flight, at most
- * 100 while any pool job is, or -1 if nothing: pass it to poll(2). */
+ * due now), at most 1 while df_sem_run_in_pool jobs are in flight, or -1
+ * if nothing: pass it to poll(2). */
 DF_EXPORT int df_loop_timeout_ms(const df_loop *loop);
 /* Dispatches, without blocking, what is ready: due timers, then at most
  * `budget` completions and cross-thread calls (0: all that are ready).

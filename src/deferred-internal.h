@@ -87,8 +87,10 @@ void df__report_unhandled(df_loop *loop, df_failure *f);
  * (with DF_ECANCELLED) when the work has really stopped. */
 void df__deferred_set_cancel_waits(df_deferred *d);
 /* Marks that d has a timeout (df_deferred_set_timeout, loop.c); returns
- * false if it already had one. */
+ * false if it already had one.  unmark undoes a mark whose timeout could
+ * not be set up after all. */
 bool df__deferred_mark_timeout(df_deferred *d);
+void df__deferred_unmark_timeout(df_deferred *d);
 /* A cancellable deferred and a pool job in one block: *job points to
  * DF__JOB_SIZE bytes that live as long as the deferred and are also the
  * canceller's argument (pool.c checks the size). */
@@ -169,10 +171,11 @@ void df__gate_free(df__gate *g);
  * counted by df__loop_lazy_add, so that the loop, while such jobs are in
  * flight, never sleeps longer than DF__LAZY_MS. */
 #define DF__LAZY_MS 1
-/* While pool jobs are in flight the loop never sleeps longer than this
- * (loop.c, timeout_ms: a safety net against a lost wake-up). */
-#define DF__SAFETY_MS 100
 void df__loop_post_lazy(df_loop *loop, df__inbox_node *n);
 void df__loop_lazy_add(df_loop *loop, long delta);
+/* The second half of df__loop_post: makes the wake fd readable unless a
+ * write is owed already.  Any thread.  (Exposed so that tests can split a
+ * post in two and widen the window between append and wake-up.) */
+void df__loop_wake(df_loop *loop);
 
 #endif /* DEFERRED_INTERNAL_H */

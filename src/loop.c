@@ -33,18 +33,24 @@
  * poller (settle()), so while the loop is busy, posts cost no system call
  * at all, and N posts between two sleeps cost one write(2).
  *
- * settle() does three things in this order: clear the flag, drain the
- * eventfd (a non-blocking read), look at the inbox.  A producer appends its
- * entry before it flips the flag and writes, so any write the drain
- * consumes belongs to an entry the look then sees; an entry appended after
- * the look comes with a flip (the flag is clear) and a write the drain has
- * not consumed, so poll(2) returns.  A producer preempted between its flip
- * and its write only costs a spurious wake-up later.  So when settle()
- * finds the inbox empty, the loop may block; when it does not, it must
- * not, and a loop giving control away makes the fd readable itself
- * (force_wake()).  (An earlier version counted the writes it expected so
- * as to skip the read; that bookkeeping could consume a write it had not
- * counted and then sleep with work queued.)
+ * settle() does three things in this order: drain the eventfd (a
+ * non-blocking read), clear the flag, look at the inbox.  An entry appended
+ * before the look is seen by it.  An entry appended after the look comes
+ * with an exchange of the flag that follows our clear; either it finds the
+ * flag clear and writes, or another producer set the flag after our clear
+ * and writes.  Both writes come after the drain, so poll(2) returns.  A
+ * producer that set the flag before our clear and writes late only costs
+ * a spurious wake-up.  So when settle() finds the inbox empty, the loop
+ * may block; when it does not, it must not, and a loop giving control away
+ * makes the fd readable itself (force_wake()).
+ *
+ * The order matters.  Clearing the flag before the drain (as an earlier
+ * version did) loses wake-ups: a producer appends entry A and is slow to
+ * wake; the loop takes and runs A anyway, clears the flag; the producer
+ * now sets the flag and writes; the drain consumes that write and the look
+ * finds nothing; the flag stays set with no write owed, so every later
+ * producer skips its write and the loop sleeps with entries queued
+ * (tests/check_loop, test_loop_wake_after_late_producer).
  */
 
 /* A cross-thread call, queued on the inbox.  Nodes are recycled through
@@ -218,6 +224,11 @@ static void wake(df_loop *loop)
     /* EAGAIN means the counter is near overflow: the fd is readable. */
 }
 
+void df__loop_wake(df_loop *loop)
+{
+    wake(loop);
+}
+
 void df__loop_post_lazy(df_loop *loop, df__inbox_node *n)
 {
     n->next = NULL;
@@ -269,12 +280,12 @@ static void inbox_collect(df_loop *loop)
  * Loop thread. */
 static bool settle(df_loop *loop)
 {
-    atomic_store_explicit(&loop->wake_pending, false, memory_order_seq_cst);
     uint64_t count;
     ssize_t n;
     do /* EAGAIN: nothing was written */
         n = read(loop->wake_fd, &count, sizeof count);
     while (n < 0 && errno == EINTR);
+    atomic_store_explicit(&loop->wake_pending, false, memory_order_seq_cst);
     if (loop->batch_head != NULL)
         return false;
     pthread_mutex_lock(&loop->inbox_lock);
@@ -580,13 +591,6 @@ static int timeout_ms(const df_loop *loop)
      * look at the inbox at least every DF__LAZY_MS. */
     if (loop->lazy > 0 && (ms < 0 || ms > DF__LAZY_MS))
         ms = DF__LAZY_MS;
-    /* A safety net, not part of the protocol: while pool jobs are in
-     * flight, never sleep longer than DF__SAFETY_MS.  A hang with
-     * completions queued, the wake flag set and the loop asleep was seen
-     * twice under load (tests/check_map, the map benchmark) and its cause
-     * is not found yet; this bounds what such a lost wake-up costs. */
-    if (loop->jobs > 0 && (ms < 0 || ms > DF__SAFETY_MS))
-        ms = DF__SAFETY_MS;
     return ms;
 }
 
