@@ -50,6 +50,18 @@ extern "C" {
  * owns a value owns the duty to run its destructor; the library runs each
  * destructor it was given exactly once.  "Steals" below means the callee
  * takes ownership on success; on failure the caller still owns it.
+ *
+ * fork(2): only the thread that calls fork() exists in the child, so a
+ * child cannot use what it inherited.  Every loop, and everything made
+ * from one, that exists when the process forks is unusable in the child:
+ * calls on it return DF_EFORKED and change nothing, void calls on it
+ * (df_deferred_unref, df_pool_free, df_queue_free...) do nothing, and its
+ * memory and eventfd are never reclaimed in the child (the fd is
+ * close-on-exec).  Nothing hangs: no call waits for the parent's threads.
+ * Nothing is lost: work submitted before the fork runs and completes in
+ * the parent, which fork does not disturb; the child's copies of its
+ * deferreds never fire.  The child may make new loops and pools, which
+ * work normally (the library notices forks with pthread_atfork).
  */
 
 /* ---------------------------------------------------------------- errors */
@@ -72,7 +84,8 @@ extern "C" {
     X(EWRONG_THREAD, -4106, "called from a thread that does not own it")       \
     X(ENOT_CALLED, -4107, "deferred has not fired yet")                        \
     X(ESTATE, -4108, "operation not valid in the object's current state")      \
-    X(EFAILED, -4109, "operation failed")
+    X(EFAILED, -4109, "operation failed")                                      \
+    X(EFORKED, -4110, "object was inherited across fork(); unusable here")
 
 enum {
 #define DF__ERR_ENUM(name, value, text) DF_##name = (value),

@@ -35,11 +35,46 @@ static inline bool df__on_loop_thread(const df_loop *loop)
  * that cannot return DF_EWRONG_THREAD. */
 void df__wrong_thread(const char *func);
 
+/* fork(2) (the policy is in deferred.h, "fork").  The process's fork
+ * generation: 0 at start, bumped in the child of every fork by a handler
+ * that df_loop_new registers once with pthread_atfork.  It is the library's
+ * only process-wide state.  A loop records the generation it was made in,
+ * right after its thread id; a loop from an older generation was inherited
+ * from the parent, and everything made from it is unusable in the child. */
+extern atomic_uint df__fork_gen;
+typedef struct df__loop_id { /* the first members of struct df_loop */
+    pthread_t thread;
+    unsigned fork_gen;
+} df__loop_id;
+
+static inline bool df__loop_forked(const df_loop *loop)
+{
+    return ((const df__loop_id *)(const void *)loop)->fork_gen !=
+           atomic_load_explicit(&df__fork_gen, memory_order_relaxed);
+}
+
+/* Guards the entry points that return an int code. */
 #define DF__CHECK_THREAD(loop)                                                \
     do {                                                                       \
+        if (df__loop_forked(loop))                                             \
+            return DF_EFORKED;                                                 \
         if (!df__on_loop_thread(loop))                                         \
             return DF_EWRONG_THREAD;                                           \
     } while (0)
+
+/* Guards void entry points: false (and one line on stderr) on a wrong
+ * thread; false, silently, for an object inherited across fork(2), whose
+ * release in the child is documented to do nothing. */
+static inline bool df__loop_usable(const df_loop *loop, const char *func)
+{
+    if (df__loop_forked(loop))
+        return false;
+    if (!df__on_loop_thread(loop)) {
+        df__wrong_thread(func);
+        return false;
+    }
+    return true;
+}
 
 /* ----------------------------------------------------------- block cache */
 /* A per-loop free list of blocks of one size, so that steady traffic

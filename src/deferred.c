@@ -351,10 +351,8 @@ df_deferred *df_deferred_ref(df_deferred *d)
 {
     if (d == NULL)
         return NULL;
-    if (!df__on_loop_thread(d->loop)) {
-        df__wrong_thread(__func__);
+    if (!df__loop_usable(d->loop, __func__))
         return d;
-    }
     d->refs++;
     return d;
 }
@@ -363,10 +361,8 @@ void df_deferred_unref(df_deferred *d)
 {
     if (d == NULL)
         return;
-    if (!df__on_loop_thread(d->loop)) {
-        df__wrong_thread(__func__);
+    if (!df__loop_usable(d->loop, __func__))
         return;
-    }
     assert(d->refs > 0);
     if (--d->refs == 0)
         deferred_release(d);

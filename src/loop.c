@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* The loop: library instance, allocator, completion inbox, timers, dispatch. */
 #include <limits.h>
+#include <stddef.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -74,7 +75,9 @@ struct df_timer {
 #define TIMER_FREE_MAX 256
 
 struct df_loop {
-    pthread_t thread; /* the loop thread; first (df__on_loop_thread) */
+    /* These two come first, in df__loop_id's order (inline checks). */
+    pthread_t thread;  /* the loop thread */
+    unsigned fork_gen; /* df__fork_gen when the loop was made */
     df_allocator alloc;
     df_unhandled_fn unhandled;
     void *unhandled_arg;
@@ -174,6 +177,27 @@ void df__free(df_loop *loop, void *ptr)
 
 /* ------------------------------------------------- thread check, unhandled */
 
+
+_Static_assert(offsetof(struct df_loop, fork_gen) ==
+                   offsetof(df__loop_id, fork_gen),
+               "struct df_loop must start like df__loop_id");
+
+atomic_uint df__fork_gen;
+
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static int fork_hook_rc; /* pthread_atfork's result; written once */
+
+/* Runs in the child of fork(2), which has one thread: every loop made so
+ * far now belongs to an older generation. */
+static void fork_child(void)
+{
+    atomic_fetch_add_explicit(&df__fork_gen, 1, memory_order_relaxed);
+}
+
+static void fork_register(void)
+{
+    fork_hook_rc = pthread_atfork(NULL, NULL, fork_child);
+}
 
 void df__wrong_thread(const char *func)
 {
@@ -372,6 +396,8 @@ int df_loop_call_from_thread(df_loop *loop, df_call_fn fn, void *arg)
 {
     if (loop == NULL || fn == NULL)
         return DF_EINVAL;
+    if (df__loop_forked(loop))
+        return DF_EFORKED; /* its lock may be held by a thread now gone */
     pthread_mutex_lock(&loop->inbox_lock);
     df__inbox_node *n = loop->call_free;
     if (n != NULL)
@@ -715,10 +741,8 @@ size_t df_loop_pending(const df_loop *loop)
 {
     if (loop == NULL)
         return 0;
-    if (!df__on_loop_thread(loop)) {
-        df__wrong_thread(__func__);
+    if (!df__loop_usable(loop, __func__))
         return 0;
-    }
     return pending(loop);
 }
 
@@ -813,6 +837,9 @@ int df_loop_new(const df_loop_options *opts, df_loop **out)
 {
     if (out == NULL)
         return DF_EINVAL;
+    pthread_once(&fork_once, fork_register);
+    if (fork_hook_rc != 0)
+        return -fork_hook_rc;
     const df_allocator *a = &default_allocator;
     if (opts != NULL && opts->allocator != NULL) {
         a = opts->allocator;
@@ -837,6 +864,7 @@ int df_loop_new(const df_loop_options *opts, df_loop **out)
     }
     loop->alloc = *a;
     loop->thread = pthread_self();
+    loop->fork_gen = atomic_load_explicit(&df__fork_gen, memory_order_relaxed);
     loop->unhandled = default_unhandled;
     if (opts != NULL && opts->unhandled != NULL) {
         loop->unhandled = opts->unhandled;

@@ -795,10 +795,8 @@ void df_pool_free(df_pool *p)
 {
     if (p == NULL)
         return;
-    if (!df__on_loop_thread(p->loop)) {
-        df__wrong_thread(__func__);
+    if (!df__loop_usable(p->loop, __func__))
         return;
-    }
     p->free_pending = true;
     if (p->state == POOL_SHUTTING)
         return; /* the shutdown in progress frees it when done */

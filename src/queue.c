@@ -280,10 +280,8 @@ void df_queue_free(df_queue *q)
 {
     if (q == NULL)
         return;
-    if (!df__on_loop_thread(q->loop)) {
-        df__wrong_thread(__func__);
+    if (!df__loop_usable(q->loop, __func__))
         return;
-    }
     if (q->closing)
         return; /* already being freed by a dispatch that is unwinding */
     q->closing = true;

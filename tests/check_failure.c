@@ -534,7 +534,7 @@ END_TEST
 
 START_TEST(test_failure_error_unknown)
 {
-    static const int unknown[] = {-4100, -4110, -4150, -4199, -99999,
+    static const int unknown[] = {-4100, -4111, -4150, -4199, -99999,
                                   INT_MIN};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
         ck_assert_str_eq(df_strerror(unknown[i]), "unknown error");
