@@ -46,6 +46,17 @@ extern "C" {
  * called; otherwise it is called exactly once (for deferred callbacks:
  * exactly one of the callback/errback pair, once the deferred fires).
  *
+ * Out of memory: a call that cannot allocate returns DF_ENOMEM, changes
+ * nothing observable and may simply be made again.  An allocation that
+ * fails after the call has returned fails, once, the deferred that would
+ * carry the outcome, with DF_ENOMEM: a chain whose callback returned
+ * df_wait() (that chain), df_sem_run() and df_sem_run_in_pool() (*out), a
+ * map item whose submit is refused (the item, then done).  A failure the
+ * library makes itself (cancellation, timeout, DF_EFIRST_ERROR, a work
+ * function's df_errf) may then be the shared DF_ENOMEM one instead; the
+ * DF_ECANCELLED of a deferred released unfired stays DF_ECANCELLED and is
+ * never reported as unhandled.
+ *
  * Values are `void *` with an optional destructor (df_free_fn).  Whoever
  * owns a value owns the duty to run its destructor; the library runs each
  * destructor it was given exactly once.  "Steals" below means the callee
@@ -62,6 +73,38 @@ extern "C" {
  * the parent, which fork does not disturb; the child's copies of its
  * deferreds never fire.  The child may make new loops and pools, which
  * work normally (the library notices forks with pthread_atfork).
+ */
+
+/*
+ * Misuse
+ * ======
+ * Bad arguments the library can see are refused with a code and change
+ * nothing: NULL handles, NULL out pointers and NULL required functions
+ * give DF_EINVAL (NULL is ignored by the void release functions and gives
+ * 0, false, NULL or -1 from the accessors), a call from the wrong thread
+ * gives DF_EWRONG_THREAD, a call the object's state forbids gives the
+ * code its declaration names (DF_EALREADY_CALLED, DF_EOVERRELEASE,
+ * DF_ESTATE, DF_EBUSY, DF_ESHUTDOWN...).  User input never reaches an
+ * assert().
+ *
+ * What C cannot detect is undefined behaviour:
+ *   - using a handle after it is gone: a deferred after its last
+ *     reference was dropped (so also dropping more references than one
+ *     holds), a failure after its last unref, a list result freed twice,
+ *     a semaphore, lock, queue, pool, map or loop after it was freed, a
+ *     timer handle after its callback started or it was cancelled;
+ *   - pointers the library did not make (garbage, uninitialised, another
+ *     object's type), and arrays shorter than the count passed with them;
+ *   - calling df_loop_call_from_thread() (or anything else) on a loop that
+ *     another thread may be freeing, or after df_loop_free();
+ *   - reading a loop-thread object from another thread through the
+ *     accessors that do not check the thread (a data race);
+ *   - making objects on a loop from the callbacks df_loop_free() runs;
+ *   - handing the library a value and its destructor twice (it will run
+ *     the destructor twice), or destroying a value the library owns.
+ * Not undefined, but never freed: deferreds that wait for each other
+ * (df_wait) or are chained to each other (df_deferred_chain) in a cycle,
+ * like any reference cycle; df_loop_free() then returns DF_EBUSY.
  */
 
 /* ---------------------------------------------------------------- errors */
@@ -151,7 +194,9 @@ DF_EXPORT df_failure *df_failure_ref(df_failure *f);
 /* Drops a reference; the last one frees the failure, its payload and its
  * cause.  NULL is ignored.  Any thread. */
 DF_EXPORT void df_failure_unref(df_failure *f);
-/* Accessors; the pointers are borrowed and live as long as `f`. */
+/* Accessors; the pointers are borrowed and live as long as `f`.  With f
+ * NULL (no failure) they give 0, "", NULL, -1 and NULL.  A failure made
+ * with code 0 gets DF_EFAILED instead: 0 would read as success. */
 DF_EXPORT int df_failure_code(const df_failure *f);
 DF_EXPORT const char *df_failure_message(const df_failure *f);
 DF_EXPORT void *df_failure_payload(const df_failure *f);
@@ -192,7 +237,9 @@ static inline df_result df_err(df_failure *f)
 DF_EXPORT df_result df_errf(df_loop *loop, int code, const char *fmt, ...)
     DF_PRINTF(3, 4);
 /* A result that makes the chain wait for `d` and continue with its result
- * (Twisted: a callback returning a Deferred).  Steals one reference to d. */
+ * (Twisted: a callback returning a Deferred).  Steals one reference to d.
+ * A callback returning the deferred it runs on, or one of another loop,
+ * makes the chain go on with a DF_EINVAL failure instead. */
 static inline df_result df_wait(df_deferred *d)
 {
     df_result r = {NULL, NULL, NULL, d};
@@ -234,15 +281,19 @@ typedef struct df_loop_options {
 /* Creates a loop owned by the calling thread, which becomes its loop
  * thread.  `opts` may be NULL.  On success *out owns the loop. */
 DF_EXPORT int df_loop_new(const df_loop_options *opts, df_loop **out);
-/* Frees the loop.  Every pool made from it must be freed first, and no
- * timer may be pending: otherwise DF_EBUSY and nothing changes (pending
- * cross-thread calls are discarded after their callbacks are run with
- * DF_ECANCELLED status, see df_loop_call_from_thread).  Loop thread. */
+/* Frees the loop.  Every pool made from it must be freed first, no timer
+ * may be pending, and every deferred, semaphore, lock and queue made from
+ * it must be gone (freed, or its last reference dropped; a map holds its
+ * done deferred until df_map_free): otherwise DF_EBUSY and nothing changes.
+ * From a callback the loop is running: DF_ESTATE.  Pending cross-thread
+ * calls are discarded after their callbacks are run with DF_ECANCELLED
+ * status (see df_loop_call_from_thread).  Loop thread. */
 DF_EXPORT int df_loop_free(df_loop *loop);
 /* Replaces the unhandled-failure hook (NULL restores the default). */
 DF_EXPORT int df_loop_set_unhandled(df_loop *loop, df_unhandled_fn fn,
                                     void *arg);
-/* Number of unhandled failures reported so far on this loop. */
+/* Number of unhandled failures reported so far on this loop (0 for
+ * NULL). */
 DF_EXPORT uint64_t df_loop_unhandled_count(const df_loop *loop);
 
 /* Runs the loop until nothing is pending: no timer, no job submitted to a
@@ -252,7 +303,8 @@ DF_EXPORT uint64_t df_loop_unhandled_count(const df_loop *loop);
 DF_EXPORT int df_loop_run(df_loop *loop);
 /* Runs the loop until `d` has fired (0), or until nothing is pending while
  * d is still unfired (DF_ENOT_CALLED), or df_loop_stop() (DF_ECANCELLED).
- * Borrows d.  Loop thread. */
+ * Borrows d, which must stay alive meanwhile; DF_EINVAL if d belongs to
+ * another loop.  Not re-entrant (DF_ESTATE).  Loop thread. */
 DF_EXPORT int df_loop_run_until(df_loop *loop, df_deferred *d);
 /* Makes the current or next df_loop_run(_until) return after the callback
  * in progress.  Loop thread. */
@@ -264,19 +316,24 @@ DF_EXPORT int df_loop_stop(df_loop *loop);
  * df_sem_run_in_pool jobs whose worker went straight on to the next job
  * (they are collected in batches): always poll with the timeout
  * df_loop_timeout_ms() gives, which is at most 1 ms while such jobs are in
- * flight.  The fd belongs to the loop; do not close or read it. */
+ * flight.  The fd belongs to the loop; do not close or read it.  DF_EINVAL
+ * for NULL. */
 DF_EXPORT int df_loop_fd(const df_loop *loop);
 /* Milliseconds until the loop next needs a look: the next timer (0 if
  * due now), at most 1 while df_sem_run_in_pool jobs are in flight, or -1
- * if nothing: pass it to poll(2). */
+ * if nothing: pass it to poll(2).  Errors (DF_EINVAL, DF_EWRONG_THREAD)
+ * are negative too, and poll(2) would wait forever on them: only -1 means
+ * "no timeout". */
 DF_EXPORT int df_loop_timeout_ms(const df_loop *loop);
 /* Dispatches, without blocking, what is ready: due timers, then at most
  * `budget` completions and cross-thread calls (0: all that are ready).
  * Stores the number dispatched in *ran if ran is not NULL.  While work
  * remains the fd stays readable and df_loop_timeout_ms() returns 0.
- * df_loop_stop() does not apply here.  Loop thread. */
+ * df_loop_stop() does not apply here.  Not re-entrant: DF_ESTATE from a
+ * callback of the same loop.  Loop thread. */
 DF_EXPORT int df_loop_dispatch(df_loop *loop, unsigned budget, unsigned *ran);
-/* Number of things that keep df_loop_run() running (see there). */
+/* Number of things that keep df_loop_run() running (see there).  0 for
+ * NULL, and 0 (with one line on stderr) from another thread. */
 DF_EXPORT size_t df_loop_pending(const df_loop *loop);
 
 /* Called on the loop thread.  `status` is 0, or DF_ECANCELLED when the
@@ -329,7 +386,9 @@ typedef df_result (*df_callback_fn)(df_result r, void *arg);
 typedef void (*df_canceller_fn)(df_deferred *d, void *arg);
 
 DF_EXPORT int df_deferred_new(df_loop *loop, df_deferred **out);
-/* With a canceller (Twisted: Deferred(canceller)). */
+/* With a canceller (Twisted: Deferred(canceller)); fn may be NULL.  A
+ * df_deferred_cancel() of the same deferred from inside its canceller
+ * returns 0 and does nothing. */
 DF_EXPORT int df_deferred_new_cancellable(df_loop *loop, df_canceller_fn fn,
                                           void *arg, df_deferred **out);
 /* A deferred already fired with a success value; steals value (on error
@@ -370,7 +429,10 @@ DF_EXPORT int df_deferred_add_both(df_deferred *d, df_callback_fn fn,
                                    void *arg);
 /* Twisted chainDeferred: when d's chain reaches this point, `other` is
  * fired with d's result, and d continues with df_ok(NULL, NULL).  Takes a
- * reference to other.  DF_EINVAL if other == d. */
+ * reference to other.  DF_EINVAL if other == d or belongs to another
+ * loop.  If other has fired by the time d's chain gets there, d's chain
+ * goes on with a DF_EALREADY_CALLED failure (Twisted: AlreadyCalledError)
+ * and other keeps its result. */
 DF_EXPORT int df_deferred_chain(df_deferred *d, df_deferred *other);
 
 DF_EXPORT int df_deferred_pause(df_deferred *d);
@@ -421,14 +483,17 @@ enum {
  *   CANCEL_REMAINING: once the list has fired early, cancel the members
  *     that have not fired.
  * Ownership: the list borrows the array and takes a reference to each
- * member.  Each member's success value moves into the list result (the
- * member's chain goes on with the same pointer but no destructor); failures
- * are shared by reference.  Cancelling the list's deferred cancels every
- * member captured here.  n == 0 fires at once with an empty result.
- * Releasing the list deferred is not cancelling it: members are released,
- * not cancelled.  Once the list has failed (FIRE_ON_ONE_ERRBACK, gather) or
- * was released unfired, the values it took are destroyed, so the pointers
- * left in members' chains no longer point to anything valid.
+ * member (a member may appear twice).  DF_EINVAL for a NULL or foreign
+ * member, unknown flags, or an n no array can have; DF_ENOMEM for a list
+ * too large to allocate.  Each member's success value moves into the list
+ * result (the member's chain goes on with the same pointer but no
+ * destructor); failures are shared by reference.  Cancelling the list's
+ * deferred cancels every member captured here.  n == 0 fires at once
+ * with an empty result.  Releasing the list deferred is not cancelling it:
+ * members are released, not cancelled.  Once the list has failed
+ * (FIRE_ON_ONE_ERRBACK, gather) or was released unfired, the values it
+ * took are destroyed, so the pointers left in members' chains no longer
+ * point to anything valid.
  */
 DF_EXPORT int df_list_new(df_loop *loop, df_deferred *const *members,
                           size_t n, unsigned flags, df_deferred **out);
@@ -447,7 +512,9 @@ DF_EXPORT bool df_list_result_fired(const df_list_result *r, size_t i);
 DF_EXPORT void *df_list_result_value(const df_list_result *r, size_t i);
 DF_EXPORT df_failure *df_list_result_failure(const df_list_result *r,
                                              size_t i);
-/* The member that made an early-firing list fire, or -1. */
+/* The accessors take any r (NULL too) and any i: out of range gives
+ * false, NULL or 0.  The member that made an early-firing list fire, or
+ * -1. */
 DF_EXPORT long df_list_result_index(const df_list_result *r);
 /* Frees the result, running each value's destructor once.  void * so that
  * it can serve as a df_free_fn. */
@@ -462,8 +529,12 @@ DF_EXPORT void df_list_result_free(void *r);
  * first waiter.  Releases are never recursive: 10^6 waiters released one
  * after another run in constant stack.
  */
+/* tokens >= 1, else DF_EINVAL. */
 DF_EXPORT int df_sem_new(df_loop *loop, unsigned tokens, df_sem **out);
-/* DF_EBUSY if a token is held or someone waits; nothing changes then. */
+/* DF_EBUSY if a token is held or someone waits; nothing changes then.
+ * Freed from a callback the semaphore runs (see below), it stays until
+ * that dispatch unwinds, and meanwhile every call on it, a second free
+ * included, returns DF_ESTATE. */
 DF_EXPORT int df_sem_free(df_sem *s);
 /* Cancelling the returned deferred before it fires removes the waiter. */
 DF_EXPORT int df_sem_acquire(df_sem *s, df_deferred **out);
@@ -499,11 +570,14 @@ DF_EXPORT int df_lock_run(df_lock *l, df_run_fn fn, void *arg,
 DF_EXPORT bool df_lock_locked(const df_lock *l);
 
 /* Twisted DeferredQueue.  `size`: most values held (SIZE_MAX: no limit);
- * `backlog`: most pending gets (SIZE_MAX: no limit). */
+ * `backlog`: most pending gets (SIZE_MAX: no limit).  Either may be 0
+ * (size 0: a put succeeds only into a waiting get), not both: DF_EINVAL. */
 DF_EXPORT int df_queue_new(df_loop *loop, size_t size, size_t backlog,
                            df_queue **out);
 /* Frees the queue: pending gets fail with DF_ECANCELLED, held values are
- * destroyed. */
+ * destroyed.  From a get's callback, the memory goes once that dispatch
+ * unwinds; until then puts and gets return DF_ESTATE and a second free
+ * does nothing.  NULL is ignored; another thread: one line on stderr. */
 DF_EXPORT void df_queue_free(df_queue *q);
 /* Gives value to the first waiting get, else stores it; steals value on
  * success.  DF_EQUEUE_OVERFLOW when full (caller keeps value). */
@@ -523,7 +597,8 @@ DF_EXPORT size_t df_queue_waiting(const df_queue *q); /* pending gets */
  * job's deferred on the loop thread.
  */
 /* The work function, on a pool thread.  Returns df_ok(value, free) or a
- * failure (df_errf / df_err); never df_wait.  It may poll
+ * failure (df_errf / df_err); never df_wait (the job then fails with
+ * DF_EINVAL, the df_wait reference dropped on the loop thread).  It may poll
  * df_work_cancelled(w).  It must not touch loop-thread objects. */
 typedef df_result (*df_work_fn)(df_work *w, void *arg);
 
@@ -557,7 +632,9 @@ enum { DF_POOL_DRAIN = 0, DF_POOL_CANCEL = 1 };
  * free the pool: the free then happens at the end of the shutdown.
  * Idempotent.  Loop thread. */
 DF_EXPORT int df_pool_shutdown(df_pool *p, int mode);
-/* Shuts down with DF_POOL_CANCEL if needed, then frees.  Loop thread. */
+/* Shuts down with DF_POOL_CANCEL if needed, then frees.  NULL is ignored;
+ * from another thread (a work function, say) it prints one line on stderr
+ * and does nothing.  Loop thread. */
 DF_EXPORT void df_pool_free(df_pool *p);
 DF_EXPORT unsigned df_pool_threads(const df_pool *p);
 
@@ -641,7 +718,10 @@ typedef struct df_map_stats {
  * the input has ended (or stopped) and every item in flight has been
  * delivered; it fails with the first failure under DF_MAP_STOP_ON_ERROR,
  * with the iterator's code if next failed, with DF_ECANCELLED after
- * df_map_cancel().  The map object stays valid until df_map_free(). */
+ * df_map_cancel().  The map object stays valid until df_map_free().
+ * DF_EINVAL for options that break the rules above (limit 0, no next,
+ * unknown flags, not exactly one of pool + work or call, an ordered window
+ * of SIZE_MAX) and for a pool of another loop. */
 DF_EXPORT int df_map_start(df_loop *loop, const df_map_options *opts,
                            df_map **map, df_deferred **done);
 /* Stops pulling, cancels queued items, lets running ones finish (their

@@ -174,6 +174,11 @@ size_t df__loop_run_matching(df_loop *loop,
 /* Counts the pools made from `loop`; df_loop_free() refuses while > 0.
  * Loop thread. */
 void df__loop_pools_add(df_loop *loop, int delta);
+/* Counts the deferreds, semaphores, locks and queues alive on `loop`;
+ * df_loop_free() refuses while > 0.  Loop thread. */
+void df__loop_objects_add(df_loop *loop, int delta);
+/* The loop a pool was made from (pool.c). */
+df_loop *df__pool_loop(const df_pool *p);
 
 /* ------------------------------------------------- semaphore gate (pool) */
 /* The fast path of df_sem_run_in_pool (see pool.c and sem.c): jobs waiting

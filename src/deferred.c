@@ -34,6 +34,7 @@ enum {
     F_IN_RUN = 1u << 1,        /* on a run_callbacks stack                  */
     F_SUPPRESS = 1u << 2,      /* cancelled: swallow the producer's fire    */
     F_CANCEL_WAITS = 1u << 3,  /* canceller fires it later (pool jobs)      */
+    F_CANCELLING = 1u << 4,    /* its canceller is running                  */
     F_TIMEOUT = 1u << 5,       /* a timeout was set (loop.c)                */
     F_EXT = 1u << 6,           /* allocated with room for a pool job        */
 };
@@ -283,6 +284,7 @@ static df__cache *cache_of(df_loop *loop, bool ext)
 /* Frees a deferred's block, or keeps it for the next deferred. */
 static void block_put(df_deferred *d)
 {
+    df__loop_objects_add(d->loop, -1);
     if (!df__cache_put(cache_of(d->loop, d->flags & F_EXT), d))
         df__free(d->loop, d);
 }
@@ -296,6 +298,7 @@ static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
     df_deferred *d = df__cache_get(cache_of(loop, ext));
     if (d == NULL && (d = df__malloc(loop, size)) == NULL)
         return DF_ENOMEM;
+    df__loop_objects_add(loop, 1);
     memset(d, 0, sizeof *d);
     if (ext)
         d->flags = F_EXT;
@@ -627,12 +630,15 @@ int df_deferred_cancel(df_deferred *d)
      * follow the chain with a loop, however long it is. */
     while ((d->flags & F_CALLED) && d->chained_to != NULL)
         d = d->chained_to;
-    if (d->flags & F_CALLED)
-        return 0;
+    if (d->flags & (F_CALLED | F_CANCELLING))
+        return 0; /* a canceller cancelling its own deferred: no recursion */
 
     d->refs++;
-    if (d->canceller != NULL)
+    if (d->canceller != NULL) {
+        d->flags |= F_CANCELLING;
         d->canceller(d, d->canceller_arg);
+        d->flags &= ~F_CANCELLING;
+    }
     if (!(d->flags & F_CALLED) && !(d->flags & F_CANCEL_WAITS)) {
         df_failure *f = df_failure_new(d->loop, DF_ECANCELLED, NULL);
         df_deferred_resolve(d, df_err(f));
@@ -656,6 +662,11 @@ bool df__deferred_mark_timeout(df_deferred *d)
         return false;
     d->flags |= F_TIMEOUT;
     return true;
+}
+
+void df__deferred_unmark_timeout(df_deferred *d)
+{
+    d->flags &= ~F_TIMEOUT;
 }
 
 /* --------------------------------------------------------------- queries */

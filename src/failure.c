@@ -25,6 +25,23 @@ static df_failure nomem_failure = {
     .index = -1,
 };
 
+/* What df__failure_released() gives when it cannot allocate: releasing an
+ * unfired deferred must still fail it with DF_ECANCELLED that is never
+ * reported as unhandled, memory or not. */
+static df_failure released_failure = {
+    .refs = -1,
+    .code = DF_ECANCELLED,
+    .released = true,
+    .index = -1,
+};
+#define RELEASED_MESSAGE "deferred released before its result came"
+
+/* The shared static failures: ref and unref do nothing on them. */
+static bool is_static(const df_failure *f)
+{
+    return f == &nomem_failure || f == &released_failure;
+}
+
 df_failure *df__failure_nomem(void)
 {
     return &nomem_failure;
@@ -32,8 +49,12 @@ df_failure *df__failure_nomem(void)
 
 const char *df_failure_message(const df_failure *f)
 {
+    if (f == NULL)
+        return "";
     if (f == &nomem_failure)
         return "out of memory";
+    if (f == &released_failure)
+        return RELEASED_MESSAGE;
     return f->message;
 }
 
@@ -43,6 +64,9 @@ static df_failure *failure_vnew(df_loop *loop, int code, void *payload,
 {
     const df_allocator *a = df__allocator(loop);
     char small[256];
+    /* 0 means success: a failure must never look like one. */
+    if (code == 0)
+        code = DF_EFAILED;
     const char *text = small;
     int len;
 
@@ -117,10 +141,10 @@ df_failure *df__failure_first_error(df_loop *loop, size_t index,
 
 df_failure *df__failure_released(df_loop *loop)
 {
-    df_failure *f = df_failure_new(loop, DF_ECANCELLED,
-                                   "deferred released before its result came");
-    if (f != &nomem_failure)
-        f->released = true;
+    df_failure *f = df_failure_new(loop, DF_ECANCELLED, RELEASED_MESSAGE);
+    if (f == &nomem_failure)
+        return &released_failure;
+    f->released = true;
     return f;
 }
 
@@ -140,14 +164,14 @@ df_result df_errf(df_loop *loop, int code, const char *fmt, ...)
 
 df_failure *df_failure_ref(df_failure *f)
 {
-    if (f != NULL && f != &nomem_failure)
+    if (f != NULL && !is_static(f))
         atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
     return f;
 }
 
 void df_failure_unref(df_failure *f)
 {
-    while (f != NULL && f != &nomem_failure) {
+    while (f != NULL && !is_static(f)) {
         if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
             return;
         df_failure *cause = f->cause;
@@ -158,22 +182,24 @@ void df_failure_unref(df_failure *f)
     }
 }
 
+/* The accessors accept NULL (no failure), so that the result of, say,
+ * df_list_result_failure() can be read without a check. */
 int df_failure_code(const df_failure *f)
 {
-    return f->code;
+    return f != NULL ? f->code : 0;
 }
 
 void *df_failure_payload(const df_failure *f)
 {
-    return f->payload;
+    return f != NULL ? f->payload : NULL;
 }
 
 long df_failure_index(const df_failure *f)
 {
-    return f->index;
+    return f != NULL ? f->index : -1;
 }
 
 df_failure *df_failure_cause(const df_failure *f)
 {
-    return f->cause;
+    return f != NULL ? f->cause : NULL;
 }

@@ -310,12 +310,16 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
         (flags & ~(unsigned)LIST_FLAGS) != 0)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
+    /* Sizes first, so that a count no array can have is refused without
+     * reading past the caller's array. */
+    if (n > SIZE_MAX / sizeof members[0])
+        return DF_EINVAL;
+    if (n > (SIZE_MAX - sizeof *l) / sizeof l->slots[0])
+        return DF_ENOMEM;
     for (i = 0; i < n; i++) {
         if (members[i] == NULL || df_deferred_loop(members[i]) != loop)
             return DF_EINVAL;
     }
-    if (n > (SIZE_MAX - sizeof *l) / sizeof l->slots[0])
-        return DF_ENOMEM;
     l = df__malloc(loop, sizeof *l + n * sizeof l->slots[0]);
     if (l == NULL)
         return DF_ENOMEM;

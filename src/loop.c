@@ -99,6 +99,7 @@ struct df_loop {
     df__inbox_node *spent_calls; /* run; returned to call_free later */
     size_t jobs;                 /* pool jobs whose completion is due */
     size_t pools;                /* pools made from this loop */
+    size_t objects;              /* live deferreds, sems, locks, queues */
     size_t lazy;                 /* jobs that may post without waking */
     bool dispatching;            /* inside run/dispatch/run_matching */
     bool stop;                   /* df_loop_stop() was called */
@@ -230,6 +231,12 @@ void df__loop_pools_add(df_loop *loop, int delta)
 {
     assert(delta >= 0 || loop->pools >= (size_t)-delta);
     loop->pools = (size_t)((long)loop->pools + delta);
+}
+
+void df__loop_objects_add(df_loop *loop, int delta)
+{
+    assert(delta >= 0 || loop->objects >= (size_t)-delta);
+    loop->objects = (size_t)((long)loop->objects + delta);
 }
 
 /* ------------------------------------------------------------------ inbox */
@@ -688,6 +695,8 @@ int df_loop_run_until(df_loop *loop, df_deferred *d)
     if (loop == NULL || d == NULL)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
+    if (df_deferred_loop(d) != loop)
+        return DF_EINVAL; /* it could only fire on its own loop's thread */
     return loop_run(loop, d);
 }
 
@@ -818,7 +827,8 @@ int df_deferred_set_timeout(df_deferred *d, uint64_t timeout_ns)
      * cancels the timer again (Twisted does the same). */
     rc = df_deferred_add_both(d, timeout_done, ts);
     if (rc != 0) {
-        /* The mark stays: d cannot be given another timeout. */
+        /* Out of memory: d has no timeout, so it may be given one later. */
+        df__deferred_unmark_timeout(d);
         df_deferred_unref(d);
         goto fail_timer;
     }
@@ -894,7 +904,10 @@ int df_loop_free(df_loop *loop)
     DF__CHECK_THREAD(loop);
     if (loop->dispatching)
         return DF_ESTATE;
-    if (loop->pools != 0 || loop->jobs != 0 || loop->heap_len != 0)
+    /* Live objects point at the loop (its allocator, caches, thread):
+     * refuse, as uv_loop_close() does with open handles. */
+    if (loop->pools != 0 || loop->jobs != 0 || loop->heap_len != 0 ||
+        loop->objects != 0)
         return DF_EBUSY;
 
     /* Run the cross-thread calls still queued, with DF_ECANCELLED, until

@@ -467,6 +467,9 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
     int rc = check_options(opts);
     if (rc != 0)
         return rc;
+    /* Its completions would reach the other loop, not this one. */
+    if (opts->pool != NULL && df__pool_loop(opts->pool) != loop)
+        return DF_EINVAL;
 
     df_map *m = df__calloc(loop, 1, sizeof *m);
     if (m == NULL)

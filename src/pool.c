@@ -673,6 +673,11 @@ unsigned df_pool_threads(const df_pool *p)
     return p != NULL ? p->nthreads : 0;
 }
 
+df_loop *df__pool_loop(const df_pool *p)
+{
+    return p->loop;
+}
+
 /* Makes a job and its deferred (*out gets the caller's reference) and
  * counts it in flight; the caller queues it.  Loop thread. */
 static int job_make(df_pool *p, df_work_fn work, void *arg, df__gate *g,

@@ -170,6 +170,7 @@ static void queue_destroy(df_queue *q)
         destroy_value(sl.value, sl.free);
     }
     df__free(q->loop, q->ring);
+    df__loop_objects_add(q->loop, -1);
     df__free(q->loop, q);
 }
 
@@ -260,12 +261,14 @@ static void getter_cancel(df_deferred *d, void *arg)
 
 int df_queue_new(df_loop *loop, size_t size, size_t backlog, df_queue **out)
 {
-    if (loop == NULL || out == NULL)
+    /* No room for a value nor for a get: nothing could ever pass. */
+    if (loop == NULL || out == NULL || (size == 0 && backlog == 0))
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
     df_queue *q = df__malloc(loop, sizeof *q);
     if (q == NULL)
         return DF_ENOMEM;
+    df__loop_objects_add(loop, 1);
     memset(q, 0, sizeof *q);
     q->loop = loop;
     q->size = size;

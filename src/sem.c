@@ -157,6 +157,7 @@ static void sem_destroy(df_sem *s)
     assert(list_empty(&s->waiting) && list_empty(&s->ready));
     if (s->gate != NULL)
         df__gate_free(s->gate);
+    df__loop_objects_add(s->loop, -1);
     df__free(s->loop, s);
 }
 
@@ -381,6 +382,7 @@ static void sem_init(df_sem *s, df_loop *loop, unsigned tokens)
     s->tokens = tokens;
     list_init(&s->waiting);
     list_init(&s->ready);
+    df__loop_objects_add(loop, 1);
 }
 
 int df_sem_new(df_loop *loop, unsigned tokens, df_sem **out)
@@ -402,7 +404,7 @@ int df_sem_free(df_sem *s)
         return DF_EINVAL;
     DF__CHECK_THREAD(s->loop);
     if (s->free_pending)
-        return DF_EINVAL; /* freed twice while a dispatch unwinds */
+        return DF_ESTATE; /* freed twice while a dispatch unwinds */
     if (s->tokens != s->limit || s->nwaiting != 0 || !list_empty(&s->ready))
         return DF_EBUSY;
     if (s->gate != NULL && df__gate_waiting(s->gate) != 0)

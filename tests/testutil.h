@@ -4,7 +4,9 @@
 #define DF_TESTUTIL_H
 
 #include <check.h>
+#include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdlib.h>
 
 #include <deferred.h>
@@ -64,6 +66,120 @@ static inline void tu_ca_free(void *ptr, void *ctx)
     if (ptr != NULL)
         atomic_fetch_sub(&ca->live, 1);
     free(ptr);
+}
+
+/*
+ * A thread-safe allocator for failure-injection sweeps: "fail the n-th
+ * allocation".  Numbered allocations (malloc, and realloc of any pointer)
+ * count 1, 2, 3, ...; the one numbered `fail_at` returns NULL, and with
+ * `sticky` every numbered one after it too.  `failed` counts refusals, so
+ * a run that ends with failed == 0 never reached allocation fail_at.
+ * `live` counts blocks handed out and not yet freed, whoever freed them.
+ *
+ * With `owner_only`, only allocations made on the thread that called
+ * tu_fa_init() are numbered (and may fail): pool threads allocate while
+ * the loop thread does, so their allocations have no stable number.
+ * Allocations from other threads are counted in `others` and succeed,
+ * unless `fail_others` is set, which refuses all of them.
+ *
+ * Pass the tu_failing_alloc as the ctx of tu_fa_allocator()'s result.
+ */
+typedef struct tu_failing_alloc {
+    atomic_long live;        /* blocks handed out and not yet freed */
+    atomic_long count;       /* numbered allocations since tu_fa_arm() */
+    atomic_long others;      /* unnumbered ones (other threads) */
+    atomic_long fail_at;     /* number of the one to refuse; 0: none */
+    atomic_long failed;      /* allocations refused since tu_fa_arm() */
+    atomic_bool sticky;      /* refuse every numbered one after fail_at */
+    atomic_bool fail_others; /* refuse every unnumbered one */
+    bool owner_only;         /* number only the owner thread's */
+    pthread_t owner;         /* set by tu_fa_init, read-only afterwards */
+} tu_failing_alloc;
+
+/* Resets everything, `live` included; call before any thread uses it. */
+static inline void tu_fa_init(tu_failing_alloc *fa, bool owner_only)
+{
+    atomic_store(&fa->live, 0);
+    atomic_store(&fa->count, 0);
+    atomic_store(&fa->others, 0);
+    atomic_store(&fa->fail_at, 0);
+    atomic_store(&fa->failed, 0);
+    atomic_store(&fa->sticky, false);
+    atomic_store(&fa->fail_others, false);
+    fa->owner_only = owner_only;
+    fa->owner = pthread_self();
+}
+
+/* Restarts the numbering and refuses allocation `n` (0: none), and every
+ * one after it when `sticky`.  Does not touch `live`. */
+static inline void tu_fa_arm(tu_failing_alloc *fa, long n, bool sticky)
+{
+    atomic_store(&fa->count, 0);
+    atomic_store(&fa->others, 0);
+    atomic_store(&fa->failed, 0);
+    atomic_store(&fa->sticky, sticky);
+    atomic_store(&fa->fail_at, n);
+}
+
+/* Stops refusing; the counters keep their values. */
+static inline void tu_fa_disarm(tu_failing_alloc *fa)
+{
+    atomic_store(&fa->fail_at, 0);
+    atomic_store(&fa->sticky, false);
+    atomic_store(&fa->fail_others, false);
+}
+
+/* Numbers one allocation (if it is numbered) and says whether to refuse
+ * it. */
+static inline bool tu_fa_refuse(tu_failing_alloc *fa)
+{
+    if (fa->owner_only && !pthread_equal(fa->owner, pthread_self())) {
+        atomic_fetch_add(&fa->others, 1);
+        return atomic_load(&fa->fail_others);
+    }
+    long n = atomic_fetch_add(&fa->count, 1) + 1;
+    long at = atomic_load(&fa->fail_at);
+    return at > 0 && (n == at || (n > at && atomic_load(&fa->sticky)));
+}
+
+static inline void *tu_fa_malloc(size_t size, void *ctx)
+{
+    tu_failing_alloc *fa = ctx;
+    if (tu_fa_refuse(fa)) {
+        atomic_fetch_add(&fa->failed, 1);
+        return NULL;
+    }
+    void *p = malloc(size);
+    if (p != NULL)
+        atomic_fetch_add(&fa->live, 1);
+    return p;
+}
+
+static inline void *tu_fa_realloc(void *ptr, size_t size, void *ctx)
+{
+    tu_failing_alloc *fa = ctx;
+    if (ptr == NULL)
+        return tu_fa_malloc(size, ctx);
+    if (tu_fa_refuse(fa)) {
+        atomic_fetch_add(&fa->failed, 1);
+        return NULL;
+    }
+    return realloc(ptr, size);
+}
+
+static inline void tu_fa_free(void *ptr, void *ctx)
+{
+    tu_failing_alloc *fa = ctx;
+    if (ptr != NULL)
+        atomic_fetch_sub(&fa->live, 1);
+    free(ptr);
+}
+
+/* The df_allocator for `fa`. */
+static inline df_allocator tu_fa_allocator(tu_failing_alloc *fa)
+{
+    df_allocator a = {tu_fa_malloc, tu_fa_realloc, tu_fa_free, fa};
+    return a;
 }
 
 /* A new loop with default options, owned by the calling thread. */
