@@ -454,10 +454,11 @@ DF_EXPORT int df_deferred_peek(const df_deferred *d, void **value,
 /* Twisted addTimeout: cancels d if it has not fired within `timeout_ns`
  * on the loop's clock; a DF_ECANCELLED failure that results becomes
  * DF_ETIMEDOUT (it stays DF_ECANCELLED when cancelled by hand; a deferred
- * whose cancel gives another outcome, a list say, keeps that outcome).  The timer goes away when d fires.  A pending timeout
- * is a timer: it keeps df_loop_run() running, makes df_loop_free() return
- * DF_EBUSY, and holds a reference to d until it fires or is removed.  One
- * timeout per deferred in its whole life (a second call: DF_EBUSY). */
+ * whose cancel gives another outcome, a list say, keeps that outcome).
+ * The timer goes away when d fires.  A pending timeout is a timer: it
+ * keeps df_loop_run() running, makes df_loop_free() return DF_EBUSY, and
+ * holds a reference to d until it fires or is removed.  One timeout per
+ * deferred in its whole life (a second call: DF_EBUSY). */
 DF_EXPORT int df_deferred_set_timeout(df_deferred *d, uint64_t timeout_ns);
 
 /* ------------------------------------------------------------------- list */
