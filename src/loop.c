@@ -45,6 +45,18 @@
  * may block; when it does not, it must not, and a loop giving control away
  * makes the fd readable itself (force_wake()).
  *
+ * A producer that sets the flag and is then slow to write delays every
+ * other producer's wake-up until it writes (they see the flag set); it
+ * cannot lose one.  A producer cancelled between the two would, so the
+ * write runs with cancellation disabled.
+ *
+ * Two kinds of entries do not wake the loop and need no write: lazily
+ * posted gate completions (df__loop_post_lazy), whose jobs stay counted
+ * as lazy until dispatched, so that the loop polls at least every
+ * DF__LAZY_MS meanwhile; and entries a nested df__loop_run_matching()
+ * left in the batch, which make timeout_ms() return 0 and settle()
+ * report work.
+ *
  * The order matters.  Clearing the flag before the drain (as an earlier
  * version did) loses wake-ups: a producer appends entry A and is slow to
  * wake; the loop takes and runs A anyway, clears the flag; the producer
@@ -247,12 +259,18 @@ static void wake(df_loop *loop)
     if (atomic_exchange_explicit(&loop->wake_pending, true,
                                  memory_order_seq_cst))
         return;
+    /* write(2) is a cancellation point.  A caller cancelled in it would
+     * leave the flag set with no write made, and every later producer
+     * would skip its own: the write must happen once the flag is ours. */
+    int cancel_state;
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel_state);
     uint64_t one = 1;
     ssize_t n;
     do
         n = write(loop->wake_fd, &one, sizeof one);
     while (n < 0 && errno == EINTR);
     /* EAGAIN means the counter is near overflow: the fd is readable. */
+    pthread_setcancelstate(cancel_state, NULL);
 }
 
 void df__loop_wake(df_loop *loop)

@@ -416,6 +416,50 @@ START_TEST(test_loop_wake_after_late_producer)
 }
 END_TEST
 
+/* A thread cancelled while it posts (deferred cancellation is pending when
+ * it calls) still completes the post: the wake-up write is not a point
+ * where it may be cancelled, so later producers are not left waiting on
+ * a write that never comes.  Without the guard the thread died inside the
+ * call with the wake flag set. */
+typedef struct cancelled_poster {
+    df_loop *loop;
+    unsigned *counter;
+    atomic_int returned;
+} cancelled_poster;
+
+static void *cancelled_poster_thread(void *arg)
+{
+    cancelled_poster *cp = arg;
+    pthread_setcanceltype(PTHREAD_CANCEL_DEFERRED, NULL);
+    pthread_cancel(pthread_self()); /* pending from now on */
+    int rc = df_loop_call_from_thread(cp->loop, count_call, cp->counter);
+    atomic_store(&cp->returned, rc == 0 ? 1 : -1);
+    pthread_testcancel(); /* the cancel takes effect here */
+    return NULL;
+}
+
+START_TEST(test_loop_post_from_cancelled_thread)
+{
+    df_loop *loop = tu_loop();
+    int fd = df_loop_fd(loop);
+    unsigned counter = 0;
+    cancelled_poster cp = {.loop = loop, .counter = &counter};
+    atomic_init(&cp.returned, 0);
+    pthread_t th;
+    ck_assert_int_eq(
+        pthread_create(&th, NULL, cancelled_poster_thread, &cp), 0);
+    void *res = NULL;
+    ck_assert_int_eq(pthread_join(th, &res), 0);
+    ck_assert_ptr_eq(res, PTHREAD_CANCELED);
+    int returned = atomic_load(&cp.returned);
+    ck_assert_int_eq(returned, 1);
+    ck_assert(fd_readable(fd));
+    TU_OK(df_loop_run(loop));
+    ck_assert_uint_eq(counter, 1);
+    tu_loop_free(loop);
+}
+END_TEST
+
 /* A budget bounds what one dispatch runs; what is left keeps the fd
  * readable and the poll timeout at 0. */
 START_TEST(test_loop_dispatch_budget)
@@ -1192,6 +1236,7 @@ static Suite *loop_suite(void)
     tcase_add_test(tc, test_loop_call_from_thread_fifo);
     tcase_add_test(tc, test_loop_wake_coalescing);
     tcase_add_test(tc, test_loop_wake_after_late_producer);
+    tcase_add_test(tc, test_loop_post_from_cancelled_thread);
     tcase_add_test(tc, test_loop_dispatch_budget);
     tcase_add_test(tc, test_loop_driven_by_poll);
     suite_add_tcase(s, tc);
