@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "deferred.h"
 #include "testutil.h"
@@ -238,6 +239,35 @@ static void cancel_some(soak *s)
     }
 }
 
+/* No completion for this long while items are in flight: one was lost. */
+#define STALL_MS 60000
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* Fails, naming some of the items in flight that never fired. */
+static void stalled(soak *s)
+{
+    char buf[256];
+    int len = 0;
+    unsigned busy = 0;
+    for (unsigned k = 0; k < WINDOW; k++) {
+        if (!s->slots[k].busy)
+            continue;
+        if (busy++ < 8 && len < (int)sizeof buf - 32)
+            len += snprintf(buf + len, sizeof buf - (size_t)len,
+                            " %" PRIu64 "%s", s->slots[k].item,
+                            s->slots[k].cancelled ? "(cancelled)" : "");
+    }
+    buf[len] = '\0';
+    ck_abort_msg("no completion for %d s with %u items in flight:%s",
+                 STALL_MS / 1000, busy, buf);
+}
+
 static uint64_t soak_items(void)
 {
     const char *e = getenv("DF_SOAK_ITEMS");
@@ -272,14 +302,17 @@ START_TEST(test_soak_backlog)
     TU_OK(df_pool_new(s->loop, &po, &s->pool));
     TU_OK(df_sem_new(s->loop, TOKENS, &s->sem));
 
-    /* Memory is flat if the loop's live blocks (in use or cached) never
-     * exceed what the window can hold: per item in flight at most a
-     * deferred block, a job node and a failure, on top of what the setup
-     * made.  A block leaked per 10^4 items breaks this at 10^7 items; a
+    /* Memory is flat if the loop's live blocks never exceed what the
+     * window can hold, on top of what the setup made.  An item in flight
+     * holds at most a deferred block, a job node and a failure, and the
+     * caches keep no more blocks of a kind than were once in use at the
+     * same time, so each kind stays within WINDOW blocks, in use or
+     * cached.  A block leaked per 10^4 items breaks this at 10^7 items; a
      * leak of any size shows in the count after teardown. */
     long base = atomic_load(&ca.live);
     long bound = base + 3 * WINDOW, peak = base;
     int fd = df_loop_fd(s->loop);
+    uint64_t last_done = 0, last_progress = now_ms();
     while (s->done < s->n) {
         refill(s);
         cancel_some(s);
@@ -288,10 +321,18 @@ START_TEST(test_soak_backlog)
         long live = atomic_load(&ca.live);
         if (live > peak)
             peak = live;
-        ck_assert_int_le(TOKENS - (int)df_sem_tokens(s->sem), TOKENS);
+        ck_assert_uint_le(df_sem_tokens(s->sem), TOKENS);
+        if (s->done != last_done) {
+            last_done = s->done;
+            last_progress = now_ms();
+        } else if (now_ms() - last_progress > STALL_MS) {
+            stalled(s); /* fails */
+        }
         if (ran == 0 && s->done < s->n) {
+            /* Never sleep long: a lost completion must fail, not hang. */
+            int ms = df_loop_timeout_ms(s->loop);
             struct pollfd pfd = {fd, POLLIN, 0};
-            (void)poll(&pfd, 1, df_loop_timeout_ms(s->loop));
+            (void)poll(&pfd, 1, ms < 0 || ms > 1000 ? 1000 : ms);
         }
     }
 
@@ -300,7 +341,6 @@ START_TEST(test_soak_backlog)
         ck_assert_msg(s->fired[i / 8] & (1u << (i % 8)),
                       "item %" PRIu64 " never fired", i);
     ck_assert_int_le(atomic_load(&peak_gated), TOKENS);
-    ck_assert_int_le(atomic_load(&peak_all), THREADS);
     ck_assert_msg(peak <= bound,
                   "live blocks grew: peak %ld, bound %ld (setup %ld)", peak,
                   bound, base);
@@ -319,8 +359,10 @@ START_TEST(test_soak_backlog)
            "peak %ld, bound %ld\n",
            s->n, s->ok, s->failed, s->cancelled, atomic_load(&peak_gated),
            TOKENS, atomic_load(&peak_all), THREADS, base, peak, bound);
-    ck_assert_uint_gt(s->cancelled, 0);
-    ck_assert_uint_gt(s->failed, 0);
+    if (s->n >= 10000) { /* the mix really had both */
+        ck_assert_uint_gt(s->cancelled, 0);
+        ck_assert_uint_gt(s->failed, 0);
+    }
     free(s->fired);
     free(s);
 }
