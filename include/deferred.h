@@ -65,14 +65,25 @@ extern "C" {
  * fork(2): only the thread that calls fork() exists in the child, so a
  * child cannot use what it inherited.  Every loop, and everything made
  * from one, that exists when the process forks is unusable in the child:
- * calls on it return DF_EFORKED and change nothing, void calls on it
- * (df_deferred_unref, df_pool_free, df_queue_free...) do nothing, and its
- * memory and eventfd are never reclaimed in the child (the fd is
- * close-on-exec).  Nothing hangs: no call waits for the parent's threads.
- * Nothing is lost: work submitted before the fork runs and completes in
- * the parent, which fork does not disturb; the child's copies of its
- * deferreds never fire.  The child may make new loops and pools, which
- * work normally (the library notices forks with pthread_atfork).
+ * calls on it that return a code return DF_EFORKED and change nothing
+ * (arguments are checked first: a NULL still gives DF_EINVAL), void
+ * calls on it (df_deferred_unref, df_pool_free, df_queue_free...) do
+ * nothing, and its memory and eventfd are never reclaimed in the child
+ * (the fd is close-on-exec).  Nothing hangs: no call waits for the
+ * parent's threads or takes a lock they may hold.  Nothing is lost: work
+ * submitted before the fork runs and completes in the parent, which fork
+ * does not disturb; the child's copies of its deferreds never fire.  The
+ * child may make new loops and pools, which work normally (the library
+ * notices forks with pthread_atfork).
+ *   Not refused: read-only accessors (df_sem_tokens, df_deferred_called,
+ * df_loop_fd...), which read the child's copy; and failures and list
+ * results, which are values: df_failure_* and df_list_result_free work in
+ * the child, run destructors there and use the loop's allocator, which
+ * must then work in the child (a custom allocator whose lock a pool
+ * thread held at the fork would hang them).  Forks the library cannot
+ * see (vfork, clone(2), _Fork, and fork() called from a work function,
+ * which leaves that worker's copy running) give a child that must only
+ * exec or _exit.
  */
 
 /*
@@ -321,9 +332,9 @@ DF_EXPORT int df_loop_stop(df_loop *loop);
 DF_EXPORT int df_loop_fd(const df_loop *loop);
 /* Milliseconds until the loop next needs a look: the next timer (0 if
  * due now), at most 1 while df_sem_run_in_pool jobs are in flight, or -1
- * if nothing: pass it to poll(2).  Errors (DF_EINVAL, DF_EWRONG_THREAD)
- * are negative too, and poll(2) would wait forever on them: only -1 means
- * "no timeout". */
+ * if nothing: pass it to poll(2).  Errors (DF_EINVAL, DF_EWRONG_THREAD,
+ * DF_EFORKED) are negative too, and poll(2) would wait forever on them:
+ * only -1 means "no timeout". */
 DF_EXPORT int df_loop_timeout_ms(const df_loop *loop);
 /* Dispatches, without blocking, what is ready: due timers, then at most
  * `budget` completions and cross-thread calls (0: all that are ready).

@@ -182,6 +182,13 @@ static df_result quick_work(df_work *w, void *arg)
     return df_ok((void *)((uintptr_t)arg * 2), NULL);
 }
 
+static void timer_fired(void *arg, int status)
+{
+    (void)arg;
+    (void)status;
+    ck_abort_msg("the hour-long timer fired");
+}
+
 /* Everything the parent has when it forks. */
 typedef struct world {
     tu_counting_alloc ca;
@@ -190,6 +197,8 @@ typedef struct world {
     df_pool *pool;
     df_sem *sem;
     df_queue *queue;
+    df_lock *lock;
+    df_timer *timer;        /* an hour away: pending when forking */
     df_deferred *unfired;   /* made by the test, not fired yet */
     df_deferred *jobs[4];   /* 2 running, 2 queued when forking */
     gate g;
@@ -207,6 +216,9 @@ static void world_up(world *w)
     TU_OK(df_pool_new(w->loop, &po, &w->pool));
     TU_OK(df_sem_new(w->loop, 3, &w->sem));
     TU_OK(df_queue_new(w->loop, SIZE_MAX, SIZE_MAX, &w->queue));
+    TU_OK(df_lock_new(w->loop, &w->lock));
+    TU_OK(df_loop_call_later(w->loop, UINT64_C(3600000000000), timer_fired,
+                             NULL, &w->timer));
     TU_OK(df_deferred_new(w->loop, &w->unfired));
     gate_init(&w->g);
     for (int i = 0; i < 4; i++)
@@ -241,6 +253,8 @@ static void world_down(world *w)
     ck_assert_ptr_eq(v, (void *)42);
     df_deferred_unref(d);
 
+    TU_OK(df_timer_cancel(w->timer));
+    TU_OK(df_lock_free(w->lock));
     df_queue_free(w->queue);
     TU_OK(df_sem_free(w->sem));
     TU_OK(df_pool_shutdown(w->pool, DF_POOL_DRAIN));
@@ -257,6 +271,26 @@ static void never_called(void *arg, int status)
 {
     (void)status;
     *(bool *)arg = true;
+}
+
+static df_result child_run(void *arg)
+{
+    (void)arg;
+    return df_ok(NULL, NULL);
+}
+
+static df_result child_cb(df_result r, void *arg)
+{
+    (void)arg;
+    return r;
+}
+
+static int child_next(void *arg, void **item, df_free_fn *item_free)
+{
+    (void)arg;
+    *item = NULL;
+    *item_free = NULL;
+    return 0;
 }
 
 static void child_refuses(void *arg)
@@ -286,6 +320,59 @@ static void child_refuses(void *arg)
     CHILD_EXPECT_RC(df_queue_put(w->queue, NULL, NULL), DF_EFORKED);
     CHILD_EXPECT_RC(df_sem_free(w->sem), DF_EFORKED);
     CHILD_EXPECT_RC(df_loop_free(w->loop), DF_EFORKED);
+
+    /* Every other kind of entry point, on every kind of object. */
+    CHILD_EXPECT_RC(df_loop_set_unhandled(w->loop, NULL, NULL), DF_EFORKED);
+    CHILD_EXPECT_RC(df_loop_stop(w->loop), DF_EFORKED);
+    CHILD_EXPECT_RC(df_loop_timeout_ms(w->loop), DF_EFORKED);
+    CHILD_EXPECT(df_loop_pending(w->loop) == 0);
+    CHILD_EXPECT_RC(df_timer_cancel(w->timer), DF_EFORKED);
+    CHILD_EXPECT_RC(df_succeed(w->loop, NULL, NULL, &d), DF_EFORKED);
+    /* Failures are values, usable in the child (see deferred.h); the
+     * calls that refuse leave this one with us. */
+    df_failure *f = df_failure_new(w->loop, DF_EFAILED, NULL);
+    CHILD_EXPECT_RC(df_fail(w->loop, f, &d), DF_EFORKED);
+    CHILD_EXPECT_RC(df_deferred_errback(w->unfired, f), DF_EFORKED);
+    df_failure_unref(f);
+    CHILD_EXPECT_RC(df_maybe(w->loop, child_run, NULL, &d), DF_EFORKED);
+    CHILD_EXPECT_RC(df_deferred_new_cancellable(w->loop, NULL, NULL, &d),
+                    DF_EFORKED);
+    CHILD_EXPECT_RC(df_deferred_add_callbacks(w->unfired, child_cb, child_cb,
+                                              NULL),
+                    DF_EFORKED);
+    CHILD_EXPECT_RC(df_deferred_chain(w->unfired, w->jobs[2]), DF_EFORKED);
+    CHILD_EXPECT_RC(df_deferred_pause(w->unfired), DF_EFORKED);
+    CHILD_EXPECT_RC(df_deferred_unpause(w->unfired), DF_EFORKED);
+    CHILD_EXPECT_RC(df_deferred_peek(w->jobs[0], NULL, NULL), DF_EFORKED);
+    CHILD_EXPECT_RC(df_deferred_set_timeout(w->unfired, 1), DF_EFORKED);
+    df_deferred *members[1] = {w->unfired};
+    CHILD_EXPECT_RC(df_list_new(w->loop, members, 1, 0, &d), DF_EFORKED);
+    CHILD_EXPECT_RC(df_gather(w->loop, members, 1, 0, &d), DF_EFORKED);
+    CHILD_EXPECT_RC(df_sem_new(w->loop, 1, NULL), DF_EINVAL);
+    df_sem *sem2 = NULL;
+    CHILD_EXPECT_RC(df_sem_new(w->loop, 1, &sem2), DF_EFORKED);
+    CHILD_EXPECT_RC(df_sem_release(w->sem), DF_EFORKED);
+    CHILD_EXPECT_RC(df_sem_run(w->sem, child_run, NULL, &d), DF_EFORKED);
+    df_lock *lock2 = NULL;
+    CHILD_EXPECT_RC(df_lock_new(w->loop, &lock2), DF_EFORKED);
+    CHILD_EXPECT_RC(df_lock_acquire(w->lock, &d), DF_EFORKED);
+    CHILD_EXPECT_RC(df_lock_release(w->lock), DF_EFORKED);
+    CHILD_EXPECT_RC(df_lock_run(w->lock, child_run, NULL, &d), DF_EFORKED);
+    CHILD_EXPECT_RC(df_lock_free(w->lock), DF_EFORKED);
+    df_queue *queue2 = NULL;
+    CHILD_EXPECT_RC(df_queue_new(w->loop, 1, 1, &queue2), DF_EFORKED);
+    CHILD_EXPECT_RC(df_queue_get(w->queue, &d), DF_EFORKED);
+    df_pool *pool2 = NULL;
+    CHILD_EXPECT_RC(df_pool_new(w->loop, NULL, &pool2), DF_EFORKED);
+    df_map_options mo = {0};
+    mo.limit = 1;
+    mo.next = child_next;
+    mo.pool = w->pool;
+    mo.work = quick_work;
+    df_map *map = NULL;
+    CHILD_EXPECT_RC(df_map_start(w->loop, &mo, &map, &d), DF_EFORKED);
+    CHILD_EXPECT(d == NULL && sem2 == NULL && lock2 == NULL &&
+                 queue2 == NULL && pool2 == NULL && map == NULL);
     CHILD_EXPECT(!called);
     CHILD_EXPECT(!df_deferred_called(w->unfired));
 
