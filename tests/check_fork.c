@@ -489,11 +489,4 @@ static Suite *fork_suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(fork_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? 0 : 1;
-}
+TU_MAIN(fork_suite)

@@ -13,14 +13,6 @@
 #include "deferred.h"
 #include "testutil.h"
 
-#if defined(__has_include)
-#if __has_include(<valgrind/valgrind.h>)
-#include <valgrind/valgrind.h>
-#endif
-#endif
-#ifndef RUNNING_ON_VALGRIND
-#define RUNNING_ON_VALGRIND 0
-#endif
 /* Helgrind sees no order in C11 atomics: tests that hand memory over
  * through one say so (no-ops without valgrind's headers). */
 #if defined(__has_include)

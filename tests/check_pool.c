@@ -13,15 +13,6 @@
 #include "deferred.h"
 #include "testutil.h"
 
-#if defined(__has_include)
-#if __has_include(<valgrind/valgrind.h>)
-#include <valgrind/valgrind.h>
-#endif
-#endif
-#ifndef RUNNING_ON_VALGRIND
-#define RUNNING_ON_VALGRIND 0
-#endif
-
 #define MS (UINT64_C(1000000))
 
 /* Stress sizes shrink under valgrind or with DF_TEST_QUICK set. */

@@ -14,15 +14,6 @@
 #include "deferred.h"
 #include "testutil.h"
 
-#if defined(__has_include)
-#if __has_include(<valgrind/valgrind.h>)
-#include <valgrind/valgrind.h>
-#endif
-#endif
-#ifndef RUNNING_ON_VALGRIND
-#define RUNNING_ON_VALGRIND 0
-#endif
-
 /*
  * The backlog is endless in spirit: items are made on demand, never more
  * than WINDOW at a time, and each one is either gated by a semaphore of
@@ -378,11 +369,4 @@ static Suite *soak_suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(soak_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? 0 : 1;
-}
+TU_MAIN(soak_suite)

@@ -11,6 +11,17 @@
 
 #include <deferred.h>
 
+/* RUNNING_ON_VALGRIND: non-zero under valgrind, where stress sizes shrink
+ * (0 when valgrind's headers are missing). */
+#if defined(__has_include)
+#if __has_include(<valgrind/valgrind.h>)
+#include <valgrind/valgrind.h>
+#endif
+#endif
+#ifndef RUNNING_ON_VALGRIND
+#define RUNNING_ON_VALGRIND 0
+#endif
+
 /* Asserts that a libdeferred call returned 0; names the code if not. */
 #define TU_OK(expr)                                                            \
     do {                                                                       \
