@@ -295,7 +295,11 @@ int main(int argc, char **argv)
     df_deferred_add_errback(done, consume, NULL); /* reported above */
     df_deferred_unref(done);
     df_pool_free(pool);
-    df_loop_free(a.loop);
+    rc = df_loop_free(a.loop); /* DF_EBUSY if anything were left */
+    if (rc != 0) {
+        fprintf(stderr, "stream: df_loop_free: %s\n", df_strerror(rc));
+        status = EXIT_FAILURE;
+    }
     free(a.buf);
     return status;
 }
