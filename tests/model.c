@@ -250,7 +250,14 @@ typedef struct md {
     /* B, the pool's semaphore. */
     unsigned lim_b;
     int held_b;
-    atomic_int held_b_atomic;
+    /* B's tokens in use as the pool side sees them: acquires holding one
+     * (counted after the grant, uncounted before the release) and
+     * df_sem_run_in_pool jobs in work.  Both under bmu, so that a job's
+     * check reads one consistent sum (two separate atomics let a job count
+     * a finished job and the acquire that got its token: a false alarm
+     * the fuzzer found). */
+    pthread_mutex_t bmu;
+    int held_b_shared, brun;
     int bdefs[MAX_B]; /* FIFO position -> tdef */
     int nb;
 
@@ -260,7 +267,7 @@ typedef struct md {
     bool valve_open;
     int glog[MAX_B * 2]; /* B grants, in order (FIFO positions) */
     int ng;
-    atomic_int prun, brun;
+    atomic_int prun;
     atomic_int last_job; /* one thread: plain jobs start in FIFO order */
     atomic_int failed;
     char msg[768];
@@ -506,7 +513,9 @@ static df_result track(df_result r, void *arg)
         log_add(&m->rlog, EV_FIRE, t->id, code, v);
     if (t->kind == K_ACQB && code == 0) {
         m->held_b++;
-        atomic_fetch_add(&m->held_b_atomic, 1);
+        pthread_mutex_lock(&m->bmu);
+        m->held_b_shared++;
+        pthread_mutex_unlock(&m->bmu);
         pthread_mutex_lock(&m->mu);
         m->glog[m->ng++] = t->bpos;
         pthread_mutex_unlock(&m->mu);
@@ -926,8 +935,10 @@ static df_result job_work(df_work *w, void *arg)
           t->id, ran);
     work_enter(m);
     if (t->kind == K_RIP) {
-        int n = atomic_fetch_add(&m->brun, 1) + 1;
-        int held = atomic_load(&m->held_b_atomic);
+        pthread_mutex_lock(&m->bmu);
+        int n = ++m->brun;
+        int held = m->held_b_shared;
+        pthread_mutex_unlock(&m->bmu);
         CHECK(m, n + held <= (int)m->lim_b,
               "rip #%d: %d jobs in work + %d tokens held by acquires "
               "exceed the semaphore's %u", t->id, n, held, m->lim_b);
@@ -940,8 +951,11 @@ static df_result job_work(df_work *w, void *arg)
         CHECK(m, last < t->id, "job #%d started after job #%d", t->id, last);
     }
     valve_wait(m);
-    if (t->kind == K_RIP)
-        atomic_fetch_sub(&m->brun, 1);
+    if (t->kind == K_RIP) {
+        pthread_mutex_lock(&m->bmu);
+        m->brun--;
+        pthread_mutex_unlock(&m->bmu);
+    }
     atomic_fetch_sub(&m->prun, 1);
     if (t->mode == 1)
         return df_errf(df_work_loop(w), E_JOB, "job %d fails", t->id);
@@ -1642,7 +1656,9 @@ static void op_release_b(md *m)
 {
     if (m->held_b > 0) {
         m->held_b--;
-        atomic_fetch_sub(&m->held_b_atomic, 1);
+        pthread_mutex_lock(&m->bmu);
+        m->held_b_shared--;
+        pthread_mutex_unlock(&m->bmu);
         CHECK_RC(m, df_sem_release(m->sb), 0);
     } else if (df_sem_tokens(m->sb) == m->lim_b) {
         CHECK_RC(m, df_sem_release(m->sb), DF_EOVERRELEASE);
@@ -1866,7 +1882,9 @@ static void teardown(md *m)
     }
     while (m->held_b > 0) {
         m->held_b--;
-        atomic_fetch_sub(&m->held_b_atomic, 1);
+        pthread_mutex_lock(&m->bmu);
+        m->held_b_shared--;
+        pthread_mutex_unlock(&m->bmu);
         CHECK_RC(m, df_sem_release(m->sb), 0);
     }
     for (int k = 0; k < m->ntimers; k++) {
@@ -1945,6 +1963,7 @@ static void md_destroy(md *m)
     free(m->mlog.e);
     pthread_cond_destroy(&m->cv);
     pthread_mutex_destroy(&m->mu);
+    pthread_mutex_destroy(&m->bmu);
     free(m);
 }
 
@@ -1956,6 +1975,7 @@ int md_run(md_src *src, unsigned max_ops, bool trace, md_result *res)
     m->src = src;
     m->trace = trace;
     pthread_mutex_init(&m->mu, NULL);
+    pthread_mutex_init(&m->bmu, NULL);
     pthread_cond_init(&m->cv, NULL);
     atomic_init(&m->failed, 0);
     memset(res, 0, sizeof *res);
