@@ -42,7 +42,7 @@
  * counted in `live` all the same.  Loop-thread allocations then depend only
  * on the order of events on the loop thread, which the scenarios fix: one
  * worker per pool (completions arrive in submission order), and a job
- * blocked on a condition variable (blocker_*) wherever the state of a job
+ * blocked at a gate (tu_gate B) wherever the state of a job
  * (queued or running) when the loop acts on it would otherwise be timing.
  * What stays timing-dependent is only how completions are batched, which
  * changes no allocation.  sweep() checks this: a clean run must make the
@@ -280,51 +280,12 @@ static void expect_code(const rec *x, int want, const char *name, int line)
 
 /* A job that blocks until the test opens it, so that the test knows what
  * is running and what is queued. */
-static struct {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    bool started;
-    bool open;
-} B = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false, false};
-
-static void blocker_reset(void)
-{
-    pthread_mutex_lock(&B.mu);
-    B.started = false;
-    B.open = false;
-    pthread_mutex_unlock(&B.mu);
-}
-
-static void blocker_wait_started(void)
-{
-    pthread_mutex_lock(&B.mu);
-    while (!B.started)
-        pthread_cond_wait(&B.cv, &B.mu);
-    pthread_mutex_unlock(&B.mu);
-}
-
-static void blocker_open(void)
-{
-    pthread_mutex_lock(&B.mu);
-    B.open = true;
-    pthread_cond_broadcast(&B.cv);
-    pthread_mutex_unlock(&B.mu);
-}
-
-static void blocker_enter(void)
-{
-    pthread_mutex_lock(&B.mu);
-    B.started = true;
-    pthread_cond_broadcast(&B.cv);
-    while (!B.open)
-        pthread_cond_wait(&B.cv, &B.mu);
-    pthread_mutex_unlock(&B.mu);
-}
+static tu_gate B = TU_GATE_INIT;
 
 static df_result work_block(df_work *w, void *arg)
 {
     (void)w;
-    blocker_enter();
+    tu_gate_pass(&B);
     return df_ok(arg, NULL);
 }
 
@@ -346,7 +307,7 @@ static df_result work_fail(df_work *w, void *arg)
  * shutdown, after the queue was taken (so nothing else can start). */
 static df_result rec_end_open(df_result r, void *arg)
 {
-    blocker_open();
+    tu_gate_open(&B);
     return rec_end(r, arg);
 }
 
@@ -1001,10 +962,10 @@ static void scenario_pool(void)
 
     sw_loop_new();
     SW_CALL(df_pool_new(L, &one_thread, &p));
-    blocker_reset();
+    tu_gate_reset(&B);
     SW_CALL(df_pool_submit(p, work_block, V(1), &j[0]));
     WATCH(j[0], rec_end, rj[0]);
-    blocker_wait_started(); /* j[0] runs; what follows is queued */
+    tu_gate_wait_entered(&B, 1); /* j[0] runs; what follows is queued */
     SW_CALL(df_pool_submit(p, work_value, V(2), &j[1]));
     SW_CALL(df_pool_submit(p, work_fail, V(3), &j[2]));
     SW_CALL(df_pool_submit(p, work_value, V(4), &j[3]));
@@ -1019,7 +980,7 @@ static void scenario_pool(void)
         SW_CALL(df_sem_run_in_pool(s, p, work_value, V(10 + i), &sj[i]));
         WATCH(sj[i], rec_end, rsj[i]);
     }
-    blocker_open();
+    tu_gate_open(&B);
     TU_OK(df_loop_run(L));
     EXPECT_VALUE(rj[0], V(1));
     EXPECT_VALUE(rj[1], V(2));
@@ -1102,7 +1063,7 @@ static df_result map_work(df_work *w, void *item)
 {
     (void)w;
     if (*(long *)item == 0)
-        blocker_enter();
+        tu_gate_pass(&B);
     return df_ok(item, NULL);
 }
 
@@ -1183,8 +1144,8 @@ static void scenario_map(void)
         o.on_result = map_result;
         o.arg = &x;
         memset(&rdone, 0, sizeof rdone);
-        blocker_reset();
-        blocker_open(); /* item 0 does not block here */
+        tu_gate_reset(&B);
+        tu_gate_open(&B); /* item 0 does not block here */
         SW_CALL(df_map_start(L, &o, &m, &done));
         WATCH(done, rec_end, rdone);
         TU_OK(df_loop_run(L));
@@ -1235,16 +1196,16 @@ static void scenario_map(void)
         o.on_result = map_result;
         o.arg = &x;
         memset(&rdone, 0, sizeof rdone);
-        blocker_reset();
+        tu_gate_reset(&B);
         SW_CALL(df_map_start(L, &o, &m, &done));
         WATCH(done, rec_end, rdone);
         TU_OK(df_map_get_stats(m, &st));
         /* Unless submitting item 0 was refused (the map then stopped at
          * once), item 0 is on the pool and will block. */
         if (st.running > 0)
-            blocker_wait_started();
+            tu_gate_wait_entered(&B, 1);
         TU_OK(df_map_cancel(m));
-        blocker_open();
+        tu_gate_open(&B);
         TU_OK(df_loop_run(L));
         check_map(m, &x, &rdone, DF_ECANCELLED, false, DF_ECANCELLED);
         TU_OK(df_map_free(m));
@@ -1284,9 +1245,9 @@ static void scenario_shutdown(void)
      * behind fails with DF_ESHUTDOWN. */
     SW_CALL(df_pool_new(L, &one_thread, &p));
     SW_CALL(df_sem_new(L, 1, &s));
-    blocker_reset();
+    tu_gate_reset(&B);
     SW_CALL(df_pool_submit(p, work_block, V(1), &j[0]));
-    blocker_wait_started();
+    tu_gate_wait_entered(&B, 1);
     SW_CALL(df_pool_submit(p, work_value, V(2), &j[1]));
     SW_CALL(df_pool_submit(p, work_value, V(3), &j[2]));
     SW_CALL(df_sem_run_in_pool(s, p, work_value, V(11), &r[0]));
@@ -1298,7 +1259,7 @@ static void scenario_shutdown(void)
         WATCH(r[i], rec_end, rr[i]);
     }
     WATCH(a, rec_end, ra);
-    blocker_open();
+    tu_gate_open(&B);
     TU_OK(df_pool_shutdown(p, DF_POOL_DRAIN));
     for (int i = 0; i < 3; i++)
         EXPECT_VALUE(rj[i], V(i + 1));
@@ -1318,9 +1279,9 @@ static void scenario_shutdown(void)
      * DF_ESHUTDOWN, and the token comes back. */
     SW_CALL(df_pool_new(L, &one_thread, &p2));
     SW_CALL(df_sem_new(L, 1, &s2));
-    blocker_reset();
+    tu_gate_reset(&B);
     SW_CALL(df_pool_submit(p2, work_block, V(1), &k[0]));
-    blocker_wait_started();
+    tu_gate_wait_entered(&B, 1);
     SW_CALL(df_pool_submit(p2, work_value, V(2), &k[1]));
     SW_CALL(df_pool_submit(p2, work_value, V(3), &k[2]));
     SW_CALL(df_sem_run_in_pool(s2, p2, work_value, V(21), &q[0]));
@@ -1341,9 +1302,9 @@ static void scenario_shutdown(void)
 
     /* Freeing an open pool cancels what is queued. */
     SW_CALL(df_pool_new(L, &one_thread, &p3));
-    blocker_reset();
+    tu_gate_reset(&B);
     SW_CALL(df_pool_submit(p3, work_block, V(1), &m[0]));
-    blocker_wait_started();
+    tu_gate_wait_entered(&B, 1);
     SW_CALL(df_pool_submit(p3, work_value, V(2), &m[1]));
     WATCH(m[0], rec_end, rm[0]);
     WATCH(m[1], rec_end_open, rm[1]);

@@ -121,59 +121,16 @@ static void run_in_child(void (*fn)(void *arg), void *arg)
 
 /* ------------------------------------------------ work held in the parent */
 
-/* Pool work that waits until the test lets it go, so that jobs are
- * running (and queued behind them) when the process forks. */
-typedef struct gate {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    bool open;
-    unsigned running; /* work functions entered */
-    atomic_uint done; /* work functions returned */
-} gate;
-
-static void gate_init(gate *g)
-{
-    pthread_mutex_init(&g->mu, NULL);
-    pthread_cond_init(&g->cv, NULL);
-    g->open = false;
-    g->running = 0;
-    atomic_init(&g->done, 0);
-}
-
-static void gate_destroy(gate *g)
-{
-    pthread_cond_destroy(&g->cv);
-    pthread_mutex_destroy(&g->mu);
-}
+/* Pool work that waits at the world's gate until the test lets it go, so
+ * that jobs are running (and queued behind them) when the process forks. */
+static atomic_uint held_done; /* work functions returned */
 
 static df_result held_work(df_work *w, void *arg)
 {
     (void)w;
-    gate *g = arg;
-    pthread_mutex_lock(&g->mu);
-    g->running++;
-    pthread_cond_broadcast(&g->cv);
-    while (!g->open)
-        pthread_cond_wait(&g->cv, &g->mu);
-    pthread_mutex_unlock(&g->mu);
-    atomic_fetch_add(&g->done, 1);
+    tu_gate_pass(arg);
+    atomic_fetch_add(&held_done, 1);
     return df_ok((void *)(uintptr_t)7, NULL);
-}
-
-static void gate_wait_running(gate *g, unsigned n)
-{
-    pthread_mutex_lock(&g->mu);
-    while (g->running < n)
-        pthread_cond_wait(&g->cv, &g->mu);
-    pthread_mutex_unlock(&g->mu);
-}
-
-static void gate_open(gate *g)
-{
-    pthread_mutex_lock(&g->mu);
-    g->open = true;
-    pthread_cond_broadcast(&g->cv);
-    pthread_mutex_unlock(&g->mu);
 }
 
 static df_result quick_work(df_work *w, void *arg)
@@ -201,7 +158,7 @@ typedef struct world {
     df_timer *timer;        /* an hour away: pending when forking */
     df_deferred *unfired;   /* made by the test, not fired yet */
     df_deferred *jobs[4];   /* 2 running, 2 queued when forking */
-    gate g;
+    tu_gate g;
 } world;
 
 static void world_up(world *w)
@@ -220,17 +177,18 @@ static void world_up(world *w)
     TU_OK(df_loop_call_later(w->loop, UINT64_C(3600000000000), timer_fired,
                              NULL, &w->timer));
     TU_OK(df_deferred_new(w->loop, &w->unfired));
-    gate_init(&w->g);
+    tu_gate_init(&w->g);
+    atomic_store(&held_done, 0);
     for (int i = 0; i < 4; i++)
         TU_OK(df_pool_submit(w->pool, held_work, &w->g, &w->jobs[i]));
-    gate_wait_running(&w->g, 2); /* both workers busy, 2 jobs queued */
+    tu_gate_wait_entered(&w->g, 2); /* both workers busy, 2 queued */
 }
 
 /* After the fork: the parent's work completes, its objects still work,
  * and everything is freed. */
 static void world_down(world *w)
 {
-    gate_open(&w->g);
+    tu_gate_open(&w->g);
     for (int i = 0; i < 4; i++) {
         TU_OK(df_loop_run_until(w->loop, w->jobs[i]));
         void *v = NULL;
@@ -240,7 +198,7 @@ static void world_down(world *w)
         ck_assert_ptr_eq(v, (void *)(uintptr_t)7);
         df_deferred_unref(w->jobs[i]);
     }
-    ck_assert_uint_eq(atomic_load(&w->g.done), 4);
+    ck_assert_uint_eq(atomic_load(&held_done), 4);
 
     /* The objects the child refused still work in the parent. */
     TU_OK(df_deferred_callback(w->unfired, NULL, NULL));
@@ -262,7 +220,7 @@ static void world_down(world *w)
     TU_OK(df_loop_run(w->loop));
     TU_OK(df_loop_free(w->loop));
     ck_assert_int_eq(atomic_load(&w->ca.live), 0);
-    gate_destroy(&w->g);
+    tu_gate_destroy(&w->g);
 }
 
 /* ---------------------------------------------------------------- tests */

@@ -23,42 +23,6 @@ static bool quick(void)
 
 /* ------------------------------------------------------------- helpers */
 
-/* A one-shot event between threads: no sleeping, no spinning. */
-typedef struct gate {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    bool open;
-} gate;
-
-static void gate_init(gate *g)
-{
-    pthread_mutex_init(&g->mu, NULL);
-    pthread_cond_init(&g->cv, NULL);
-    g->open = false;
-}
-
-static void gate_destroy(gate *g)
-{
-    pthread_cond_destroy(&g->cv);
-    pthread_mutex_destroy(&g->mu);
-}
-
-static void gate_open(gate *g)
-{
-    pthread_mutex_lock(&g->mu);
-    g->open = true;
-    pthread_cond_broadcast(&g->cv);
-    pthread_mutex_unlock(&g->mu);
-}
-
-static void gate_wait(gate *g)
-{
-    pthread_mutex_lock(&g->mu);
-    while (!g->open)
-        pthread_cond_wait(&g->cv, &g->mu);
-    pthread_mutex_unlock(&g->mu);
-}
-
 static df_result consume_errback(df_result r, void *arg)
 {
     (void)arg;
@@ -288,7 +252,7 @@ typedef struct order_log {
 typedef struct order_item {
     order_log *ol;
     unsigned id;
-    gate g;
+    tu_gate g;
 } order_item;
 
 static df_result order_cb(df_result r, void *arg)
@@ -328,7 +292,7 @@ static df_result gated_work(df_work *w, void *arg)
 {
     (void)w;
     order_item *it = arg;
-    gate_wait(&it->g);
+    tu_gate_wait(&it->g);
     return df_ok(NULL, NULL);
 }
 
@@ -348,12 +312,12 @@ START_TEST(test_pool_completion_order)
     for (unsigned i = 0; i < N; i++) {
         items[i].ol = &ol;
         items[i].id = i;
-        gate_init(&items[i].g);
+        tu_gate_init(&items[i].g);
         TU_OK(df_pool_submit(p, gated_work, &items[i], &d[i]));
         TU_OK(df_deferred_add_callback(d[i], order_cb, &items[i]));
     }
     for (unsigned k = 0; k < N; k++) {
-        gate_open(&items[perm[k]].g);
+        tu_gate_open(&items[perm[k]].g);
         while (ol.len == k) {
             struct pollfd pfd = {df_loop_fd(loop), POLLIN, 0};
             ck_assert_int_eq(poll(&pfd, 1, -1), 1);
@@ -365,7 +329,7 @@ START_TEST(test_pool_completion_order)
     ck_assert_uint_eq(df_loop_pending(loop), 0);
     for (unsigned i = 0; i < N; i++) {
         df_deferred_unref(d[i]);
-        gate_destroy(&items[i].g);
+        tu_gate_destroy(&items[i].g);
     }
     df_pool_free(p);
     tu_loop_free(loop);
@@ -420,8 +384,8 @@ END_TEST
 /* --------------------------------------------------------------- cancel */
 
 typedef struct blocker {
-    gate started;
-    gate release;
+    tu_gate started;
+    tu_gate release;
     atomic_int runs;
     atomic_bool saw_cancel;
     bool poll_cancel; /* return as soon as df_work_cancelled() */
@@ -429,8 +393,8 @@ typedef struct blocker {
 
 static void blocker_init(blocker *b, bool poll_cancel)
 {
-    gate_init(&b->started);
-    gate_init(&b->release);
+    tu_gate_init(&b->started);
+    tu_gate_init(&b->release);
     atomic_init(&b->runs, 0);
     atomic_init(&b->saw_cancel, false);
     b->poll_cancel = poll_cancel;
@@ -438,8 +402,8 @@ static void blocker_init(blocker *b, bool poll_cancel)
 
 static void blocker_destroy(blocker *b)
 {
-    gate_destroy(&b->started);
-    gate_destroy(&b->release);
+    tu_gate_destroy(&b->started);
+    tu_gate_destroy(&b->release);
 }
 
 /* Signals `started`, then waits for `release`, or (poll_cancel) polls
@@ -448,13 +412,13 @@ static df_result blocking_work(df_work *w, void *arg)
 {
     blocker *b = arg;
     atomic_fetch_add(&b->runs, 1);
-    gate_open(&b->started);
+    tu_gate_open(&b->started);
     if (b->poll_cancel) {
         while (!df_work_cancelled(w))
             sched_yield();
         atomic_store(&b->saw_cancel, true);
     } else {
-        gate_wait(&b->release);
+        tu_gate_wait(&b->release);
     }
     return df_ok(malloc(16), value_free);
 }
@@ -480,13 +444,13 @@ START_TEST(test_pool_cancel_queued)
     df_deferred *a, *q;
     TU_OK(df_pool_submit(p, blocking_work, &b, &a));
     TU_OK(df_pool_submit(p, counted_work, NULL, &q));
-    gate_wait(&b.started);
+    tu_gate_wait(&b.started);
     ck_assert_uint_eq(df_loop_pending(loop), 2);
     TU_OK(df_deferred_cancel(q));
     ck_assert(df_deferred_called(q));
     ck_assert_int_eq(result_code(q), DF_ECANCELLED);
     ck_assert_uint_eq(df_loop_pending(loop), 1);
-    gate_open(&b.release);
+    tu_gate_open(&b.release);
     TU_OK(df_loop_run(loop));
     ck_assert_int_eq(result_code(a), 0);
     ck_assert_int_eq(atomic_load(&g_counted_runs), 0);
@@ -510,7 +474,7 @@ START_TEST(test_pool_cancel_running)
     atomic_store(&g_value_frees, 0);
     df_deferred *d;
     TU_OK(df_pool_submit(p, blocking_work, &b, &d));
-    gate_wait(&b.started);
+    tu_gate_wait(&b.started);
     TU_OK(df_deferred_cancel(d));
     ck_assert(!df_deferred_called(d)); /* waits for the worker */
     wait_for(loop, d);
@@ -615,15 +579,15 @@ END_TEST
 /* ------------------------------------------------------------- shutdown */
 
 typedef struct opener {
-    gate *g;
-    gate *go;
+    tu_gate *g;
+    tu_gate *go;
 } opener;
 
 static void *open_later(void *arg)
 {
     opener *o = arg;
-    gate_wait(o->go);
-    gate_open(o->g);
+    tu_gate_wait(o->go);
+    tu_gate_open(o->g);
     return NULL;
 }
 
@@ -641,14 +605,14 @@ START_TEST(test_pool_shutdown_drain)
     TU_OK(df_pool_submit(p, blocking_work, &b, &first));
     for (int i = 0; i < N; i++)
         TU_OK(df_pool_submit(p, counted_work, NULL, &d[i]));
-    gate_wait(&b.started);
+    tu_gate_wait(&b.started);
     /* A helper releases the first job once we are about to shut down. */
-    gate go;
-    gate_init(&go);
+    tu_gate go;
+    tu_gate_init(&go);
     opener o = {&b.release, &go};
     pthread_t th;
     ck_assert_int_eq(pthread_create(&th, NULL, open_later, &o), 0);
-    gate_open(&go);
+    tu_gate_open(&go);
     TU_OK(df_pool_shutdown(p, DF_POOL_DRAIN));
     pthread_join(th, NULL);
     ck_assert_int_eq(result_code(first), 0);
@@ -667,7 +631,7 @@ START_TEST(test_pool_shutdown_drain)
     TU_ERR(df_pool_shutdown(p, 7), DF_EINVAL);
     df_deferred_unref(first);
     df_pool_free(p);
-    gate_destroy(&go);
+    tu_gate_destroy(&go);
     blocker_destroy(&b);
     tu_loop_free(loop);
 }
@@ -675,7 +639,7 @@ END_TEST
 
 static df_result open_gate_errback(df_result r, void *arg)
 {
-    gate_open(arg);
+    tu_gate_open(arg);
     return r;
 }
 
@@ -696,7 +660,7 @@ START_TEST(test_pool_shutdown_cancel)
     /* The last queued job's errback lets the running one finish, so that
      * shutdown can join it. */
     TU_OK(df_deferred_add_errback(d[N - 1], open_gate_errback, &b.release));
-    gate_wait(&b.started);
+    tu_gate_wait(&b.started);
     TU_OK(df_pool_shutdown(p, DF_POOL_CANCEL));
     ck_assert_int_eq(result_code(first), 0);
     for (int i = 0; i < N; i++) {
@@ -756,7 +720,7 @@ START_TEST(test_pool_free_states)
         TU_OK(df_pool_submit(p, counted_work, NULL, &queued[i]));
     /* Cancelled by the free; the last one lets the running job return. */
     TU_OK(df_deferred_add_errback(queued[4], open_gate_errback, &b.release));
-    gate_wait(&b.started);
+    tu_gate_wait(&b.started);
     df_pool_free(p);
     ck_assert_int_eq(result_code(run), 0);
     for (int i = 0; i < 5; i++) {
@@ -956,7 +920,7 @@ START_TEST(test_pool_sem_cancel_waiting)
     ck_assert_int_eq(result_code(w), DF_ECANCELLED);
     ck_assert_uint_eq(df_sem_waiting(s), 0);
     ck_assert_uint_eq(df_sem_tokens(s), 0);
-    gate_open(&b.release);
+    tu_gate_open(&b.release);
     TU_OK(df_loop_run(loop));
     ck_assert_int_eq(result_code(a), 0);
     ck_assert_uint_eq(df_sem_tokens(s), 1);
@@ -1006,7 +970,7 @@ START_TEST(test_pool_sem_cancel_running)
     TU_OK(df_sem_run_in_pool(s, p, bound_work, &next, &w));
     token_check tc = {s, &b, 0, false, 99};
     TU_OK(df_deferred_add_both(a, token_check_cb, &tc));
-    gate_wait(&b.started);
+    tu_gate_wait(&b.started);
     TU_OK(df_deferred_cancel(a));
     ck_assert(!df_deferred_called(a));
     ck_assert_uint_eq(df_sem_tokens(s), 0);
@@ -1047,11 +1011,11 @@ START_TEST(test_pool_sem_cancel_queued_job)
     TU_OK(df_sem_run_in_pool(s, p, blocking_work, &b, &a));
     TU_OK(df_sem_run_in_pool(s, p, counted_work, NULL, &q));
     ck_assert_uint_eq(df_sem_tokens(s), 0);
-    gate_wait(&b.started);
+    tu_gate_wait(&b.started);
     TU_OK(df_deferred_cancel(q));
     ck_assert_int_eq(result_code(q), DF_ECANCELLED);
     ck_assert_uint_eq(df_sem_tokens(s), 1);
-    gate_open(&b.release);
+    tu_gate_open(&b.release);
     TU_OK(df_loop_run(loop));
     ck_assert_int_eq(result_code(a), 0);
     ck_assert_int_eq(atomic_load(&g_counted_runs), 0);
@@ -1083,7 +1047,7 @@ START_TEST(test_pool_sem_pool_shutdown)
     for (int i = 0; i < N; i++)
         TU_OK(df_sem_run_in_pool(s, p, counted_work, NULL, &d[i]));
     TU_OK(df_deferred_add_errback(d[N - 1], open_gate_errback, &b.release));
-    gate_wait(&b.started);
+    tu_gate_wait(&b.started);
     TU_OK(df_pool_shutdown(p, DF_POOL_CANCEL));
     ck_assert_int_eq(result_code(first), 0);
     for (int i = 0; i < N; i++) {
@@ -1127,10 +1091,10 @@ static df_result fired_cb(df_result r, void *arg)
     return df_ok(NULL, NULL);
 }
 
-/* gate_wait() with a deadline; false if the gate did not open in time.
+/* tu_gate_wait() with a deadline; false if the gate did not open in time.
  * Only a guard against hanging on code that breaks the contract: passing
  * runs never wait on it. */
-static bool gate_wait_for(gate *g, unsigned seconds)
+static bool gate_wait_for(tu_gate *g, unsigned seconds)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
@@ -1242,7 +1206,7 @@ START_TEST(test_pool_gate_recancel_from_token_waiter)
     TU_OK(df_sem_run_in_pool(s, p, blocking_work, &b, &a));
     TU_OK(df_sem_run_in_pool(s, p, counted_work, NULL, &victim));
     TU_OK(df_pool_submit(p, counted_work, NULL, &plain));
-    gate_wait(&b.started); /* the only worker is busy: both stay queued */
+    tu_gate_wait(&b.started); /* the only worker is busy: both stay queued */
     TU_OK(df_sem_acquire(s, &w));
     ck_assert(!df_deferred_called(w));
     recancel rc = {victim, s, 0};
@@ -1261,7 +1225,7 @@ START_TEST(test_pool_gate_recancel_from_token_waiter)
     ck_assert_uint_eq(df_sem_waiting(s), 0);
     ck_assert_uint_eq(df_loop_pending(loop), 2); /* a and plain */
 
-    gate_open(&b.release);
+    tu_gate_open(&b.release);
     TU_OK(df_loop_run(loop));
     ck_assert_int_eq(result_code(a), 0);
     /* plain stayed on the queue and ran; victim never ran. */
@@ -1360,7 +1324,7 @@ END_TEST
  * queue yet.  Guards against the gate's jobs being failed (their callbacks
  * run) before the queue is seized. */
 typedef struct starter {
-    gate started;
+    tu_gate started;
     atomic_int runs;
 } starter;
 
@@ -1369,7 +1333,7 @@ static df_result starting_work(df_work *w, void *arg)
     (void)w;
     starter *st = arg;
     atomic_fetch_add(&st->runs, 1);
-    gate_open(&st->started);
+    tu_gate_open(&st->started);
     return df_ok(NULL, NULL);
 }
 
@@ -1389,7 +1353,7 @@ static df_result shut_order_errback(df_result r, void *arg)
     so->code = r.failure != NULL ? df_failure_code(r.failure) : 0;
     df_result_clear(&r);
     so->queued_fired_first = df_deferred_called(so->queued);
-    gate_open(&so->running->release);
+    tu_gate_open(&so->running->release);
     /* Contract broken: the queued job is still queued and the worker is
      * now free to start it; wait until it does, so that the failure is
      * seen deterministically. */
@@ -1407,14 +1371,14 @@ START_TEST(test_pool_gate_cancel_shutdown_takes_queue_first)
     blocker b;
     blocker_init(&b, false);
     starter q;
-    gate_init(&q.started);
+    tu_gate_init(&q.started);
     atomic_init(&q.runs, 0);
     atomic_store(&g_counted_runs, 0);
     df_deferred *a, *queued, *gated;
     TU_OK(df_sem_run_in_pool(s, p, blocking_work, &b, &a));      /* runs */
     TU_OK(df_sem_run_in_pool(s, p, starting_work, &q, &queued)); /* queued */
     TU_OK(df_sem_run_in_pool(s, p, counted_work, NULL, &gated)); /* gate */
-    gate_wait(&b.started);
+    tu_gate_wait(&b.started);
     ck_assert_uint_eq(df_sem_waiting(s), 1);
     shut_order so = {queued, &b, &q, 0, 0, false};
     TU_OK(df_deferred_add_both(gated, shut_order_errback, &so));
@@ -1440,7 +1404,7 @@ START_TEST(test_pool_gate_cancel_shutdown_takes_queue_first)
     df_deferred_unref(gated);
     TU_OK(df_sem_free(s));
     df_pool_free(p);
-    gate_destroy(&q.started);
+    tu_gate_destroy(&q.started);
     blocker_destroy(&b);
     tu_loop_free(loop);
 }

@@ -193,6 +193,78 @@ static inline df_allocator tu_fa_allocator(tu_failing_alloc *fa)
     return a;
 }
 
+/* A gate between threads, with no sleeping and no spinning: pool work
+ * passes it (and is counted as entered) once the test opens it; the test
+ * can wait until n workers have entered.  Static gates: TU_GATE_INIT. */
+typedef struct tu_gate {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool open;
+    unsigned entered; /* tu_gate_pass() calls so far */
+} tu_gate;
+#define TU_GATE_INIT                                                           \
+    {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false, 0}
+
+static inline void tu_gate_init(tu_gate *g)
+{
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, NULL);
+    g->open = false;
+    g->entered = 0;
+}
+
+static inline void tu_gate_destroy(tu_gate *g)
+{
+    pthread_cond_destroy(&g->cv);
+    pthread_mutex_destroy(&g->mu);
+}
+
+/* Closes the gate again and forgets who entered. */
+static inline void tu_gate_reset(tu_gate *g)
+{
+    pthread_mutex_lock(&g->mu);
+    g->open = false;
+    g->entered = 0;
+    pthread_mutex_unlock(&g->mu);
+}
+
+static inline void tu_gate_open(tu_gate *g)
+{
+    pthread_mutex_lock(&g->mu);
+    g->open = true;
+    pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* Waits until the gate is open. */
+static inline void tu_gate_wait(tu_gate *g)
+{
+    pthread_mutex_lock(&g->mu);
+    while (!g->open)
+        pthread_cond_wait(&g->cv, &g->mu);
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* Counts the caller as entered, then waits until the gate is open. */
+static inline void tu_gate_pass(tu_gate *g)
+{
+    pthread_mutex_lock(&g->mu);
+    g->entered++;
+    pthread_cond_broadcast(&g->cv);
+    while (!g->open)
+        pthread_cond_wait(&g->cv, &g->mu);
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* Waits until n callers have entered. */
+static inline void tu_gate_wait_entered(tu_gate *g, unsigned n)
+{
+    pthread_mutex_lock(&g->mu);
+    while (g->entered < n)
+        pthread_cond_wait(&g->cv, &g->mu);
+    pthread_mutex_unlock(&g->mu);
+}
+
 /* A new loop with default options, owned by the calling thread. */
 static inline df_loop *tu_loop(void)
 {
