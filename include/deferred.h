@@ -352,7 +352,9 @@ DF_EXPORT size_t df_loop_pending(const df_loop *loop);
 typedef void (*df_call_fn)(void *arg, int status);
 /* Queues fn(arg) to run on the loop thread, in the order calls were made
  * from each thread.  Thread-safe; callable from any thread, also from a
- * signal-free context inside a pool's work function.  Wakes the loop. */
+ * signal-free context inside a pool's work function.  Wakes the loop.
+ * Not a cancellation point: a thread with a cancel pending completes the
+ * call.  DF_EINVAL for NULL, DF_ENOMEM, DF_EFORKED in a forked child. */
 DF_EXPORT int df_loop_call_from_thread(df_loop *loop, df_call_fn fn,
                                        void *arg);
 
