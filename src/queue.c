@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "deferred-internal.h"
+#include "ilist.h"
 
 /*
  * Design
@@ -27,47 +28,6 @@
  * dispatcher, which frees it as it unwinds.
  */
 
-/* An intrusive circular doubly-linked list with a sentinel head. */
-typedef struct link {
-    struct link *prev;
-    struct link *next;
-} link;
-
-static void list_init(link *head)
-{
-    head->prev = head;
-    head->next = head;
-}
-
-static bool list_empty(const link *head)
-{
-    return head->next == head;
-}
-
-static void list_append(link *head, link *l)
-{
-    l->prev = head->prev;
-    l->next = head;
-    head->prev->next = l;
-    head->prev = l;
-}
-
-static void list_remove(link *l)
-{
-    l->prev->next = l->next;
-    l->next->prev = l->prev;
-    l->prev = l->next = NULL;
-}
-
-static link *list_pop(link *head)
-{
-    if (list_empty(head))
-        return NULL;
-    link *l = head->next;
-    list_remove(l);
-    return l;
-}
-
 typedef struct slot {
     void *value;
     df_free_fn free;
@@ -81,9 +41,9 @@ struct df_queue {
     size_t cap;
     size_t head;
     size_t count;
-    link waiting;          /* pending gets, FIFO                        */
+    df__ilink waiting;     /* pending gets, FIFO                        */
     size_t nwaiting;
-    link ready;            /* gets handed a value, not yet fired, FIFO  */
+    df__ilink ready;       /* gets handed a value, not yet fired, FIFO  */
     bool dispatching;      /* a queue_enter() frame is on the stack     */
     bool closing;          /* df_queue_free() was called                */
 };
@@ -91,7 +51,7 @@ struct df_queue {
 enum getter_state { ST_WAITING, ST_READY };
 
 typedef struct getter {
-    link link;
+    df__ilink link;
     df_queue *q;
     df_deferred *d;        /* the get's deferred; our own reference     */
     void *value;           /* READY: the value handed over              */
@@ -164,7 +124,7 @@ static bool queue_enter(df_queue *q)
 
 static void queue_destroy(df_queue *q)
 {
-    assert(list_empty(&q->waiting) && list_empty(&q->ready));
+    assert(df__ilist_empty(&q->waiting) && df__ilist_empty(&q->ready));
     while (q->count > 0) {
         slot sl = ring_shift(q);
         destroy_value(sl.value, sl.free);
@@ -200,8 +160,8 @@ static void queue_leave(df_queue *q, bool outer)
 {
     if (!outer)
         return;
-    link *l;
-    while ((l = list_pop(&q->ready)) != NULL)
+    df__ilink *l;
+    while ((l = df__ilist_pop(&q->ready)) != NULL)
         getter_fire(q, GETTER_OF(l));
     q->dispatching = false;
     if (q->closing)
@@ -212,14 +172,14 @@ static void queue_leave(df_queue *q, bool outer)
  * stores it.  Steals the value on success.  Runs no user code. */
 static int queue_deliver(df_queue *q, void *value, df_free_fn free_fn)
 {
-    link *l = list_pop(&q->waiting);
+    df__ilink *l = df__ilist_pop(&q->waiting);
     if (l != NULL) {
         getter *g = GETTER_OF(l);
         q->nwaiting--;
         g->value = value;
         g->free = free_fn;
         g->state = ST_READY;
-        list_append(&q->ready, l);
+        df__ilist_append(&q->ready, l);
         return 0;
     }
     if (q->count >= q->size)
@@ -241,7 +201,7 @@ static void getter_cancel(df_deferred *d, void *arg)
     df_queue *q = g->q;
 
     assert(g->d == d);
-    list_remove(&g->link);
+    df__ilist_remove(&g->link);
     if (g->state == ST_WAITING) {
         /* Leave the line; df_deferred_cancel fails d once we return. */
         q->nwaiting--;
@@ -273,8 +233,8 @@ int df_queue_new(df_loop *loop, size_t size, size_t backlog, df_queue **out)
     q->loop = loop;
     q->size = size;
     q->backlog = backlog;
-    list_init(&q->waiting);
-    list_init(&q->ready);
+    df__ilist_init(&q->waiting);
+    df__ilist_init(&q->ready);
     *out = q;
     return 0;
 }
@@ -292,8 +252,8 @@ void df_queue_free(df_queue *q)
     bool outer = queue_enter(q);
     /* Fail the waiting gets.  Their callbacks may call into the queue:
      * `closing` makes puts and gets refuse with DF_ESTATE. */
-    link *l;
-    while ((l = list_pop(&q->waiting)) != NULL) {
+    df__ilink *l;
+    while ((l = df__ilist_pop(&q->waiting)) != NULL) {
         getter *g = GETTER_OF(l);
         df_deferred *d = g->d;
         q->nwaiting--;
@@ -361,7 +321,7 @@ int df_queue_get(df_queue *q, df_deferred **out)
      * if the application drops its reference while the get waits. */
     g->d = df_deferred_ref(d);
     g->state = ST_WAITING;
-    list_append(&q->waiting, &g->link);
+    df__ilist_append(&q->waiting, &g->link);
     q->nwaiting++;
     *out = d;
     return 0;
