@@ -542,6 +542,13 @@ DF_EXPORT void df_list_result_free(void *r);
  * one waits, else in FIFO order.  release() hands the token straight to the
  * first waiter.  Releases are never recursive: 10^6 waiters released one
  * after another run in constant stack.
+ *
+ * One line: acquires, runs and df_sem_run_in_pool jobs (whatever their
+ * pool) wait in one FIFO line per semaphore, and a token always goes to
+ * the head of it.  A pool job that finishes hands its token on from its
+ * worker thread when the head is a job of the same pool (that worker runs
+ * it at once); otherwise the token comes back on the loop thread when the
+ * finished job's completion is dispatched, and goes to the head then.
  */
 /* tokens >= 1, else DF_EINVAL. */
 DF_EXPORT int df_sem_new(df_loop *loop, unsigned tokens, df_sem **out);
@@ -552,7 +559,11 @@ DF_EXPORT int df_sem_new(df_loop *loop, unsigned tokens, df_sem **out);
 DF_EXPORT int df_sem_free(df_sem *s);
 /* Cancelling the returned deferred before it fires removes the waiter. */
 DF_EXPORT int df_sem_acquire(df_sem *s, df_deferred **out);
-/* DF_EOVERRELEASE if no token is held. */
+/* Gives back a token taken by df_sem_acquire.  DF_EOVERRELEASE if no such
+ * token is held: the tokens of df_sem_run and df_sem_run_in_pool come back
+ * only when those finish, so that the tokens never exceed the limit (a
+ * departure from Twisted, whose release() would take a run's token and
+ * make the run's own release fail later). */
 DF_EXPORT int df_sem_release(df_sem *s);
 /* Acquire, then call fn(arg) (which may return df_wait), release when its
  * result is known, success or failure, then fire *out with that result.
@@ -638,9 +649,15 @@ DF_EXPORT int df_pool_submit(df_pool *p, df_work_fn work, void *arg,
 enum { DF_POOL_DRAIN = 0, DF_POOL_CANCEL = 1 };
 /* Stops accepting work; DRAIN runs every queued job, CANCEL fails each
  * queued job with DF_ECANCELLED first (before any callback can let one
- * start).  df_sem_run_in_pool jobs still waiting for a token fail with
- * DF_ESHUTDOWN: under CANCEL at once; under DRAIN at the end, those that
- * no finishing job handed a token to.  Both wait for running jobs, dispatch
+ * start).  df_sem_run_in_pool jobs for this pool still waiting for a token
+ * fail with DF_ESHUTDOWN: under CANCEL at once (right after the queued
+ * jobs); under DRAIN only those that get no token while the drain runs
+ * (the drain dispatches this pool's completions as they come, so every
+ * token they give back goes on to the next job in line, and runs it if it
+ * is for this pool), that is, those behind a token held elsewhere.  A map
+ * on this pool stops pulling and its done fails with DF_ESHUTDOWN, whether
+ * the pool is shut down from a timer or from the map's own callbacks.
+ * Both wait for running jobs, dispatch
  * this pool's completions (their callbacks run inside this call; other
  * completions stay queued, in order) and join every thread.  A callback may
  * free the pool: the free then happens at the end of the shutdown.
@@ -657,11 +674,14 @@ DF_EXPORT bool df_work_cancelled(const df_work *w);
 DF_EXPORT df_loop *df_work_loop(const df_work *w);
 
 /* Semaphore run-in-pool: acquire a token, submit work, release the token
- * only once the worker has returned.  Cancelling *out while waiting for the
- * token removes the waiter; once submitted, it cancels the job as
- * df_pool_submit says, and the token comes back only when the worker is
- * done.  *out fails with DF_ESHUTDOWN if the pool was shut down while it
- * waited for its token. */
+ * only once the worker has returned.  The job waits in the semaphore's one
+ * line (see above); a worker that finishes a job of this semaphore may
+ * start it directly.  Cancelling *out while waiting for the token removes
+ * the waiter; once submitted, it cancels the job as df_pool_submit says,
+ * and the token comes back only when the worker is done, before *out
+ * fires.  *out fails with DF_ESHUTDOWN if the pool was shut down (or
+ * freed) while it waited for its token.  DF_ESHUTDOWN if the pool is shut
+ * down, DF_EINVAL if s and p belong to different loops. */
 DF_EXPORT int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work,
                                  void *arg, df_deferred **out);
 

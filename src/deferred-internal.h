@@ -129,7 +129,7 @@ void df__deferred_unmark_timeout(df_deferred *d);
 /* A cancellable deferred and a pool job in one block: *job points to
  * DF__JOB_SIZE bytes that live as long as the deferred and are also the
  * canceller's argument (pool.c checks the size). */
-#define DF__JOB_SIZE 136
+#define DF__JOB_SIZE 168
 int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                          df_deferred **out, void **job);
 
@@ -181,31 +181,8 @@ void df__loop_objects_add(df_loop *loop, int delta);
 df_loop *df__pool_loop(const df_pool *p);
 
 /* ------------------------------------------------- semaphore gate (pool) */
-/* The fast path of df_sem_run_in_pool (see pool.c and sem.c): jobs waiting
- * for a token of a semaphore in a line that pool threads can read. */
-typedef struct df__gate df__gate;
-
-/* sem.c, loop thread. */
-df__gate *df__sem_gate(const df_sem *s);
-void df__sem_set_gate(df_sem *s, df__gate *g);
-df_loop *df__sem_loop(const df_sem *s);
-bool df__sem_usable(const df_sem *s); /* not being freed */
-uint64_t df__sem_next_ticket(df_sem *s);
-/* Takes a free token (there is one only if nobody waits). */
-bool df__sem_try_take(df_sem *s);
-/* Gives a token back to the first waiter of either line, or frees it; may
- * run user code (a loop-side waiter starts). */
-void df__sem_return(df_sem *s);
-
-/* pool.c, loop thread. */
-/* If the gate's first job has a ticket below `before`, hands it the token
- * (submits it to its pool) and returns true.  Runs no user code. */
-bool df__gate_take(df__gate *g, uint64_t before);
-/* The ticket of the semaphore's first loop-side waiter (UINT64_MAX: none). */
-void df__gate_set_loop_ticket(df__gate *g, uint64_t ticket);
-size_t df__gate_waiting(const df__gate *g);
-/* The semaphore is going away (its gate is empty). */
-void df__gate_free(df__gate *g);
+/* The semaphore's one waiting line and its pool jobs: sem-internal.h and
+ * pool-internal.h. */
 
 /* loop.c: posts without waking the loop; the poster must be a pool job
  * counted by df__loop_lazy_add, so that the loop, while such jobs are in

@@ -1,132 +1,112 @@
 /* SPDX-License-Identifier: MIT */
-/* DeferredSemaphore and DeferredLock: FIFO tokens, handed out iteratively. */
+/* DeferredSemaphore and DeferredLock: one FIFO line of waiters of every
+ * kind, tokens handed out iteratively, and handed on by pool workers. */
 #include <string.h>
 
-#include "deferred-internal.h"
+#include "sem-internal.h"
 
 /*
- * Design
- * ------
- * A semaphore has `tokens` free tokens and two intrusive FIFO lists of
- * nodes: `waiting` (no token yet) and `ready` (a token has been handed over
- * but the node has not been started: its deferred not fired, or its run
- * function not called).  Invariant: while anyone waits, no token is free
- * (tokens > 0 implies `waiting` is empty), because a release with a waiter
- * hands the token to it instead of freeing it.
+ * The line
+ * ========
+ * A semaphore has `tokens` free tokens and ONE FIFO line of waiters of
+ * every kind: plain acquires, df_sem_run, and pool jobs (df_sem_run_in_pool
+ * and the map's items, sem-internal.h).  Invariant: while anyone waits, no
+ * token is free (tokens > 0 implies the line is empty), because a token
+ * given back with a waiter in line goes to that waiter.  A token goes to
+ * the head of the line, always, so the order is exact across kinds.
+ *
+ * Hand-off.  A pool job that holds a token and finishes looks at the line
+ * from its worker (job_next): if the head is a job for the same pool, the
+ * token passes to it and the worker runs it at once, with no round trip
+ * through the loop thread.  Otherwise (a loop-side head, a job of another
+ * pool, nobody) the token comes back on the loop thread when the finished
+ * job's completion is dispatched (give_back).  Meanwhile the line is not
+ * empty or no token is free, so nobody gets ahead of its head.
+ *
+ * Locks.  s->mu protects the line, `nwaiting` and the state of each waiter
+ * on the line, since workers pop pool jobs from it.  It is a leaf: taken
+ * with no other library lock held, and released before a job is queued on
+ * a pool (pool.c states the one rule for every lock).  Everything else
+ * (tokens, acquired, the ready list, the dispatcher flags, the pool
+ * registrations) belongs to the loop thread: workers never change
+ * `tokens`, since a hand-off keeps the token held.
+ *
+ * Waiters and their states (every transition on the loop thread, except
+ * WAITING -> STARTED of a job, which a worker may make under s->mu):
+ *
+ *   acquire:  WAITING --token--> READY --dispatcher--> fired, freed
+ *             WAITING --cancel--> freed (its deferred fails)
+ *   run:      WAITING --token--> READY --dispatcher--> CALLING (fn runs)
+ *               --fn returned a pending deferred--> RUNNING
+ *               --result known--> token back, *out fires, freed
+ *             WAITING --cancel--> freed, *out fails with DF_ECANCELLED
+ *   job:      WAITING --token (give_back, or a worker's hand-off)-->
+ *               STARTED (on its pool) --done--> token back unless handed
+ *               on, finish()
+ *             WAITING --cancel--> finish(DF_ECANCELLED)
+ *             WAITING --its pool stops--> FAILED --> finish(DF_ESHUTDOWN)
  *
  * No recursion.  Twisted's release() fires the next waiter's deferred,
  * whose callbacks may release again, which fires the next one, and so on:
- * the stack grows with the number of waiters.  Here, every path that runs
+ * the stack grows with the number of waiters.  Here every path that runs
  * user code on behalf of the semaphore does so between sem_enter() and
  * sem_leave().  The outermost of those frames is the dispatcher: it starts
- * the nodes of `ready` one after another.  A release made while a
- * dispatcher is active only moves the first waiter to `ready` (or frees
- * the token) and returns; the dispatcher starts that waiter once the
- * current user code has returned.  A df_sem_run() made while a dispatcher
- * is active is likewise queued on `ready` instead of calling its function
- * at once, so that a run whose callbacks start the next run does not nest
- * either.  The stack depth is therefore bounded whatever the number of
- * waiters or of chained runs.
+ * the waiters of `ready` one after another.  A release made while a
+ * dispatcher is active only moves the head of the line to `ready` (or
+ * frees the token) and returns.  A df_sem_run() made while a dispatcher is
+ * active is likewise queued on `ready` instead of calling its function at
+ * once.  The stack depth is therefore bounded whatever the number of
+ * waiters or of chained runs.  A plain acquire that finds a free token
+ * fires its new deferred at once even inside a dispatch: that deferred has
+ * no callbacks yet, so firing it runs no user code.
  *
- * A plain acquire that finds a free token fires its new deferred at once
- * even inside a dispatch: that deferred has no callbacks yet, so firing it
- * runs no user code.
- *
- * The pool's fast path (df_sem_run_in_pool, pool.c) keeps a second line:
- * jobs waiting for a token in the semaphore's gate, which pool threads read
- * under the gate's own lock so that a worker that finishes a job can hand
- * its token straight to the next job without a round trip through the loop.
- * Both lines are one FIFO: every waiter gets a ticket from `next_ticket`,
- * and a token goes to whichever head has the older ticket.  The gate is
- * told the ticket of the first loop-side waiter whenever it changes.
+ * Over-release.  Tokens held by df_sem_run and pool jobs come back only
+ * through the library; df_sem_release gives back only tokens taken by
+ * df_sem_acquire (`acquired` counts them), so tokens never exceed the
+ * limit and a run's give-back never finds its token already returned.
  *
  * Deferred deletion.  User code run by the dispatcher may free the
  * semaphore (typically in the callback of the last run).  df_sem_free()
  * then only marks it; the dispatcher frees it when it unwinds.  No code
  * touches the semaphore after running user code except the dispatcher.
+ *
+ * Pools.  A pool job that has to wait registers the semaphore as a client
+ * of its pool (one `reg` per pool, kept until the pool stops or the
+ * semaphore goes): when the pool stops taking work, the semaphore fails
+ * that pool's jobs in its line with DF_ESHUTDOWN at once.
  */
-
-/* An intrusive circular doubly-linked list with a sentinel head. */
-typedef struct link {
-    struct link *prev;
-    struct link *next;
-} link;
-
-static void list_init(link *head)
-{
-    head->prev = head;
-    head->next = head;
-}
-
-static bool list_empty(const link *head)
-{
-    return head->next == head;
-}
-
-static void list_append(link *head, link *l)
-{
-    l->prev = head->prev;
-    l->next = head;
-    head->prev->next = l;
-    head->prev = l;
-}
-
-static void list_remove(link *l)
-{
-    l->prev->next = l->next;
-    l->next->prev = l->prev;
-    l->prev = l->next = NULL;
-}
-
-static link *list_pop(link *head)
-{
-    if (list_empty(head))
-        return NULL;
-    link *l = head->next;
-    list_remove(l);
-    return l;
-}
-
-/* The ticket of the first loop-side waiter, or UINT64_MAX. */
-#define FIRST_TICKET(s)                                                        \
-    (list_empty(&(s)->waiting)                                                 \
-         ? UINT64_MAX                                                          \
-         : DF__CONTAINER_OF((s)->waiting.next, sem_node, link)->ticket)
 
 struct df_sem {
     df_loop *loop;
+    pthread_mutex_t mu;       /* the line (see above)                     */
+    df__ilink line;           /* every waiter without a token, FIFO       */
+    atomic_size_t nwaiting;   /* on the line (written under mu)           */
+    /* Loop thread only. */
     unsigned limit;
-    unsigned tokens;       /* free now                                  */
-    size_t nwaiting;       /* nodes on `waiting`                        */
-    link waiting;          /* no token yet, FIFO                        */
-    link ready;            /* token handed over, not started yet, FIFO  */
-    bool dispatching;      /* a sem_enter() frame is on the stack       */
-    bool free_pending;     /* df_sem_free() called during a dispatch    */
-    uint64_t next_ticket;  /* FIFO order across `waiting` and the gate  */
-    df__gate *gate;        /* pool fast path, or NULL (pool.c)          */
+    unsigned tokens;          /* free now                                 */
+    unsigned acquired;        /* held through df_sem_acquire              */
+    df__ilink ready;          /* handed a token (or failed), not started  */
+    df__ilink regs;           /* struct reg: pools with jobs in the line  */
+    bool dispatching;         /* a sem_enter() frame is on the stack      */
+    bool free_pending;        /* freed during a dispatch                  */
+    bool internal;            /* df__sem_new: not counted on the loop     */
+    size_t failing;           /* jobs on a reg's `failed` list            */
 };
 
 struct df_lock {
     struct df_sem sem;
 };
 
-enum node_kind { NODE_ACQUIRE, NODE_RUN };
+enum waiter_kind { W_ACQUIRE, W_RUN, W_JOB };
+enum waiter_state {
+    ST_WAITING, ST_READY, ST_CALLING, ST_RUNNING, ST_STARTED, ST_FAILED,
+    ST_DONE
+};
 
-/*
- * Node states.  An acquire node lives only while WAITING or READY; it is
- * freed when its deferred is fired or cancelled.  A run node goes
- * WAITING -> READY -> CALLING (fn is running) -> RUNNING (fn's deferred is
- * pending) -> freed, or is freed when cancelled while WAITING.
- */
-enum node_state { ST_WAITING, ST_READY, ST_CALLING, ST_RUNNING };
-
+/* An acquire and a run (a run is an acquire that calls fn). */
 typedef struct sem_node {
-    link link;             /* on `waiting` or `ready` (WAITING, READY)  */
-    df_sem *sem;
+    df__waiter w;
     df_deferred *d;        /* acquire: its deferred; run: *out.  Ref.   */
-    uint64_t ticket;       /* order against the gate's jobs             */
-    unsigned char kind;
-    unsigned char state;
 } sem_node;
 
 typedef struct sem_run {
@@ -137,10 +117,22 @@ typedef struct sem_run {
     bool cancel_requested; /* *out was cancelled while fn was running   */
 } sem_run;
 
-#define NODE_OF(l) DF__CONTAINER_OF(l, sem_node, link)
-#define RUN_OF(n) DF__CONTAINER_OF(n, sem_run, node)
+/* The registration of a semaphore with a pool. */
+typedef struct reg {
+    df__pool_client client;
+    df__ilink link;        /* s->regs */
+    df_sem *sem;
+    df__ilink failed;      /* taken off the line by reg_stopped         */
+} reg;
+
+#define WAITER_OF(l) DF__ILIST_ENTRY(l, df__waiter, link)
+#define NODE_OF(wp) DF__CONTAINER_OF(wp, sem_node, w)
+#define RUN_OF(wp) DF__CONTAINER_OF(wp, sem_run, node.w)
+#define JOB_OF(wp) DF__CONTAINER_OF(wp, df__sem_job, w)
 
 static void run_start(sem_run *run);
+static void acquire_start(df_sem *s, sem_node *n);
+static void job_fail(df__sem_job *sj, int code);
 
 /* ------------------------------------------------------------ dispatcher */
 
@@ -152,86 +144,120 @@ static bool sem_enter(df_sem *s)
     return outer;
 }
 
+static void reg_free(reg *r)
+{
+    df__pool_client_remove(&r->client);
+    df__ilist_remove(&r->link);
+    df__free(r->sem->loop, r);
+}
+
 static void sem_destroy(df_sem *s)
 {
-    assert(list_empty(&s->waiting) && list_empty(&s->ready));
-    if (s->gate != NULL)
-        df__gate_free(s->gate);
-    df__loop_objects_add(s->loop, -1);
+    assert(df__ilist_empty(&s->line) && df__ilist_empty(&s->ready));
+    df__ilink *l;
+    while ((l = df__ilist_first(&s->regs)) != NULL)
+        reg_free(DF__ILIST_ENTRY(l, reg, link));
+    pthread_mutex_destroy(&s->mu);
+    if (!s->internal)
+        df__loop_objects_add(s->loop, -1);
     df__free(s->loop, s);
 }
 
-/* Fires an acquire node that has been handed a token. */
-static void acquire_start(df_sem *s, sem_node *n);
-
-/* The outermost frame starts every node that has been handed a token, in
- * order, then frees the semaphore if that was asked for meanwhile.  Inner
- * frames return at once: they must not touch `s` after running user code,
- * since only the dispatcher knows that it is still alive. */
+/* The outermost frame starts every waiter that has been handed a token,
+ * in order, then frees the semaphore if that was asked for meanwhile.
+ * Inner frames return at once: they must not touch `s` after running user
+ * code, since only the dispatcher knows that it is still alive. */
 static void sem_leave(df_sem *s, bool outer)
 {
     if (!outer)
         return;
-    link *l;
-    while ((l = list_pop(&s->ready)) != NULL) {
-        sem_node *n = NODE_OF(l);
-        if (n->kind == NODE_ACQUIRE)
-            acquire_start(s, n);
+    df__ilink *l;
+    while ((l = df__ilist_pop(&s->ready)) != NULL) {
+        df__waiter *w = WAITER_OF(l);
+        if (w->kind == W_ACQUIRE)
+            acquire_start(s, NODE_OF(w));
+        else if (w->kind == W_RUN)
+            run_start(RUN_OF(w));
         else
-            run_start(RUN_OF(n));
+            job_fail(JOB_OF(w), DF_ESHUTDOWN);
     }
     s->dispatching = false;
     if (s->free_pending)
         sem_destroy(s);
 }
 
-/* Tells the gate, if any, which loop-side waiter comes first now. */
-static void gate_sync(df_sem *s)
+/* Puts a waiter at the end of the line. */
+static void line_append(df_sem *s, df__waiter *w)
 {
-    if (s->gate != NULL)
-        df__gate_set_loop_ticket(s->gate, FIRST_TICKET(s));
+    w->state = ST_WAITING;
+    pthread_mutex_lock(&s->mu);
+    df__ilist_append(&s->line, &w->link);
+    atomic_store_explicit(&s->nwaiting,
+                          atomic_load_explicit(&s->nwaiting,
+                                               memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+    pthread_mutex_unlock(&s->mu);
 }
 
-/* Puts a node at the end of the waiting line. */
-static void wait_append(df_sem *s, sem_node *n)
+/* Under s->mu: takes w off the line. */
+static void line_remove_locked(df_sem *s, df__waiter *w)
 {
-    bool first = list_empty(&s->waiting);
-    n->ticket = s->next_ticket++;
-    n->state = ST_WAITING;
-    list_append(&s->waiting, &n->link);
-    s->nwaiting++;
-    if (first)
-        gate_sync(s);
+    df__ilist_remove(&w->link);
+    atomic_store_explicit(&s->nwaiting,
+                          atomic_load_explicit(&s->nwaiting,
+                                               memory_order_relaxed) - 1,
+                          memory_order_relaxed);
 }
 
-/* Takes a node out of the waiting line (cancel). */
-static void wait_remove(df_sem *s, sem_node *n)
+/* Takes w off the line if it is still waiting (a worker may have started
+ * it).  Loop thread. */
+static bool line_leave(df_sem *s, df__waiter *w)
 {
-    bool first = s->waiting.next == &n->link;
-    list_remove(&n->link);
-    s->nwaiting--;
-    if (first)
-        gate_sync(s);
+    pthread_mutex_lock(&s->mu);
+    bool waiting = w->state == ST_WAITING;
+    if (waiting)
+        line_remove_locked(s, w);
+    pthread_mutex_unlock(&s->mu);
+    return waiting;
 }
 
-/* Gives a held token back: straight to the first waiter if there is one
- * (a gated pool job is submitted; a loop-side node moves to `ready` and the
- * dispatcher starts it), else to the pool of free tokens.  Runs no user
- * code. */
-static void sem_give_back(df_sem *s)
+/* Gives a held token back: straight to the head of the line if there is
+ * one (a pool job is queued on its pool; a loop-side waiter moves to
+ * `ready` and the dispatcher starts it), else to the free tokens.  A job
+ * whose pool takes no more work moves to `ready` as FAILED and the token
+ * goes to the next in line.  Runs no user code.  Loop thread. */
+static void give_back(df_sem *s)
 {
-    if (s->gate != NULL && df__gate_take(s->gate, FIRST_TICKET(s)))
-        return;
-    link *l = list_pop(&s->waiting);
-    if (l == NULL) {
-        assert(s->tokens < s->limit);
-        s->tokens++;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        df__ilink *l = df__ilist_first(&s->line);
+        if (l == NULL) {
+            pthread_mutex_unlock(&s->mu);
+            assert(s->tokens < s->limit);
+            s->tokens++;
+            return;
+        }
+        df__waiter *w = WAITER_OF(l);
+        line_remove_locked(s, w);
+        if (w->kind != W_JOB) {
+            pthread_mutex_unlock(&s->mu);
+            if (w->kind == W_ACQUIRE)
+                s->acquired++;
+            w->state = ST_READY;
+            df__ilist_append(&s->ready, &w->link);
+            return;
+        }
+        df__sem_job *sj = JOB_OF(w);
+        if (!df__pool_accepts(sj->job.pool)) {
+            w->state = ST_FAILED;
+            df__ilist_append(&s->ready, &w->link);
+            continue;
+        }
+        w->state = ST_STARTED;
+        pthread_mutex_unlock(&s->mu);
+        df__pool_start(sj->job.pool, &sj->job);
         return;
     }
-    s->nwaiting--;
-    gate_sync(s);
-    NODE_OF(l)->state = ST_READY;
-    list_append(&s->ready, l);
 }
 
 static void acquire_start(df_sem *s, sem_node *n)
@@ -240,23 +266,25 @@ static void acquire_start(df_sem *s, sem_node *n)
     df__free(s->loop, n);
     /* Only misuse (the application firing an acquire deferred itself) can
      * make this fail; the token then goes to the next in line. */
-    if (df_deferred_callback(d, NULL, NULL) != 0)
-        sem_give_back(s);
+    if (df_deferred_callback(d, NULL, NULL) != 0) {
+        s->acquired--;
+        give_back(s);
+    }
     df_deferred_unref(d);
 }
 
 /* ---------------------------------------------------------------- run */
 
-/* fn's result is known: release the token, then hand the result to *out,
- * so that *out's callbacks already see the token back.  Consumes r. */
+/* fn's result is known: give the token back, then hand the result to
+ * *out, so that *out's callbacks already see the token back.  Consumes r. */
 static void run_finish(sem_run *run, df_result r)
 {
-    df_sem *s = run->node.sem;
+    df_sem *s = run->node.w.sem;
     df_deferred *out = run->node.d;
     df_deferred *inner = run->inner;
     bool outer = sem_enter(s);
 
-    sem_give_back(s);
+    give_back(s);
     df__free(s->loop, run);
     if (df_deferred_resolve(out, r) != 0)
         df_result_clear(&r); /* *out was fired by someone else: misuse */
@@ -272,13 +300,13 @@ static df_result run_inner_done(df_result r, void *arg)
     return df_ok(NULL, NULL);
 }
 
-/* Calls fn for a run node that holds a token.  Always called inside a
+/* Calls fn for a run that holds a token.  Always called inside a
  * dispatch. */
 static void run_start(sem_run *run)
 {
-    df_sem *s = run->node.sem;
+    df_sem *s = run->node.w.sem;
 
-    run->node.state = ST_CALLING;
+    run->node.w.state = ST_CALLING;
     df_result r = run->fn(run->arg);
     if (r.wait == NULL) {
         run_finish(run, r);
@@ -288,7 +316,7 @@ static void run_start(sem_run *run)
     df_deferred *inner = r.wait;
     bool cancel = run->cancel_requested;
     run->inner = inner;
-    run->node.state = ST_RUNNING;
+    run->node.w.state = ST_RUNNING;
     /* If *out was cancelled while fn ran, the cancel goes to fn's deferred
      * now; our reference keeps it alive after run_finish drops run's. */
     if (cancel)
@@ -315,16 +343,16 @@ static void run_start(sem_run *run)
 static void sem_cancel(df_deferred *d, void *arg)
 {
     sem_node *n = arg;
-    df_sem *s = n->sem;
+    df_sem *s = n->w.sem;
     bool outer;
 
     assert(n->d == d);
-    switch (n->state) {
+    switch (n->w.state) {
     case ST_WAITING:
         /* Still in line: leave the line.  No token changes hands. */
-        wait_remove(s, n);
-        if (n->kind == NODE_RUN) {
-            df__free(s->loop, RUN_OF(n));
+        line_leave(s, &n->w);
+        if (n->w.kind == W_RUN) {
+            df__free(s->loop, RUN_OF(&n->w));
             /* *out waits for its producer on cancel (see df_sem_run), so
              * fail it here; fn never runs. */
             outer = sem_enter(s);
@@ -341,48 +369,227 @@ static void sem_cancel(df_deferred *d, void *arg)
     case ST_READY:
         /* The token was handed over when it was released, exactly as if
          * Twisted's release() had fired the waiter then: the acquisition
-         * has happened and the cancel comes too late.  Start the node now,
-         * so that an acquire fires with success and a run's cancel goes to
-         * fn's deferred, as in Twisted. */
-        list_remove(&n->link);
+         * has happened and the cancel comes too late.  Start the waiter
+         * now, so that an acquire fires with success and a run's cancel
+         * goes to fn's deferred, as in Twisted. */
+        df__ilist_remove(&n->w.link);
         outer = sem_enter(s);
-        if (n->kind == NODE_ACQUIRE) {
+        if (n->w.kind == W_ACQUIRE) {
             acquire_start(s, n);
         } else {
-            RUN_OF(n)->cancel_requested = true;
-            run_start(RUN_OF(n));
+            RUN_OF(&n->w)->cancel_requested = true;
+            run_start(RUN_OF(&n->w));
         }
         sem_leave(s, outer);
         break;
     case ST_CALLING:
         /* fn is running: cancel what it returns, once it has returned. */
-        RUN_OF(n)->cancel_requested = true;
+        RUN_OF(&n->w)->cancel_requested = true;
         break;
     case ST_RUNNING: {
         /* Forward to fn's deferred; *out fires with whatever that gives,
          * after the token is back.  Hold a reference: run_finish may drop
          * the node's reference to it while the cancel is under way. */
-        df_deferred *inner = df_deferred_ref(RUN_OF(n)->inner);
+        df_deferred *inner = df_deferred_ref(RUN_OF(&n->w)->inner);
         df_deferred_cancel(inner);
         df_deferred_unref(inner);
         break;
     }
     default:
-        assert(!"bad semaphore node state");
+        assert(!"bad semaphore waiter state");
     }
+}
+
+/* -------------------------------------------------------------- pool jobs */
+
+/* Worker thread: j has returned and holds a token of its semaphore.  If
+ * the head of the line is a job for the same pool, the token passes to it
+ * and the worker runs it next. */
+static df__job *job_next(df__job *j)
+{
+    df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
+    df_sem *s = sj->w.sem;
+    df__job *next = NULL;
+    pthread_mutex_lock(&s->mu);
+    df__ilink *l = df__ilist_first(&s->line);
+    if (l != NULL) {
+        df__waiter *w = WAITER_OF(l);
+        if (w->kind == W_JOB && JOB_OF(w)->job.pool == j->pool) {
+            line_remove_locked(s, w);
+            w->state = ST_STARTED;
+            next = &JOB_OF(w)->job;
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    return next;
+}
+
+/* Loop thread: the pool is done with the job.  The token goes back first
+ * (unless the worker handed it on), which may start loop-side waiters
+ * whose callbacks cancel this job: the result is read afterwards, so that
+ * such a cancel still counts.  The owner's finish comes last, outside the
+ * dispatch: it may free what embeds the job. */
+static void job_done(df__job *j, int status)
+{
+    df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
+    df_sem *s = sj->w.sem;
+    sj->w.state = ST_DONE;
+    if (!j->handed) {
+        bool outer = sem_enter(s);
+        give_back(s);
+        sem_leave(s, outer);
+    }
+    sj->finish(sj, df__job_result(j, status));
+}
+
+static const df__job_ops job_ops = {job_next, job_done};
+
+static void job_fail(df__sem_job *sj, int code)
+{
+    sj->finish(sj, df_err(df_failure_new(
+                       sj->w.sem->loop, code,
+                       code == DF_ECANCELLED
+                           ? "pool job cancelled"
+                           : "pool shut down before the job got a "
+                             "semaphore token")));
+}
+
+/* A pool of s stops taking work: its jobs leave the line at once (no
+ * user code runs here), and reg_flush fails them. */
+static void reg_stopped(df__pool_client *c, df_pool *p)
+{
+    reg *r = DF__CONTAINER_OF(c, reg, client);
+    df_sem *s = r->sem;
+    pthread_mutex_lock(&s->mu);
+    df__ilink *l = df__ilist_first(&s->line);
+    while (l != NULL) {
+        df__ilink *next = df__ilist_next(&s->line, l);
+        df__waiter *w = WAITER_OF(l);
+        if (w->kind == W_JOB && JOB_OF(w)->job.pool == p) {
+            line_remove_locked(s, w);
+            w->state = ST_FAILED;
+            df__ilist_append(&r->failed, &w->link);
+            s->failing++;
+        }
+        l = next;
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Fails the jobs reg_stopped took, with DF_ESHUTDOWN.  The registration
+ * goes first; s may be freed by the first failure's callbacks once the
+ * last job is off its books, so s is not touched after that. */
+static void reg_flush(df__pool_client *c)
+{
+    reg *r = DF__CONTAINER_OF(c, reg, client);
+    df_sem *s = r->sem;
+    df__ilink failed;
+    df__ilist_init(&failed);
+    df__ilist_splice(&failed, &r->failed);
+    reg_free(r);
+    df__ilink *l;
+    for (l = df__ilist_first(&failed); l != NULL;
+         l = df__ilist_next(&failed, l))
+        s->failing--;
+    while ((l = df__ilist_pop(&failed)) != NULL)
+        job_fail(JOB_OF(WAITER_OF(l)), DF_ESHUTDOWN);
+}
+
+/* The registration of s with p, made on first need; NULL: out of memory. */
+static reg *reg_for(df_sem *s, df_pool *p)
+{
+    for (df__ilink *l = df__ilist_first(&s->regs); l != NULL;
+         l = df__ilist_next(&s->regs, l)) {
+        reg *r = DF__ILIST_ENTRY(l, reg, link);
+        if (r->client.pool == p)
+            return r;
+    }
+    reg *r = df__malloc(s->loop, sizeof *r);
+    if (r == NULL)
+        return NULL;
+    df__ilink_init(&r->client.link);
+    r->client.stopped = reg_stopped;
+    r->client.flush = reg_flush;
+    r->sem = s;
+    df__ilist_init(&r->failed);
+    df__pool_client_add(p, &r->client);
+    df__ilist_append(&s->regs, &r->link);
+    return r;
+}
+
+int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
+                    df_work_fn work, void *arg, df__sem_job_fn finish)
+{
+    assert(df__pool_accepts(p));
+    df__job_init(&sj->job, p, &job_ops, work, arg);
+    sj->w.sem = s;
+    sj->w.kind = W_JOB;
+    sj->finish = finish;
+    if (s->tokens > 0) {
+        /* A free token means nobody waits. */
+        s->tokens--;
+        sj->w.state = ST_STARTED;
+        df__pool_start(p, &sj->job);
+        return 0;
+    }
+    if (reg_for(s, p) == NULL)
+        return DF_ENOMEM;
+    line_append(s, &sj->w);
+    return 0;
+}
+
+void df__sem_job_cancel(df__sem_job *sj)
+{
+    df_sem *s = sj->w.sem;
+    if (line_leave(s, &sj->w)) {
+        /* Still in line: it leaves holding no token. */
+        job_fail(sj, DF_ECANCELLED);
+        return;
+    }
+    if (sj->w.state == ST_DONE) {
+        /* Its token is going back (job_done): the result is read next. */
+        atomic_store_explicit(&sj->job.w.cancelled, true,
+                              memory_order_relaxed);
+        return;
+    }
+    if (sj->w.state != ST_STARTED)
+        return; /* FAILED: it fails with DF_ESHUTDOWN anyway */
+    if (df__job_unqueue(&sj->job)) {
+        /* Queued, never ran: its token goes back first. */
+        bool outer = sem_enter(s);
+        give_back(s);
+        sem_leave(s, outer);
+        job_fail(sj, DF_ECANCELLED);
+    }
+    /* Else running: it finishes with DF_ECANCELLED (df__job_result). */
 }
 
 /* ------------------------------------------------------------ public API */
 
-static void sem_init(df_sem *s, df_loop *loop, unsigned tokens)
+static int sem_make(df_loop *loop, unsigned tokens, size_t size, bool internal,
+                    df_sem **out)
 {
-    memset(s, 0, sizeof *s);
+    df_sem *s = df__malloc(loop, size);
+    if (s == NULL)
+        return DF_ENOMEM;
+    memset(s, 0, size);
+    int rc = pthread_mutex_init(&s->mu, NULL);
+    if (rc != 0) {
+        df__free(loop, s);
+        return -rc;
+    }
     s->loop = loop;
     s->limit = tokens;
     s->tokens = tokens;
-    list_init(&s->waiting);
-    list_init(&s->ready);
-    df__loop_objects_add(loop, 1);
+    s->internal = internal;
+    atomic_init(&s->nwaiting, 0);
+    df__ilist_init(&s->line);
+    df__ilist_init(&s->ready);
+    df__ilist_init(&s->regs);
+    if (!internal)
+        df__loop_objects_add(loop, 1);
+    *out = s;
+    return 0;
 }
 
 int df_sem_new(df_loop *loop, unsigned tokens, df_sem **out)
@@ -390,12 +597,26 @@ int df_sem_new(df_loop *loop, unsigned tokens, df_sem **out)
     if (loop == NULL || out == NULL || tokens < 1)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
-    df_sem *s = df__malloc(loop, sizeof *s);
-    if (s == NULL)
-        return DF_ENOMEM;
-    sem_init(s, loop, tokens);
-    *out = s;
-    return 0;
+    return sem_make(loop, tokens, sizeof(df_sem), false, out);
+}
+
+int df__sem_new(df_loop *loop, unsigned tokens, df_sem **out)
+{
+    return sem_make(loop, tokens, sizeof(df_sem), true, out);
+}
+
+static size_t sem_waiting(const df_sem *s)
+{
+    return atomic_load_explicit(&s->nwaiting, memory_order_relaxed);
+}
+
+void df__sem_drop(df_sem *s)
+{
+    assert(s->tokens == s->limit && sem_waiting(s) == 0);
+    if (s->dispatching)
+        s->free_pending = true;
+    else
+        sem_destroy(s);
 }
 
 int df_sem_free(df_sem *s)
@@ -405,9 +626,8 @@ int df_sem_free(df_sem *s)
     DF__CHECK_THREAD(s->loop);
     if (s->free_pending)
         return DF_ESTATE; /* freed twice while a dispatch unwinds */
-    if (s->tokens != s->limit || s->nwaiting != 0 || !list_empty(&s->ready))
-        return DF_EBUSY;
-    if (s->gate != NULL && df__gate_waiting(s->gate) != 0)
+    if (s->tokens != s->limit || sem_waiting(s) != 0 ||
+        !df__ilist_empty(&s->ready) || s->failing != 0)
         return DF_EBUSY;
     if (s->dispatching)
         s->free_pending = true; /* the dispatcher frees it on its way out */
@@ -437,6 +657,7 @@ int df_sem_acquire(df_sem *s, df_deferred **out)
             return rc;
         }
         s->tokens--;
+        s->acquired++;
         *out = d;
         return 0;
     }
@@ -450,12 +671,12 @@ int df_sem_acquire(df_sem *s, df_deferred **out)
         return rc;
     }
     memset(n, 0, sizeof *n);
-    n->sem = s;
+    n->w.sem = s;
     /* Our own reference: the application may drop its reference while the
-     * node waits, and the node must not point at a freed deferred. */
+     * waiter waits, and it must not point at a freed deferred. */
     n->d = df_deferred_ref(d);
-    n->kind = NODE_ACQUIRE;
-    wait_append(s, n);
+    n->w.kind = W_ACQUIRE;
+    line_append(s, &n->w);
     *out = d;
     return 0;
 }
@@ -467,10 +688,13 @@ int df_sem_release(df_sem *s)
     DF__CHECK_THREAD(s->loop);
     if (s->free_pending)
         return DF_ESTATE;
-    if (s->tokens >= s->limit)
+    /* Only a token taken by df_sem_acquire may be released by hand: the
+     * tokens of runs and pool jobs come back when those finish. */
+    if (s->acquired == 0)
         return DF_EOVERRELEASE;
+    s->acquired--;
     bool outer = sem_enter(s);
-    sem_give_back(s);
+    give_back(s);
     sem_leave(s, outer);
     return 0;
 }
@@ -498,23 +722,23 @@ int df_sem_run(df_sem *s, df_run_fn fn, void *arg, df_deferred **out)
      * is back, so that a cancelled run never frees its token early. */
     df__deferred_set_cancel_waits(d);
     memset(run, 0, sizeof *run);
-    run->node.sem = s;
+    run->node.w.sem = s;
     run->node.d = df_deferred_ref(d);
-    run->node.kind = NODE_RUN;
+    run->node.w.kind = W_RUN;
     run->fn = fn;
     run->arg = arg;
     *out = d;
 
     if (s->tokens == 0) {
-        wait_append(s, &run->node);
+        line_append(s, &run->node.w);
         return 0;
     }
     /* A free token: take it, and call fn now, unless a dispatch is under
      * way (we are inside a callback of this semaphore), in which case the
      * dispatcher calls it as soon as that callback returns. */
     s->tokens--;
-    run->node.state = ST_READY;
-    list_append(&s->ready, &run->node.link);
+    run->node.w.state = ST_READY;
+    df__ilist_append(&s->ready, &run->node.w.link);
     sem_leave(s, sem_enter(s));
     return 0;
 }
@@ -531,54 +755,64 @@ unsigned df_sem_limit(const df_sem *s)
 
 size_t df_sem_waiting(const df_sem *s)
 {
-    if (s == NULL)
-        return 0;
-    return s->nwaiting + (s->gate != NULL ? df__gate_waiting(s->gate) : 0);
+    return s != NULL ? sem_waiting(s) : 0;
 }
 
-/* ------------------------------------------------- the pool's fast path */
+/* ---------------------------------------------------- run in a pool */
 
-df__gate *df__sem_gate(const df_sem *s)
+/* df_sem_run_in_pool's job lives in its deferred's block. */
+typedef struct rip {
+    df__sem_job sj;
+    df_deferred *d; /* the job's own reference */
+} rip;
+
+_Static_assert(sizeof(rip) <= DF__JOB_SIZE, "raise DF__JOB_SIZE");
+
+static void rip_finish(df__sem_job *sj, df_result r)
 {
-    return s->gate;
+    rip *st = DF__CONTAINER_OF(sj, rip, sj);
+    df_deferred *d = st->d;
+    if (df_deferred_resolve(d, r) != 0)
+        df_result_clear(&r);
+    df_deferred_unref(d); /* may free the block */
 }
 
-void df__sem_set_gate(df_sem *s, df__gate *g)
+static void rip_cancel(df_deferred *d, void *arg)
 {
-    assert(s->gate == NULL);
-    s->gate = g;
-    gate_sync(s);
+    DF__UNUSED(d);
+    df__sem_job_cancel(&((rip *)arg)->sj);
 }
 
-df_loop *df__sem_loop(const df_sem *s)
+int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
+                       df_deferred **out)
 {
-    return s->loop;
-}
-
-bool df__sem_usable(const df_sem *s)
-{
-    return !s->free_pending;
-}
-
-uint64_t df__sem_next_ticket(df_sem *s)
-{
-    return s->next_ticket++;
-}
-
-bool df__sem_try_take(df_sem *s)
-{
-    /* A free token means nobody waits, in either line. */
-    if (s->tokens == 0)
-        return false;
-    s->tokens--;
-    return true;
-}
-
-void df__sem_return(df_sem *s)
-{
-    bool outer = sem_enter(s);
-    sem_give_back(s);
-    sem_leave(s, outer);
+    if (s == NULL || p == NULL || work == NULL || out == NULL)
+        return DF_EINVAL;
+    df_loop *loop = df__pool_loop(p);
+    DF__CHECK_THREAD(loop);
+    if (s->loop != loop)
+        return DF_EINVAL;
+    if (!df__pool_open(p))
+        return DF_ESHUTDOWN;
+    if (s->free_pending)
+        return DF_ESTATE;
+    df_deferred *d;
+    void *mem;
+    int rc = df__deferred_new_job(loop, rip_cancel, &d, &mem);
+    if (rc != 0)
+        return rc;
+    rip *st = mem;
+    /* Cancelling *out never fails it behind our back: the job fires it
+     * once the token is back (see df__sem_job_cancel). */
+    df__deferred_set_cancel_waits(d);
+    st->d = d;
+    rc = df__sem_job_run(s, p, &st->sj, work, arg, rip_finish);
+    if (rc != 0) {
+        df_deferred_unref(d); /* unfired and never seen: reports nothing */
+        return rc;
+    }
+    *out = df_deferred_ref(d);
+    return 0;
 }
 
 /* ------------------------------------------------------------------ lock */
@@ -590,12 +824,11 @@ int df_lock_new(df_loop *loop, df_lock **out)
     if (loop == NULL || out == NULL)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
-    df_lock *l = df__malloc(loop, sizeof *l);
-    if (l == NULL)
-        return DF_ENOMEM;
-    sem_init(&l->sem, loop, 1);
-    *out = l;
-    return 0;
+    df_sem *s;
+    int rc = sem_make(loop, 1, sizeof(df_lock), false, &s);
+    if (rc == 0)
+        *out = DF__CONTAINER_OF(s, df_lock, sem);
+    return rc;
 }
 
 int df_lock_free(df_lock *l)
