@@ -690,11 +690,15 @@ DF_EXPORT int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work,
 /*
  * Bounded streaming map over an input that may never end (beyond Twisted:
  * its semaphore + DeferredList pattern makes every deferred up front).
- * Inputs are pulled from `next` on the loop thread only while fewer than
- * `limit` items are in flight (and, in ordered mode, while the window of
- * finished-but-undelivered results has room), so memory is O(limit +
- * window), never O(N).  Each item runs as `work` on `pool`, or, with pool
- * NULL, as `call` on the loop thread (which may return df_wait).  Results
+ * Inputs are pulled from `next` on the loop thread only, while fewer than
+ * `limit` items are in flight, or with a pool 2 * `limit` (and, in ordered
+ * mode, while the window of finished-but-undelivered results has room), so
+ * memory is O(limit + window), never O(N).  Each item runs as `work` on
+ * `pool`, or, with pool NULL, as `call` on the loop thread (which may
+ * return df_wait).  With a pool at most `limit` items run at once: the
+ * others in flight were pulled ahead and wait for one of the map's
+ * `limit` tokens, and a worker that finishes an item hands its token to
+ * the next one and runs it at once (as df_sem_run_in_pool does).  Results
  * reach `on_result` on the loop thread as they complete, or in input order
  * with DF_MAP_ORDERED.
  */
@@ -737,7 +741,7 @@ typedef struct df_map_options {
 
 typedef struct df_map_stats {
     uint64_t pulled;   /* inputs taken from next                          */
-    uint64_t running;  /* in flight now                                   */
+    uint64_t running;  /* in flight now (pulled, not finished)            */
     uint64_t done;     /* results delivered (success or failure)          */
     uint64_t failed;   /* of which failures                               */
     uint64_t cancelled;/* of which DF_ECANCELLED                          */

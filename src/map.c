@@ -2,28 +2,37 @@
 /* The map: bounded streaming over an input that may never end. */
 #include <string.h>
 
-#include "deferred-internal.h"
+#include "sem-internal.h"
 
 /*
  * Memory
  * ------
  * Everything the map needs is allocated by df_map_start(): the map, a table
  * of slots, the summary that the done deferred fires with, and the done
- * deferred itself.  Nothing in this file allocates per item; per-item
- * allocations are the pool's (its job and deferred) and the application's.
+ * deferred itself, and, with a pool, a semaphore of `limit` tokens.
+ * Nothing allocates per item: with a pool, each slot embeds its job.
  *
  * A slot holds one item from the moment it is pulled until its result has
  * been delivered:
  *
  *   FREE --pull--> RUNNING --result--> FINISHED --deliver--> FREE
  *
- * Unordered mode has `limit` slots, kept on an intrusive free list; a
- * finished slot waits on a FIFO queue for the pump to deliver it, which it
- * does before pulling again, so at most `limit` items are pulled but not
- * delivered.
+ * With a pool, items run as jobs of the map's own semaphore of `limit`
+ * tokens (sem-internal.h), and up to `limit` more items are pulled ahead
+ * and wait in its line: a worker that finishes an item hands its token
+ * to the next pulled item and runs it at once, with no round trip through
+ * the loop thread, while pulling (next) stays on the loop thread.  So at
+ * most `limit` items run, and `ahead` (limit with a pool, else 0) more may
+ * be pulled and wait.
+ *
+ * Unordered mode has `limit + ahead` slots, kept on an intrusive free
+ * list; a finished slot waits on a FIFO queue for the pump to deliver it,
+ * which it does before pulling again, so at most `limit + ahead` items are
+ * pulled but not delivered.
  *
  * Ordered mode has `window + 1` slots and item i lives in slot i % nslots.
- * An item is pulled only while fewer than `limit` run and at most `window`
+ * An item is pulled only while fewer than `limit + ahead` are in flight
+ * and at most `window`
  * items are pulled but undelivered.  The oldest undelivered item is never
  * held back (it is delivered as soon as it finishes), so even if every
  * other item finishes first, at most `window` results wait: that is the
@@ -48,11 +57,12 @@
 enum { SLOT_FREE = 0, SLOT_RUNNING, SLOT_FINISHED };
 
 typedef struct slot {
+    df__sem_job sj; /* pool: the item's job */
     df_map *map;
     uint64_t index; /* input position */
     void *item;     /* owned until delivered */
     df_free_fn item_free;
-    df_deferred *d;    /* RUNNING: the item's deferred (own ref) */
+    df_deferred *d;    /* RUNNING, call: the item's deferred (own ref) */
     df_result result;  /* FINISHED: the result until delivered */
     struct slot *next; /* unordered: free list or finished queue */
     int state;
@@ -74,6 +84,10 @@ struct df_map {
 
     slot *slots;
     size_t nslots;
+    uint64_t max_inflight;   /* limit + ahead (see the top)          */
+    df_sem *sem;             /* pool: `limit` tokens, the items' line */
+    df_pool *pool;           /* pool: NULL once it has stopped        */
+    df__pool_client client;  /* pool: told when it stops              */
     slot *free_list; /* unordered: free slots */
     slot *fin_head;  /* unordered: finished, FIFO */
     slot *fin_tail;
@@ -128,7 +142,10 @@ static void cancel_running(df_map *m)
     m->cancelling = true;
     for (size_t i = 0; i < m->nslots; i++) {
         slot *s = &m->slots[i];
-        if (s->state == SLOT_RUNNING && s->d != NULL) {
+        if (s->state == SLOT_RUNNING && m->sem != NULL) {
+            /* May finish it now (re-entering the map). */
+            df__sem_job_cancel(&s->sj);
+        } else if (s->state == SLOT_RUNNING && s->d != NULL) {
             /* on_complete drops the slot's reference: hold one. */
             df_deferred *d = df_deferred_ref(s->d);
             df_deferred_cancel(d);
@@ -183,11 +200,21 @@ static df_result on_complete(df_result r, void *arg)
     return df_ok(NULL, NULL);
 }
 
+/* The end of a pool item's job (its token is back or handed on). */
+static void on_job_finish(df__sem_job *sj, df_result r)
+{
+    slot *s = DF__CONTAINER_OF(sj, slot, sj);
+    df_map *m = s->map;
+    bool outer = map_enter(m);
+    finish_slot(m, s, r);
+    map_leave(m, outer); /* may free m */
+}
+
 /* --------------------------------------------------------------- pulling */
 
 static bool can_pull(const df_map *m)
 {
-    if (m->ended || m->running >= m->opts.limit)
+    if (m->ended || m->running >= m->max_inflight)
         return false;
     if (m->ordered)
         return m->pulled - m->done <= m->opts.window;
@@ -207,29 +234,22 @@ static slot *take_slot(df_map *m)
     return s;
 }
 
-/* Hands item s to the pool. */
+/* Hands item s to the pool: it runs when it gets one of the map's
+ * tokens. */
 static void start_pool(df_map *m, slot *s)
 {
-    df_deferred *d;
-    int rc = df_pool_submit(m->opts.pool, m->opts.work, s->item, &d);
+    /* A pool shut down (or freed: m->pool is then NULL), perhaps by next()
+     * itself, takes no new item. */
+    int rc = DF_ESHUTDOWN;
+    if (m->pool != NULL && df__pool_open(m->pool))
+        rc = df__sem_job_run(m->sem, m->pool, &s->sj, m->opts.work, s->item,
+                             on_job_finish);
     if (rc != 0) {
         /* The pool cannot run anything (shut down, out of memory): this
          * item fails, and the map stops whatever its policy, or an endless
          * input would turn into an endless stream of failures. */
         finish_slot(m, s, df_errf(m->loop, rc, "map: cannot submit item"));
         set_stop(m, df_failure_new(m->loop, rc, "map: cannot submit item"));
-        return;
-    }
-    s->d = d;
-    rc = df_deferred_add_callbacks(d, on_complete, on_complete, s);
-    if (rc != 0) {
-        /* Cannot happen with a fresh deferred (its first entries are
-         * inline); handled anyway, without waiting for the job. */
-        s->d = NULL;
-        df_deferred_cancel(d);
-        df_deferred_unref(d);
-        finish_slot(m, s, df_errf(m->loop, rc, "map: cannot watch item"));
-        set_stop(m, df_failure_new(m->loop, rc, "map: cannot watch item"));
     }
 }
 
@@ -304,7 +324,7 @@ static void pull_one(df_map *m)
         finish_slot(m, s, df_errf(m->loop, DF_ECANCELLED, NULL));
         return;
     }
-    if (m->opts.pool != NULL)
+    if (m->sem != NULL)
         start_pool(m, s);
     else
         start_call(m, s);
@@ -399,6 +419,9 @@ static void map_destroy(df_map *m)
     if (m->summary != NULL)
         summary_free(m->summary);
     df_failure_unref(m->stop_failure);
+    df__pool_client_remove(&m->client);
+    if (m->sem != NULL)
+        df__sem_drop(m->sem);
     df__free(loop, m->slots);
     df__free(loop, m);
 }
@@ -433,6 +456,27 @@ static void map_leave(df_map *m, bool outer)
 }
 
 /* ------------------------------------------------------------------ API */
+
+/* The map's pool stops taking work (shut down or freed, perhaps from one
+ * of the map's own callbacks): the map stops pulling and done fails with
+ * DF_ESHUTDOWN once the items in flight are delivered (the semaphore
+ * fails those still waiting for a token).  No user code runs here. */
+static void pool_stopped(df__pool_client *c, df_pool *p)
+{
+    DF__UNUSED(p);
+    df_map *m = DF__CONTAINER_OF(c, df_map, client);
+    m->pool = NULL;
+    if (!m->finished)
+        set_stop(m, df_failure_new(m->loop, DF_ESHUTDOWN,
+                                   "map: pool shut down"));
+}
+
+/* Then: finish if nothing is left in flight. */
+static void pool_flush(df__pool_client *c)
+{
+    df_map *m = DF__CONTAINER_OF(c, df_map, client);
+    map_leave(m, map_enter(m)); /* may free m */
+}
 
 static void done_canceller(df_deferred *d, void *arg)
 {
@@ -480,17 +524,31 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
     m->stop_on_error = (opts->flags & DF_MAP_STOP_ON_ERROR) != 0;
     if (m->opts.window == 0)
         m->opts.window = opts->limit;
-    m->nslots = m->ordered ? m->opts.window + 1 : opts->limit;
+    m->max_inflight = (uint64_t)opts->limit * (opts->pool != NULL ? 2 : 1);
+    m->nslots = m->ordered ? m->opts.window + 1 : (size_t)m->max_inflight;
     m->slots = df__calloc(loop, m->nslots, sizeof(slot));
     m->summary = df__malloc(loop, sizeof(summary));
     if (m->slots == NULL || m->summary == NULL) {
         rc = DF_ENOMEM;
         goto fail;
     }
+    df__ilink_init(&m->client.link);
+    if (opts->pool != NULL) {
+        rc = df__sem_new(loop, opts->limit, &m->sem);
+        if (rc != 0)
+            goto fail;
+        /* A pool shut down already is as good as gone: every item it is
+         * given fails with DF_ESHUTDOWN and stops the map. */
+        m->pool = df__pool_accepts(opts->pool) ? opts->pool : NULL;
+        m->client.stopped = pool_stopped;
+        m->client.flush = pool_flush;
+    }
     m->summary->alloc = *df__allocator(loop);
     rc = df_deferred_new_cancellable(loop, done_canceller, m, &m->done_d);
     if (rc != 0)
         goto fail;
+    if (m->pool != NULL)
+        df__pool_client_add(m->pool, &m->client);
     /* Cancelling done must not fire it before the running items finish:
      * the map fires it (with DF_ECANCELLED) once they have. */
     df__deferred_set_cancel_waits(m->done_d);
@@ -509,6 +567,8 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
     return 0;
 
 fail:
+    if (m->sem != NULL)
+        df__sem_drop(m->sem);
     df__free(loop, m->summary);
     df__free(loop, m->slots);
     df__free(loop, m);
