@@ -160,6 +160,8 @@ struct rig {
     uint64_t items_freed;
     uint64_t values_freed;
     uint64_t cancel_after; /* on_result cancels at this many (0: no) */
+    uint64_t free_pool_after; /* on_result frees o.pool at this many */
+    bool pool_freed;
     df_map_stats at_cancel;
 
     /* Bounds seen. */
@@ -376,6 +378,10 @@ static void on_result(uint64_t index, void *item, df_result res, void *arg)
         ck_assert_uint_eq(value_of(r, res.value), v * 2 + 1);
     }
     df_result_clear(&res);
+    if (r->free_pool_after != 0 && r->delivered == r->free_pool_after) {
+        df_pool_free(r->o.pool);
+        r->pool_freed = true;
+    }
     if (r->cancel_after != 0 && r->delivered == r->cancel_after) {
         TU_OK(df_map_get_stats(r->map, &r->at_cancel));
         TU_OK(df_map_cancel(r->map));
@@ -940,6 +946,49 @@ START_TEST(test_map_submit_refused)
     rig_finish(&r);
     df_pool_free(p);
     tu_loop_free(loop);
+}
+END_TEST
+
+/* Issue 15, item 3.  Freeing a running map's pool from the map's own
+ * on_result ends the map as freeing it from a timer does: it stops
+ * pulling, every pulled item is delivered once (failed with DF_ESHUTDOWN
+ * or DF_ECANCELLED if it had not run), done fails with DF_ESHUTDOWN, and
+ * nothing touches the freed pool.  Before the fix the map pulled on after
+ * on_result returned and submitted to the freed pool (use-after-free). */
+static void free_pool_timer(void *arg, int status)
+{
+    rig *r = arg;
+    (void)status;
+    df_pool_free(r->o.pool);
+    r->pool_freed = true;
+}
+
+START_TEST(test_map_pool_freed_mid_stream)
+{
+    for (int variant = 0; variant < 2; variant++) {
+        df_loop *loop = tu_loop();
+        df_pool *p = new_pool(loop, 2);
+        rig r;
+        int code;
+
+        rig_init(&r, loop);
+        r.n = ENDLESS;
+        r.spin = 200;
+        r.other_code = DF_ESHUTDOWN;
+        rig_options(&r, p, 2, 0);
+        if (variant == 0)
+            r.free_pool_after = 5;
+        else
+            TU_OK(df_loop_call_later(loop, 2000000, free_pool_timer, &r,
+                                     NULL));
+        rig_start(&r);
+        TU_OK(df_loop_run_until(loop, r.done));
+        ck_assert(r.pool_freed);
+        ck_assert_ptr_null(done_stats(&r, &code));
+        ck_assert_int_eq(code, DF_ESHUTDOWN);
+        rig_finish(&r);
+        tu_loop_free(loop);
+    }
 }
 END_TEST
 
@@ -1533,6 +1582,7 @@ static Suite *map_suite(void)
     tcase_add_test(tc, test_map_errors_stop_call);
     tcase_add_test(tc, test_map_errors_stop_pool);
     tcase_add_test(tc, test_map_submit_refused);
+    tcase_add_test(tc, test_map_pool_freed_mid_stream);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("iterator");

@@ -1883,6 +1883,127 @@ START_TEST(test_pool_gate_seeded_stress)
 }
 END_TEST
 
+/* ------------------------------------------- issue 15: pools that stop */
+
+/* Issue 15, items 2 and 4.  Jobs of pool B wait in a semaphore's line
+ * behind a token held by a job of pool A.  Freeing B (item 2) or shutting
+ * it down with CANCEL (item 4) fails them with DF_ESHUTDOWN at once; when
+ * A's job gives its token back, nothing is submitted to B.  Before the
+ * fix they stayed unfired, and after a free the returned token submitted
+ * one to the freed pool (use-after-free). */
+static void stop_other_pool(bool free_it)
+{
+    df_loop *loop = tu_loop();
+    df_pool *a = new_pool(loop, 1);
+    df_pool *b = new_pool(loop, 1);
+    df_sem *s;
+    TU_OK(df_sem_new(loop, 1, &s));
+    blocker bl;
+    blocker_init(&bl, false);
+    int v = 5;
+    df_deferred *ja, *w[2];
+    fired fw[2] = {{0, 0}, {0, 0}};
+    TU_OK(df_sem_run_in_pool(s, a, blocking_work, &bl, &ja));
+    tu_gate_wait(&bl.started);
+    for (int i = 0; i < 2; i++) {
+        TU_OK(df_sem_run_in_pool(s, b, value_work, &v, &w[i]));
+        TU_OK(df_deferred_add_both(w[i], fired_cb, &fw[i]));
+    }
+    ck_assert_uint_eq(df_sem_waiting(s), 2);
+    if (free_it)
+        df_pool_free(b);
+    else
+        TU_OK(df_pool_shutdown(b, DF_POOL_CANCEL));
+    for (int i = 0; i < 2; i++) {
+        ck_assert_uint_eq(fw[i].calls, 1);
+        ck_assert_int_eq(fw[i].code, DF_ESHUTDOWN);
+    }
+    ck_assert_uint_eq(df_sem_waiting(s), 0);
+    tu_gate_open(&bl.release);
+    wait_for(loop, ja);
+    ck_assert_int_eq(result_code(ja), 0);
+    ck_assert_uint_eq(df_sem_tokens(s), 1);
+    ck_assert_uint_eq(df_loop_pending(loop), 0);
+    df_deferred_unref(ja);
+    for (int i = 0; i < 2; i++)
+        df_deferred_unref(w[i]);
+    TU_OK(df_sem_free(s));
+    if (!free_it)
+        df_pool_free(b);
+    df_pool_free(a);
+    blocker_destroy(&bl);
+    tu_loop_free(loop);
+}
+
+START_TEST(test_pool_sem_free_pool_fails_its_waiters)
+{
+    stop_other_pool(true);
+}
+END_TEST
+
+START_TEST(test_pool_sem_cancel_pool_fails_its_waiters)
+{
+    stop_other_pool(false);
+}
+END_TEST
+
+static df_result release_sem_cb(df_result r, void *arg)
+{
+    TU_OK(df_sem_release(arg));
+    return r;
+}
+
+/* Issue 15, item 5.  DF_POOL_DRAIN runs every run-in-pool job that gets a
+ * token while it drains, never failing one with DF_ESHUTDOWN while tokens
+ * are free.  Variant 0: the semaphore was first used with another pool,
+ * 3 jobs, 2 tokens.  Variant 1: one token, a job, a plain acquire whose
+ * callback releases, and a job behind it.  Before the fix the last job of
+ * each failed with DF_ESHUTDOWN: the completions that gave the tokens
+ * back were dispatched only after the workers had been joined. */
+START_TEST(test_pool_sem_drain_runs_every_waiter)
+{
+    for (int variant = 0; variant < 2; variant++) {
+        df_loop *loop = tu_loop();
+        df_pool *p0 = new_pool(loop, 1);
+        df_pool *p = new_pool(loop, 2);
+        df_sem *s;
+        TU_OK(df_sem_new(loop, variant == 0 ? 2 : 1, &s));
+        int v[3] = {10, 11, 12};
+        df_deferred *d[3], *first, *a = NULL;
+        TU_OK(df_sem_run_in_pool(s, p0, value_work, &v[0], &first));
+        wait_for(loop, first);
+        df_deferred_unref(first);
+        TU_OK(df_sem_run_in_pool(s, p, value_work, &v[0], &d[0]));
+        if (variant == 1) {
+            TU_OK(df_sem_acquire(s, &a));
+            TU_OK(df_deferred_add_callback(a, release_sem_cb, s));
+        }
+        TU_OK(df_sem_run_in_pool(s, p, value_work, &v[1], &d[1]));
+        TU_OK(df_sem_run_in_pool(s, p, value_work, &v[2], &d[2]));
+        TU_OK(df_pool_shutdown(p, DF_POOL_DRAIN));
+        for (int i = 0; i < 3; i++) {
+            ck_assert_msg(df_deferred_called(d[i]), "job %d unfired", i);
+            void *value = NULL;
+            df_failure *f = NULL;
+            TU_OK(df_deferred_peek(d[i], &value, &f));
+            ck_assert_msg(f == NULL, "variant %d: job %d failed: %s",
+                          variant, i, df_failure_message(f));
+            ck_assert_int_eq(*(int *)value, v[i]);
+            df_deferred_unref(d[i]);
+        }
+        if (a != NULL) {
+            ck_assert_int_eq(result_code(a), 0);
+            df_deferred_unref(a);
+        }
+        ck_assert_uint_eq(df_sem_tokens(s), df_sem_limit(s));
+        TU_OK(df_sem_free(s));
+        df_pool_free(p);
+        df_pool_free(p0);
+        tu_loop_free(loop);
+    }
+}
+END_TEST
+
 /* ------------------------------------------------------------- suite */
 
 static Suite *pool_suite(void)
@@ -1932,6 +2053,13 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, test_pool_gate_waiter_not_pending);
     tcase_add_test(tc, test_pool_gate_cancel_from_returned_token);
     tcase_add_test(tc, test_pool_gate_seeded_stress);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("stop");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_pool_sem_free_pool_fails_its_waiters);
+    tcase_add_test(tc, test_pool_sem_cancel_pool_fails_its_waiters);
+    tcase_add_test(tc, test_pool_sem_drain_runs_every_waiter);
     suite_add_tcase(s, tc);
     return s;
 }

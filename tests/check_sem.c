@@ -1858,6 +1858,95 @@ START_TEST(test_sem_run_enomem_waiting_for_fn)
 }
 END_TEST
 
+/* ---------------------------------------------- issue 15: decided cases */
+
+/* Issue 15, item 1.  A release made while only a df_sem_run holds the
+ * token must not give that token away behind the run's back: it is an
+ * over-release (DF_EOVERRELEASE), and when fn's deferred fires the run
+ * gives its token back normally.  Before the fix the release returned 0
+ * and the run's give-back aborted on an assert (tokens < limit). */
+START_TEST(test_sem_release_while_run_holds)
+{
+    df_sem *s;
+    df_deferred *inner, *out, *a;
+    rec r = {0};
+    TU_OK(df_sem_new(L, 1, &s));
+    TU_OK(df_deferred_new(L, &inner));
+    TU_OK(df_sem_run(s, return_deferred, inner, &out));
+    TU_OK(df_deferred_add_both(out, rec_both, &r));
+    ck_assert_uint_eq(df_sem_tokens(s), 0);
+    TU_ERR(df_sem_release(s), DF_EOVERRELEASE);
+    ck_assert_uint_eq(df_sem_tokens(s), 0);
+    /* A waiter still waits for the run's token. */
+    TU_OK(df_sem_acquire(s, &a));
+    ck_assert(!df_deferred_called(a));
+    TU_OK(df_deferred_callback(inner, NULL, NULL));
+    ck_assert_int_eq(r.oks, 1);
+    ck_assert(df_deferred_called(a)); /* the run's token went to it */
+    ck_assert_uint_eq(df_sem_tokens(s), 0);
+    TU_OK(df_sem_release(s)); /* a's, taken by acquire */
+    TU_ERR(df_sem_release(s), DF_EOVERRELEASE);
+    ck_assert_uint_eq(df_sem_tokens(s), 1);
+    df_deferred_unref(a);
+    df_deferred_unref(out);
+    df_deferred_unref(inner);
+    TU_OK(df_sem_free(s));
+}
+END_TEST
+
+/* The same with a mix: one token taken by acquire and one by a run; one
+ * release is allowed (the acquire's), the second is refused, and the
+ * count never goes above the limit. */
+START_TEST(test_sem_release_counts_only_acquired)
+{
+    df_sem *s;
+    df_deferred *inner, *out, *a;
+    TU_OK(df_sem_new(L, 2, &s));
+    TU_OK(df_deferred_new(L, &inner));
+    TU_OK(df_sem_acquire(s, &a));
+    TU_OK(df_sem_run(s, return_deferred, inner, &out));
+    ck_assert_uint_eq(df_sem_tokens(s), 0);
+    TU_OK(df_sem_release(s));
+    TU_ERR(df_sem_release(s), DF_EOVERRELEASE);
+    ck_assert_uint_eq(df_sem_tokens(s), 1);
+    TU_OK(df_deferred_callback(inner, NULL, NULL));
+    ck_assert_uint_eq(df_sem_tokens(s), 2);
+    df_deferred_unref(a);
+    df_deferred_unref(out);
+    df_deferred_unref(inner);
+    TU_OK(df_sem_free(s));
+}
+END_TEST
+
+/* Issue 15, item 10, decided as a departure from Twisted (README): the
+ * deferred df_sem_run returns carries fn's result, not the acquisition,
+ * so pausing it holds back the delivery of that result, not the call of
+ * fn.  fn runs as soon as the token is handed over; the token comes back
+ * when fn's result is known; the paused deferred's callbacks get the
+ * result once it is unpaused. */
+START_TEST(test_sem_run_paused_waiter_runs_fn)
+{
+    df_sem *s;
+    df_deferred *a, *out;
+    rec r = {0};
+    TU_OK(df_sem_new(L, 1, &s));
+    TU_OK(df_sem_acquire(s, &a));
+    TU_OK(df_sem_run(s, return_value, (void *)&r, &out));
+    TU_OK(df_deferred_add_both(out, rec_both, &r));
+    TU_OK(df_deferred_pause(out));
+    TU_OK(df_sem_release(s)); /* the token goes to the paused run */
+    ck_assert_int_eq(g_fn_calls, 1);       /* fn ran at once         */
+    ck_assert_uint_eq(df_sem_tokens(s), 1); /* and gave its token back */
+    ck_assert_int_eq(r.calls, 0);          /* delivery is held back  */
+    TU_OK(df_deferred_unpause(out));
+    ck_assert_int_eq(r.oks, 1);
+    ck_assert_ptr_eq(r.value, &r);
+    df_deferred_unref(a);
+    df_deferred_unref(out);
+    TU_OK(df_sem_free(s));
+}
+END_TEST
+
 /* ------------------------------------------------------------ suite */
 
 static Suite *sem_suite(void)
@@ -1915,6 +2004,9 @@ static Suite *sem_suite(void)
     tcase_add_test(tc, test_sem_run_timeout_waiting);
     tcase_add_test(tc, test_sem_run_unref_out_early);
     tcase_add_test(tc, test_sem_free_in_run_callback);
+    tcase_add_test(tc, test_sem_release_while_run_holds);
+    tcase_add_test(tc, test_sem_release_counts_only_acquired);
+    tcase_add_test(tc, test_sem_run_paused_waiter_runs_fn);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("lock");
