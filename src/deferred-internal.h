@@ -24,12 +24,28 @@ void df__free(df_loop *loop, void *ptr);
 const df_allocator *df__allocator(df_loop *loop);
 
 /* ----------------------------------------------------------- thread check */
+/* Each thread's own byte, whose address names the thread (loop.c).  It
+ * guards every entry point, so it must cost no call: with initial-exec
+ * TLS its address is the thread pointer plus a constant, which is cheaper
+ * than pthread_self(), a call into libc.  Like a pthread_t, the address of
+ * a thread that has exited may be reused by a later thread. */
+#if defined(__GNUC__) || defined(__clang__)
+#define DF__TLS_IE __attribute__((tls_model("initial-exec")))
+#else
+#define DF__TLS_IE
+#endif
+extern _Thread_local char df__thread_marker DF__TLS_IE;
+static inline const void *df__thread_self(void)
+{
+    return &df__thread_marker;
+}
+
 /* True on the loop's own thread.  Inline, as it guards every entry point:
- * the loop thread's id is the first member of struct df_loop (loop.c). */
+ * the loop thread's marker address is the first member of struct df_loop
+ * (loop-internal.h). */
 static inline bool df__on_loop_thread(const df_loop *loop)
 {
-    return pthread_equal(*(const pthread_t *)(const void *)loop,
-                         pthread_self()) != 0;
+    return *(const void *const *)(const void *)loop == df__thread_self();
 }
 /* Prints one line naming the misused function; used by void entry points
  * that cannot return DF_EWRONG_THREAD. */
@@ -43,7 +59,7 @@ void df__wrong_thread(const char *func);
  * from the parent, and everything made from it is unusable in the child. */
 extern atomic_uint df__fork_gen;
 typedef struct df__loop_id { /* the first members of struct df_loop */
-    pthread_t thread;
+    const void *self;
     unsigned fork_gen;
 } df__loop_id;
 
