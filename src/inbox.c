@@ -1,105 +1,202 @@
 /* SPDX-License-Identifier: MIT */
 /* The completion inbox, the wake fd and cross-thread calls of a loop. */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
+#ifdef DF_HAVE_EVENTFD
+#include <sys/eventfd.h>
+#endif
 
 #include "loop-internal.h"
 
 /*
  * Threads and locks
  * =================
- * This file owns the loop's only lock.  Everything in struct df_loop
- * (loop-internal.h) belongs to the loop thread except the inbox
- * (inbox_head/inbox_tail/call_free, protected by inbox_lock), the atomics
- * `wake_pending` and `calls`, and `wake_fd`, which any thread may write
- * to.  inbox_lock is a leaf: nothing else is locked while it is
- * held, and no user code ever runs under it.  (A pool's mutex is never held
- * while posting, so the pool and the loop have no lock order between them.)
+ * This file owns the loop's only lock, `call_lock`; it is a leaf: nothing
+ * else is locked while it is held, and no user code runs under it.  It
+ * protects `call_free`, the spare cross-thread call nodes, and nothing
+ * else.  The inbox itself takes no lock, and a pool's mutex is never held
+ * while posting, so the pool and the loop have no lock order between them.
+ * Everything in struct df_loop (loop-internal.h) belongs to the loop
+ * thread except `inbox`, `call_free`, the atomics `sleeping` and `calls`,
+ * and the wake fd, which any thread may write to.
  *
- * The inbox is a FIFO list of intrusive nodes.  The loop drains it in
- * batches: it swaps the whole list into `batch` under the lock, then runs
- * the entries without the lock.  `batch` lives in the loop so that a nested
- * drain (a pool shutdown from inside a callback) sees the same entries and
+ * The inbox
+ * ---------
+ * Producers push intrusive nodes onto `inbox`, a lock-free stack (one
+ * compare-and-swap; a node is pushed by one producer and taken only by
+ * the loop, all at once, so there is no ABA problem).  The loop takes the
+ * whole stack with one exchange, reverses it into push order and appends
+ * it to `batch`, which it then runs without any lock.  Push order is the
+ * order of the successful swaps, so entries keep their posting order, per
+ * producer and overall.  `batch` lives in the loop so that a nested drain
+ * (a pool shutdown from inside a callback) sees the same entries and
  * nothing is run twice or lost.
  *
- * Wake-ups coalesce.  A producer writes to the eventfd only when it flips
- * `wake_pending` from false to true.  The loop flips it back only when it
- * is about to block in poll(2) or to hand control back to an external
- * poller (df__inbox_settle()), so while the loop is busy, posts cost no system call
- * at all, and N posts between two sleeps cost one write(2).
+ * Wake-ups
+ * --------
+ * `sleeping` is true while the loop may block or has handed control to an
+ * external poller, false while it is known to be awake.  A producer pushes,
+ * then reads `sleeping`; only if it is true and the producer is the one
+ * that flips it to false does it write to the wake fd.  So while the loop
+ * is awake a post costs one atomic load and no system call, and one sleep
+ * costs at most one write, however many entries arrive meanwhile.
  *
- * df__inbox_settle() does three things in this order: drain the eventfd (a
- * non-blocking read), clear the flag, look at the inbox.  An entry appended
- * before the look is seen by it.  An entry appended after the look comes
- * with an exchange of the flag that follows our clear; either it finds the
- * flag clear and writes, or another producer set the flag after our clear
- * and writes.  Both writes come after the drain, so poll(2) returns.  A
- * producer that set the flag before our clear and writes late only costs
- * a spurious wake-up.  So when df__inbox_settle() finds the inbox empty, the loop
- * may block; when it does not, it must not, and a loop giving control away
- * makes the fd readable itself (df__inbox_force_wake()).
+ * The loop sets `sleeping` (arm) and then looks at the inbox; it blocks
+ * only if the inbox and the batch are empty.  After it wakes it clears the
+ * flag (disarm) and drains the fd if poll(2) said it was readable.
  *
- * A producer that sets the flag and is then slow to write delays every
- * other producer's wake-up until it writes (they see the flag set); it
- * cannot lose one.  A producer cancelled between the two would, so the
- * write runs with cancellation disabled.
+ * Why no wake-up is lost.  The push and the load on the producer's side,
+ * the store and the look on the loop's side, are sequentially consistent,
+ * so they fall in one total order.  If the push comes before the look, the
+ * look sees the entry and the loop does not block.  Otherwise the arm came
+ * before the push, hence before the producer's load, which then reads
+ * true, unless `sleeping` was flipped back in between: by another
+ * producer, which writes (that write comes after the arm, and the loop
+ * does not drain between the arm and the poll, so the poll returns), or
+ * by the loop, which only does so after its poll returned, and collects
+ * the inbox after that, so it sees the entry before it can block again.
+ * A write that lands after the loop woke for another reason leaves the fd
+ * readable: the next poll returns at once and drains it; that costs one
+ * spurious turn, never a lost entry, and never a fd that stays readable
+ * (each disarm that follows a readable poll drains).
  *
- * Two kinds of entries do not wake the loop and need no write: lazily
- * posted gate completions (df__loop_post_lazy), whose jobs stay counted
- * as lazy until dispatched, so that the loop polls at least every
- * DF__LAZY_MS meanwhile; and entries a nested df__loop_run_matching()
- * left in the batch, which make timeout_ms() return 0 and df__inbox_settle()
- * report work.
+ * A producer that won the flip and is slow to write delays the wake-up
+ * until it writes; it cannot lose it.  A producer cancelled between the
+ * two would, so the write runs with cancellation disabled (the flip and
+ * the write are not cancellation points; write(2) is).
  *
- * The order matters.  Clearing the flag before the drain (as an earlier
- * version did) loses wake-ups: a producer appends entry A and is slow to
- * wake; the loop takes and runs A anyway, clears the flag; the producer
- * now sets the flag and writes; the drain consumes that write and the look
- * finds nothing; the flag stays set with no write owed, so every later
- * producer skips its write and the loop sleeps with entries queued
- * (tests/check_loop, test_loop_wake_after_late_producer).
+ * An external poller (df_loop_fd, df_loop_dispatch) is handled the same
+ * way: a dispatch disarms and drains at its start; at its end the loop
+ * arms, and if anything is queued (a budget left entries, or one was
+ * pushed meanwhile) it makes the fd readable itself (force wake), so that
+ * the poller calls again.
+ *
+ * An earlier version cleared its flag before draining the fd and lost
+ * wake-ups (tests/check_loop, test_loop_wake_after_late_producer splits a
+ * post into its push and its wake-up to widen that window).
  */
 
-/* Makes wake_fd readable unless a write is already owed.  Any thread. */
-static void wake(df_loop *loop)
+/* ---------------------------------------------------------------- wake fd */
+
+/* Moves a descriptor the library made above 2, so that a program that
+ * closed stdin (or stdout) does not find our fd where it expects its
+ * own.  Returns the fd to use, or -1 with errno set. */
+static int above_stdio(int fd)
 {
-    if (atomic_exchange_explicit(&loop->wake_pending, true,
-                                 memory_order_seq_cst))
-        return;
-    /* write(2) is a cancellation point.  A caller cancelled in it would
-     * leave the flag set with no write made, and every later producer
-     * would skip its own: the write must happen once the flag is ours. */
-    int cancel_state;
-    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel_state);
+    if (fd < 0 || fd > 2)
+        return fd;
+    int moved = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    int err = errno;
+    close(fd);
+    errno = err;
+    return moved;
+}
+
+static int fd_open(df_loop *loop)
+{
+#ifdef DF_HAVE_EVENTFD
+    int fd = above_stdio(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+    if (fd < 0)
+        return -errno;
+    loop->wake_fd = loop->wake_wfd = fd;
+    return 0;
+#else
+    int fds[2];
+    if (pipe(fds) != 0)
+        return -errno;
+    for (int i = 0; i < 2; i++) {
+        int fd = above_stdio(fds[i]);
+        if (fd < 0 || fcntl(fd, F_SETFD, FD_CLOEXEC) != 0 ||
+            fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0) {
+            int rc = -errno;
+            if (fd >= 0)
+                close(fd);
+            if (i == 0)
+                close(fds[1]);
+            else
+                close(fds[0]);
+            return rc;
+        }
+        fds[i] = fd;
+    }
+    loop->wake_fd = fds[0];
+    loop->wake_wfd = fds[1];
+    return 0;
+#endif
+}
+
+static void fd_close(df_loop *loop)
+{
+    if (loop->wake_wfd != loop->wake_fd)
+        close(loop->wake_wfd);
+    close(loop->wake_fd);
+}
+
+/* Makes the fd readable.  EAGAIN means it is readable already. */
+static void fd_write(df_loop *loop)
+{
+#ifdef DF_HAVE_EVENTFD
     uint64_t one = 1;
+#else
+    char one = 1;
+#endif
     ssize_t n;
     do
-        n = write(loop->wake_fd, &one, sizeof one);
+        n = write(loop->wake_wfd, &one, sizeof one);
     while (n < 0 && errno == EINTR);
-    /* EAGAIN means the counter is near overflow: the fd is readable. */
-    pthread_setcancelstate(cancel_state, NULL);
 }
+
+/* Empties the fd.  Loop thread. */
+static void fd_drain(df_loop *loop)
+{
+#ifdef DF_HAVE_EVENTFD
+    uint64_t buf[1];
+#else
+    char buf[64];
+#endif
+    ssize_t n;
+    do /* EAGAIN: nothing was written */
+        n = read(loop->wake_fd, buf, sizeof buf);
+    while ((n < 0 && errno == EINTR) || n == (ssize_t)sizeof buf);
+}
+
+/* --------------------------------------------------------------- posting */
 
 void df__loop_wake(df_loop *loop)
 {
-    wake(loop);
+    if (!atomic_load_explicit(&loop->sleeping, memory_order_seq_cst) ||
+        !atomic_exchange_explicit(&loop->sleeping, false,
+                                  memory_order_seq_cst))
+        return;
+    int cancel_state;
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel_state);
+    fd_write(loop);
+    pthread_setcancelstate(cancel_state, NULL);
 }
 
-void df__loop_post_lazy(df_loop *loop, df__inbox_node *n)
+void df__loop_append(df_loop *loop, df__inbox_node *n)
 {
-    n->next = NULL;
-    pthread_mutex_lock(&loop->inbox_lock);
-    *loop->inbox_tail = n;
-    loop->inbox_tail = &n->next;
-    pthread_mutex_unlock(&loop->inbox_lock);
+    df__inbox_node *head =
+        atomic_load_explicit(&loop->inbox, memory_order_relaxed);
+    do
+        n->next = head;
+    while (!atomic_compare_exchange_weak_explicit(
+        &loop->inbox, &head, n, memory_order_seq_cst, memory_order_relaxed));
 }
 
 void df__loop_post(df_loop *loop, df__inbox_node *n)
 {
-    df__loop_post_lazy(loop, n);
-    wake(loop);
+    df__loop_append(loop, n);
+    df__loop_wake(loop);
+}
+
+/* Posting is cheap enough now that the lazy post is the plain one: while
+ * the loop is awake a post costs no system call. */
+void df__loop_post_lazy(df_loop *loop, df__inbox_node *n)
+{
+    df__loop_post(loop, n);
 }
 
 void df__loop_lazy_add(df_loop *loop, long delta)
@@ -108,60 +205,57 @@ void df__loop_lazy_add(df_loop *loop, long delta)
     loop->lazy = (size_t)((long)loop->lazy + delta);
 }
 
-/* Moves everything posted so far to the end of loop->batch, and hands the
- * call nodes run since last time back to the producers' free list in the
- * same critical section.  Loop thread. */
+/* ------------------------------------------------------------- loop side */
+
 void df__inbox_collect(df_loop *loop)
 {
     df__inbox_node *spent = loop->spent_calls;
-    df__inbox_node *spent_last = NULL;
-    for (df__inbox_node *n = spent; n != NULL; n = n->next)
-        spent_last = n;
-    loop->spent_calls = NULL;
-
-    pthread_mutex_lock(&loop->inbox_lock);
-    if (spent_last != NULL) {
-        spent_last->next = loop->call_free;
+    if (spent != NULL) {
+        df__inbox_node *last = spent;
+        while (last->next != NULL)
+            last = last->next;
+        loop->spent_calls = NULL;
+        pthread_mutex_lock(&loop->call_lock);
+        last->next = loop->call_free;
         loop->call_free = spent;
+        pthread_mutex_unlock(&loop->call_lock);
     }
-    if (loop->inbox_head != NULL) {
-        *loop->batch_tail = loop->inbox_head;
-        loop->batch_tail = loop->inbox_tail;
-        loop->inbox_head = NULL;
-        loop->inbox_tail = &loop->inbox_head;
+    if (atomic_load_explicit(&loop->inbox, memory_order_relaxed) == NULL)
+        return;
+    df__inbox_node *n =
+        atomic_exchange_explicit(&loop->inbox, NULL, memory_order_acquire);
+    /* Reverse the stack into push order. */
+    df__inbox_node *first = NULL, *last = n;
+    while (n != NULL) {
+        df__inbox_node *next = n->next;
+        n->next = first;
+        first = n;
+        n = next;
     }
-    pthread_mutex_unlock(&loop->inbox_lock);
+    *loop->batch_tail = first;
+    loop->batch_tail = &last->next;
 }
 
-/* Re-arms producers' wake-ups and drains the eventfd (see the top of the
- * file).  Returns true when nothing is queued, so that the loop may block.
- * Loop thread. */
-bool df__inbox_settle(df_loop *loop)
+bool df__inbox_arm(df_loop *loop)
 {
-    uint64_t count;
-    ssize_t n;
-    do /* EAGAIN: nothing was written */
-        n = read(loop->wake_fd, &count, sizeof count);
-    while (n < 0 && errno == EINTR);
-    atomic_store_explicit(&loop->wake_pending, false, memory_order_seq_cst);
-    if (loop->batch_head != NULL)
-        return false;
-    pthread_mutex_lock(&loop->inbox_lock);
-    bool empty = loop->inbox_head == NULL;
-    pthread_mutex_unlock(&loop->inbox_lock);
-    return empty;
+    atomic_store_explicit(&loop->sleeping, true, memory_order_seq_cst);
+    return loop->batch_head == NULL &&
+           atomic_load_explicit(&loop->inbox, memory_order_seq_cst) == NULL;
 }
 
-/* Makes the fd readable whatever the flag says.  Loop thread. */
+void df__inbox_disarm(df_loop *loop, bool drain)
+{
+    atomic_store_explicit(&loop->sleeping, false, memory_order_seq_cst);
+    if (drain)
+        fd_drain(loop);
+}
+
 void df__inbox_force_wake(df_loop *loop)
 {
-    /* Producers need not write while the fd is readable anyway. */
-    atomic_store_explicit(&loop->wake_pending, true, memory_order_seq_cst);
-    uint64_t one = 1;
-    ssize_t n;
-    do
-        n = write(loop->wake_fd, &one, sizeof one);
-    while (n < 0 && errno == EINTR);
+    if (atomic_exchange_explicit(&loop->sleeping, false,
+                                 memory_order_seq_cst))
+        fd_write(loop);
+    /* Else a producer flipped it and writes. */
 }
 
 df__inbox_node *df__batch_pop(df_loop *loop)
@@ -232,11 +326,11 @@ int df_loop_call_from_thread(df_loop *loop, df_call_fn fn, void *arg)
         return DF_EINVAL;
     if (df__loop_forked(loop))
         return DF_EFORKED; /* its lock may be held by a thread now gone */
-    pthread_mutex_lock(&loop->inbox_lock);
+    pthread_mutex_lock(&loop->call_lock);
     df__inbox_node *n = loop->call_free;
     if (n != NULL)
         loop->call_free = n->next;
-    pthread_mutex_unlock(&loop->inbox_lock);
+    pthread_mutex_unlock(&loop->call_lock);
     if (n == NULL) {
         df__call_node *c = df__malloc(loop, sizeof *c);
         if (c == NULL)
@@ -259,17 +353,18 @@ int df_loop_call_from_thread(df_loop *loop, df_call_fn fn, void *arg)
 
 int df__inbox_init(df_loop *loop)
 {
-    loop->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (loop->wake_fd < 0)
-        return -errno;
-    int rc = pthread_mutex_init(&loop->inbox_lock, NULL);
+    int rc = fd_open(loop);
+    if (rc != 0)
+        return rc;
+    rc = pthread_mutex_init(&loop->call_lock, NULL);
     if (rc != 0) {
-        close(loop->wake_fd);
+        fd_close(loop);
         return -rc;
     }
-    loop->inbox_tail = &loop->inbox_head;
+    atomic_init(&loop->inbox, NULL);
     loop->batch_tail = &loop->batch_head;
-    atomic_init(&loop->wake_pending, false);
+    /* Nobody drives the loop yet: the first post must write. */
+    atomic_init(&loop->sleeping, true);
     atomic_init(&loop->calls, 0);
     return 0;
 }
@@ -299,6 +394,6 @@ void df__inbox_fini(df_loop *loop)
     free_call_list(loop, loop->spent_calls);
     free_call_list(loop, loop->call_free);
     loop->spent_calls = loop->call_free = NULL;
-    close(loop->wake_fd);
-    pthread_mutex_destroy(&loop->inbox_lock);
+    fd_close(loop);
+    pthread_mutex_destroy(&loop->call_lock);
 }

@@ -45,13 +45,13 @@ struct df_loop {
     uint64_t unhandled_count;
 
     /* Cross-thread part (inbox.c says who may touch what). */
-    pthread_mutex_t inbox_lock;
-    df__inbox_node *inbox_head;
-    df__inbox_node **inbox_tail;
-    df__inbox_node *call_free; /* recycled df__call_node entries */
-    atomic_bool wake_pending;  /* a write to wake_fd is owed or done */
+    _Atomic(df__inbox_node *) inbox; /* pushed entries, newest first */
+    atomic_bool sleeping;      /* the next post must write to the fd */
     atomic_size_t calls;       /* cross-thread calls not yet run */
-    int wake_fd;               /* eventfd; written by any thread */
+    pthread_mutex_t call_lock; /* protects call_free */
+    df__inbox_node *call_free; /* recycled df__call_node entries */
+    int wake_fd;               /* eventfd, or a pipe's read end */
+    int wake_wfd;              /* written by any thread (== wake_fd) */
 
     /* Loop thread only from here on. */
     df__inbox_node *batch_head; /* taken from the inbox, not yet run */
@@ -71,7 +71,8 @@ struct df_loop {
     df_timer *timer_free;
     size_t timer_free_len;
 
-    df__cache caches[DF__CACHES]; /* spare blocks (deferred.c) */
+    df__cache caches[DF__CACHES]; /* spare blocks */
+    df__slab slabs[DF__SLABS];    /* deferreds' blocks (deferred.c) */
 };
 
 /* alloc.c */
@@ -89,10 +90,14 @@ void df__inbox_fini(df_loop *loop);
 void df__inbox_collect(df_loop *loop);
 /* Takes the first entry of loop->batch, or NULL. */
 df__inbox_node *df__batch_pop(df_loop *loop);
-/* Re-arms producers' wake-ups; true when nothing is queued, so that the
- * loop may block. */
-bool df__inbox_settle(df_loop *loop);
-/* Makes the wake fd readable whatever the flag says. */
+/* Announces that the loop may block: from now on a post writes to the
+ * wake fd.  Returns true when nothing is queued, so that the loop may
+ * block; false: it must not (and should disarm). */
+bool df__inbox_arm(df_loop *loop);
+/* The loop is awake: posts stop writing.  With `drain`, empties the fd. */
+void df__inbox_disarm(df_loop *loop, bool drain);
+/* Makes the wake fd readable (the loop gives control away with work
+ * queued). */
 void df__inbox_force_wake(df_loop *loop);
 
 /* timer.c, all loop thread. */

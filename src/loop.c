@@ -82,12 +82,14 @@ static int timeout_ms(const df_loop *loop)
 {
     if (loop->batch_head != NULL)
         return 0;
-    int ms = df__timers_timeout_ms(loop);
-    /* Jobs that post their completions without a wake-up are in flight:
-     * look at the inbox at least every DF__LAZY_MS. */
-    if (loop->lazy > 0 && (ms < 0 || ms > DF__LAZY_MS))
-        ms = DF__LAZY_MS;
-    return ms;
+    return df__timers_timeout_ms(loop);
+}
+
+/* Takes control: posts stop writing to the fd, which is emptied. */
+static void start_pass(df_loop *loop)
+{
+    loop->dispatching = true;
+    df__inbox_disarm(loop, true);
 }
 
 /* Gives control back: producers' wake-ups are re-armed, and if anything is
@@ -95,7 +97,7 @@ static int timeout_ms(const df_loop *loop)
  * for whoever drives the loop next (df_loop_run or an external poller). */
 static void finish_pass(df_loop *loop)
 {
-    if (!df__inbox_settle(loop))
+    if (!df__inbox_arm(loop))
         df__inbox_force_wake(loop);
     loop->dispatching = false;
 }
@@ -104,7 +106,7 @@ static int loop_run(df_loop *loop, df_deferred *until)
 {
     if (loop->dispatching)
         return DF_ESTATE;
-    loop->dispatching = true;
+    start_pass(loop);
     int rc;
     for (;;) {
         if (loop->stop) {
@@ -136,10 +138,14 @@ static int loop_run(df_loop *loop, df_deferred *until)
             rc = until != NULL ? DF_ENOT_CALLED : 0;
             break;
         }
-        if (!df__inbox_settle(loop))
-            continue; /* posted meanwhile */
+        /* About to sleep: see the proof at the top of inbox.c. */
+        if (!df__inbox_arm(loop)) {
+            df__inbox_disarm(loop, false); /* posted meanwhile */
+            continue;
+        }
         struct pollfd pfd = {loop->wake_fd, POLLIN, 0};
-        (void)poll(&pfd, 1, timeout_ms(loop)); /* EINTR: just go round */
+        int ready = poll(&pfd, 1, timeout_ms(loop)); /* EINTR: go round */
+        df__inbox_disarm(loop, ready > 0 && (pfd.revents & POLLIN));
     }
     finish_pass(loop);
     return rc;
@@ -179,7 +185,7 @@ int df_loop_dispatch(df_loop *loop, unsigned budget, unsigned *ran)
     DF__CHECK_THREAD(loop);
     if (loop->dispatching)
         return DF_ESTATE;
-    loop->dispatching = true;
+    start_pass(loop);
     unsigned count = df__timers_run(loop, false, NULL, NULL);
     df__inbox_collect(loop);
     unsigned done = 0;
@@ -243,6 +249,10 @@ int df_loop_new(const df_loop_options *opts, df_loop **out)
         return rc;
     }
     loop->alloc = *a;
+    df__slab_init(&loop->slabs[DF__SLAB_DEFERRED],
+                  df__deferred_block_size(false));
+    df__slab_init(&loop->slabs[DF__SLAB_DEFERRED_JOB],
+                  df__deferred_block_size(true));
     loop->self = df__thread_self();
     loop->thread = pthread_self();
     loop->fork_gen = atomic_load_explicit(&df__fork_gen, memory_order_relaxed);
