@@ -24,12 +24,28 @@ void df__free(df_loop *loop, void *ptr);
 const df_allocator *df__allocator(df_loop *loop);
 
 /* ----------------------------------------------------------- thread check */
+/* Each thread's own byte, whose address names the thread (loop.c).  It
+ * guards every entry point, so it must cost no call: with initial-exec
+ * TLS its address is the thread pointer plus a constant, which is cheaper
+ * than pthread_self(), a call into libc.  Like a pthread_t, the address of
+ * a thread that has exited may be reused by a later thread. */
+#if defined(__GNUC__) || defined(__clang__)
+#define DF__TLS_IE __attribute__((tls_model("initial-exec")))
+#else
+#define DF__TLS_IE
+#endif
+extern _Thread_local char df__thread_marker DF__TLS_IE;
+static inline const void *df__thread_self(void)
+{
+    return &df__thread_marker;
+}
+
 /* True on the loop's own thread.  Inline, as it guards every entry point:
- * the loop thread's id is the first member of struct df_loop (loop.c). */
+ * the loop thread's marker address is the first member of struct df_loop
+ * (loop-internal.h). */
 static inline bool df__on_loop_thread(const df_loop *loop)
 {
-    return pthread_equal(*(const pthread_t *)(const void *)loop,
-                         pthread_self()) != 0;
+    return *(const void *const *)(const void *)loop == df__thread_self();
 }
 /* Prints one line naming the misused function; used by void entry points
  * that cannot return DF_EWRONG_THREAD. */
@@ -43,7 +59,7 @@ void df__wrong_thread(const char *func);
  * from the parent, and everything made from it is unusable in the child. */
 extern atomic_uint df__fork_gen;
 typedef struct df__loop_id { /* the first members of struct df_loop */
-    pthread_t thread;
+    const void *self;
     unsigned fork_gen;
 } df__loop_id;
 
@@ -111,6 +127,26 @@ static inline bool df__cache_put(df__cache *c, void *p)
     c->len++;
     return true;
 }
+
+/* ------------------------------------------------------------------ slabs */
+/* Per-loop slabs of fixed-size blocks (alloc.c): a burst of N live blocks
+ * costs N/64 allocations and steady traffic none.  Loop thread only. */
+typedef struct df__chunk df__chunk;
+typedef struct df__slab {
+    df__chunk *partial; /* chunks with a free block */
+    size_t size;        /* block size, header included */
+    size_t chunks;      /* chunks allocated */
+    size_t empty;       /* chunks with no block handed out (0 or 1) */
+} df__slab;
+/* The loop's slabs: deferreds, and deferreds with room for a pool job. */
+enum { DF__SLAB_DEFERRED, DF__SLAB_DEFERRED_JOB, DF__SLABS };
+df__slab *df__loop_slab(df_loop *loop, int which);
+void df__slab_init(df__slab *s, size_t size);
+/* A block of s->size bytes (16-byte aligned), or NULL. */
+void *df__slab_get(df_loop *loop, df__slab *s);
+void df__slab_put(df_loop *loop, df__slab *s, void *p);
+/* The size of a deferred's block (deferred.c), with room for a job. */
+size_t df__deferred_block_size(bool job);
 
 /* ------------------------------------------------------ unhandled failure */
 /* Reports `f` (borrowed) through the loop's hook; counts it. */
@@ -184,15 +220,16 @@ df_loop *df__pool_loop(const df_pool *p);
 /* The semaphore's one waiting line and its pool jobs: sem-internal.h and
  * pool-internal.h. */
 
-/* loop.c: posts without waking the loop; the poster must be a pool job
- * counted by df__loop_lazy_add, so that the loop, while such jobs are in
- * flight, never sleeps longer than DF__LAZY_MS. */
+/* inbox.c.  Posting costs no system call while the loop is awake, so the
+ * "lazy" post (once a post that did not wake the loop, for gated jobs) is
+ * now the plain one, and the lazy count only counts. */
 #define DF__LAZY_MS 1
 void df__loop_post_lazy(df_loop *loop, df__inbox_node *n);
 void df__loop_lazy_add(df_loop *loop, long delta);
-/* The second half of df__loop_post: makes the wake fd readable unless a
- * write is owed already.  Any thread.  (Exposed so that tests can split a
- * post in two and widen the window between append and wake-up.) */
+/* The two halves of df__loop_post: append `n`, then make the wake fd
+ * readable if the loop may be sleeping.  Any thread.  (Exposed so that
+ * tests can split a post in two and widen the window between them.) */
+void df__loop_append(df_loop *loop, df__inbox_node *n);
 void df__loop_wake(df_loop *loop);
 
 #endif /* DEFERRED_INTERNAL_H */

@@ -78,7 +78,12 @@ static df_result chain_mark(df_result r, void *arg)
     return r;
 }
 
-static void deferred_release(df_deferred *d);
+#if defined(__GNUC__) || defined(__clang__)
+#define DF__NOINLINE __attribute__((noinline))
+#else
+#define DF__NOINLINE
+#endif
+static DF__NOINLINE void deferred_release(df_deferred *d);
 
 /* ----------------------------------------------------------- small pieces */
 
@@ -275,18 +280,22 @@ static void run_callbacks(df_deferred *self)
 /* Where a block made with room for a pool job starts that room. */
 #define EXT_OFFSET ((sizeof(df_deferred) + 15u) & ~(size_t)15u)
 
-static df__cache *cache_of(df_loop *loop, bool ext)
+size_t df__deferred_block_size(bool job)
 {
-    return df__loop_cache(loop, ext ? DF__CACHE_DEFERRED_JOB
-                                    : DF__CACHE_DEFERRED);
+    return job ? EXT_OFFSET + DF__JOB_SIZE : sizeof(df_deferred);
 }
 
-/* Frees a deferred's block, or keeps it for the next deferred. */
+static df__slab *slab_of(df_loop *loop, bool ext)
+{
+    return df__loop_slab(loop, ext ? DF__SLAB_DEFERRED_JOB
+                                   : DF__SLAB_DEFERRED);
+}
+
+/* Gives a deferred's block back to its loop's slab. */
 static void block_put(df_deferred *d)
 {
     df__loop_objects_add(d->loop, -1);
-    if (!df__cache_put(cache_of(d->loop, d->flags & F_EXT), d))
-        df__free(d->loop, d);
+    df__slab_put(d->loop, slab_of(d->loop, d->flags & F_EXT), d);
 }
 
 static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
@@ -294,12 +303,11 @@ static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
     if (loop == NULL || out == NULL)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
-    size_t size = ext ? EXT_OFFSET + DF__JOB_SIZE : sizeof(df_deferred);
-    df_deferred *d = df__cache_get(cache_of(loop, ext));
-    if (d == NULL && (d = df__malloc(loop, size)) == NULL)
+    df_deferred *d = df__slab_get(loop, slab_of(loop, ext));
+    if (d == NULL)
         return DF_ENOMEM;
     df__loop_objects_add(loop, 1);
-    memset(d, 0, sizeof *d);
+    memset(d, 0, offsetof(df_deferred, inline_entries));
     if (ext)
         d->flags = F_EXT;
     d->loop = loop;
@@ -368,7 +376,7 @@ void df_deferred_unref(df_deferred *d)
         return;
     assert(d->refs > 0);
     if (--d->refs == 0)
-        deferred_release(d);
+        deferred_release(d); /* out of line: keeps this path short */
 }
 
 /* Removes outer's continuation entry from inner (outer is going away). */
@@ -398,7 +406,7 @@ static void unlink_continuation(df_deferred *inner, df_deferred *outer)
  * may release that one, and so on down a chain of any length: iterate,
  * never recurse.
  */
-static void deferred_release(df_deferred *d)
+static DF__NOINLINE void deferred_release(df_deferred *d)
 {
     while (d != NULL) {
         assert(d->refs == 0);

@@ -326,7 +326,7 @@ static void *split_thread(void *arg)
         ANNOTATE_HAPPENS_AFTER(&sp->run);
         unsigned spin = split_rand(&seed) % 1024;
         sp->node.run = split_run;
-        df__loop_post_lazy(sp->loop, &sp->node);
+        df__loop_append(sp->loop, &sp->node);
         for (volatile unsigned i = 0; i < spin; i++)
             ;
         df__loop_wake(sp->loop);

@@ -861,17 +861,30 @@ START_TEST(test_queue_enomem_get)
     df_deferred_unref(d);
 
     /* A get served from a stored value: the value stays stored.  The
-     * loop keeps the block of the deferred released above for reuse; hold
-     * it, so that the next deferred needs a real allocation. */
-    df_deferred *hold;
-    TU_OK(df_deferred_new(L, &hold));
+     * loop carves deferreds from slabs; hold deferreds until the slab is
+     * full (a new one fails), so that the next deferred needs a real
+     * allocation. */
+    enum { HOLD_MAX = 1024 };
+    static df_deferred *hold[HOLD_MAX];
+    size_t held = 0;
+    for (;;) {
+        ck_assert_uint_lt(held, HOLD_MAX);
+        fail_after(0);
+        rc = df_deferred_new(L, &hold[held]);
+        fail_after(-1);
+        if (rc != 0)
+            break;
+        held++;
+    }
+    TU_ERR(rc, DF_ENOMEM);
     TU_OK(df_queue_put(q, &g_destroyed[0], destroy_counted));
     fail_after(0);
     TU_ERR(df_queue_get(q, &d), DF_ENOMEM);
     fail_after(-1);
     ck_assert_uint_eq(df_queue_size(q), 1);
     ck_assert_int_eq(g_destroyed[0], 0);
-    df_deferred_unref(hold);
+    while (held > 0)
+        df_deferred_unref(hold[--held]);
     df_queue_free(q);
     ck_assert_int_eq(g_destroyed[0], 1);
 }

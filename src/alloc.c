@@ -1,0 +1,236 @@
+/* SPDX-License-Identifier: MIT */
+/* The loop's allocator: the user's (or the C library's) and its caches. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "loop-internal.h"
+
+static void *default_malloc(size_t size, void *ctx)
+{
+    DF__UNUSED(ctx);
+    return malloc(size);
+}
+
+static void *default_realloc(void *ptr, size_t size, void *ctx)
+{
+    DF__UNUSED(ctx);
+    return realloc(ptr, size);
+}
+
+static void default_free(void *ptr, void *ctx)
+{
+    DF__UNUSED(ctx);
+    free(ptr);
+}
+
+const df_allocator df__default_allocator = {default_malloc, default_realloc,
+                                            default_free, NULL};
+
+const df_allocator *df__allocator(df_loop *loop)
+{
+    return loop != NULL ? &loop->alloc : &df__default_allocator;
+}
+
+void *df__malloc(df_loop *loop, size_t size)
+{
+    const df_allocator *a = df__allocator(loop);
+    return a->malloc(size, a->ctx);
+}
+
+void *df__calloc(df_loop *loop, size_t n, size_t size)
+{
+    if (size != 0 && n > SIZE_MAX / size)
+        return NULL;
+    void *p = df__malloc(loop, n * size);
+    if (p != NULL)
+        memset(p, 0, n * size);
+    return p;
+}
+
+void *df__realloc(df_loop *loop, void *ptr, size_t size)
+{
+    const df_allocator *a = df__allocator(loop);
+    return a->realloc(ptr, size, a->ctx);
+}
+
+void df__free(df_loop *loop, void *ptr)
+{
+    const df_allocator *a = df__allocator(loop);
+    if (ptr != NULL)
+        a->free(ptr, a->ctx);
+}
+
+/* ------------------------------------------------------------ block cache */
+
+df__cache *df__loop_cache(df_loop *loop, int which)
+{
+    return &loop->caches[which];
+}
+
+df__slab *df__loop_slab(df_loop *loop, int which)
+{
+    return &loop->slabs[which];
+}
+
+
+/* ------------------------------------------------------------------ slabs */
+
+/*
+ * A slab hands out blocks of one size carved from chunks of SLAB_BLOCKS
+ * blocks, so that a burst of N live deferreds costs N/SLAB_BLOCKS calls to
+ * the allocator instead of N, and steady traffic costs none.  Each block
+ * is preceded by a header naming its chunk; a free block's header holds
+ * the link of its chunk's free list instead.  Chunks with a free block are
+ * on the slab's `partial` list (doubly linked, newest first), full chunks
+ * on no list.  A chunk whose last block comes back is freed unless it is
+ * the only empty one, which is kept so that traffic around one chunk's
+ * worth of blocks does not allocate and free it over and over.  So memory
+ * held beyond the live blocks is at most one chunk per slab plus the free
+ * blocks of partly used chunks, and df_loop_free (which requires every
+ * object gone) finds at most one chunk per slab.  Loop thread only.
+ */
+#define SLAB_BLOCKS 64
+#define SLAB_HDR 16 /* keeps the blocks 16-byte aligned */
+
+#if defined(__SANITIZE_ADDRESS__)
+#define DF__ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define DF__ASAN 1
+#endif
+#endif
+#ifdef DF__ASAN
+/* A free block is poisoned, so AddressSanitizer still catches a use of a
+ * released deferred although its memory stays allocated. */
+#include <sanitizer/asan_interface.h>
+#define POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define POISON(p, n) ((void)0)
+#define UNPOISON(p, n) ((void)0)
+#endif
+
+struct df__chunk {
+    df__chunk *prev, *next; /* on slab->partial */
+    char *free;             /* free blocks (their headers link them) */
+    char *bump;             /* first block never handed out */
+    char *end;
+    uint32_t used;          /* blocks handed out */
+    bool listed;            /* on slab->partial */
+};
+
+#define CHUNK_HDR ((sizeof(df__chunk) + 15u) & ~(size_t)15u)
+
+static void chunk_list(df__slab *s, df__chunk *c)
+{
+    c->prev = NULL;
+    c->next = s->partial;
+    if (s->partial != NULL)
+        s->partial->prev = c;
+    s->partial = c;
+    c->listed = true;
+}
+
+static void chunk_unlist(df__slab *s, df__chunk *c)
+{
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        s->partial = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    c->listed = false;
+}
+
+void df__slab_init(df__slab *s, size_t size)
+{
+    s->partial = NULL;
+    s->size = SLAB_HDR + ((size + 15u) & ~(size_t)15u);
+    s->chunks = 0;
+    s->empty = 0;
+}
+
+static void *df__slab_get_slow(df_loop *loop, df__slab *s)
+{
+    df__chunk *c = df__malloc(loop, CHUNK_HDR + SLAB_BLOCKS * s->size);
+    if (c == NULL)
+        return NULL;
+    c->free = NULL;
+    c->bump = (char *)c + CHUNK_HDR;
+    c->end = c->bump + SLAB_BLOCKS * s->size;
+    c->used = 0;
+    POISON(c->bump, SLAB_BLOCKS * s->size);
+    chunk_list(s, c);
+    s->chunks++;
+    s->empty++;
+    return df__slab_get(loop, s);
+}
+
+void *df__slab_get(df_loop *loop, df__slab *s)
+{
+    df__chunk *c = s->partial;
+    if (c == NULL)
+        return df__slab_get_slow(loop, s);
+    char *b = c->free;
+    if (b != NULL) {
+        UNPOISON(b, s->size);
+        c->free = *(char **)b;
+    } else {
+        b = c->bump;
+        UNPOISON(b, s->size);
+        c->bump += s->size;
+    }
+    if (c->used++ == 0)
+        s->empty--;
+    if (c->free == NULL && c->bump == c->end)
+        chunk_unlist(s, c);
+    *(df__chunk **)b = c;
+    return b + SLAB_HDR;
+}
+
+void df__slab_put(df_loop *loop, df__slab *s, void *p)
+{
+    char *b = (char *)p - SLAB_HDR;
+    df__chunk *c = *(df__chunk **)b;
+    assert(c->used > 0);
+    if (--c->used == 0 && s->empty > 0) {
+        /* Another chunk is empty already: give this one back. */
+        if (c->listed)
+            chunk_unlist(s, c);
+        s->chunks--;
+        UNPOISON(c, CHUNK_HDR + SLAB_BLOCKS * s->size);
+        df__free(loop, c);
+        return;
+    }
+    if (c->used == 0)
+        s->empty++;
+    *(char **)b = c->free;
+    c->free = b;
+    POISON(b + sizeof(char *), s->size - sizeof(char *));
+    if (!c->listed)
+        chunk_list(s, c);
+}
+
+/* Frees the slab's chunks, which must all be empty. */
+static void slab_fini(df_loop *loop, df__slab *s)
+{
+    assert(s->chunks == s->empty);
+    while (s->partial != NULL) {
+        df__chunk *c = s->partial;
+        chunk_unlist(s, c);
+        s->chunks--;
+        UNPOISON(c, CHUNK_HDR + SLAB_BLOCKS * s->size);
+        df__free(loop, c);
+    }
+}
+
+void df__alloc_fini(df_loop *loop)
+{
+    for (int i = 0; i < DF__CACHES; i++) {
+        void *block;
+        while ((block = df__cache_get(&loop->caches[i])) != NULL)
+            df__free(loop, block);
+    }
+    for (int i = 0; i < DF__SLABS; i++)
+        slab_fini(loop, &loop->slabs[i]);
+}
