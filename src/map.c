@@ -64,7 +64,7 @@ typedef struct slot {
     df_free_fn item_free;
     df_deferred *d;    /* RUNNING, call: the item's deferred (own ref) */
     df_result result;  /* FINISHED: the result until delivered */
-    struct slot *next; /* unordered: free list or finished queue */
+    df__ilink link;    /* unordered: free slots or finished queue */
     int state;
 } slot;
 
@@ -88,9 +88,8 @@ struct df_map {
     df_sem *sem;             /* pool: `limit` tokens, the items' line */
     df_pool *pool;           /* pool: NULL once it has stopped        */
     df__pool_client client;  /* pool: told when it stops              */
-    slot *free_list; /* unordered: free slots */
-    slot *fin_head;  /* unordered: finished, FIFO */
-    slot *fin_tail;
+    df__ilink free_slots; /* unordered: free slots            */
+    df__ilink finished_q; /* unordered: finished, FIFO        */
 
     uint64_t pulled;
     uint64_t running;
@@ -165,12 +164,7 @@ static void finish_slot(df_map *m, slot *s, df_result r)
     m->running--;
     m->buffered++;
     if (!m->ordered) {
-        s->next = NULL;
-        if (m->fin_tail != NULL)
-            m->fin_tail->next = s;
-        else
-            m->fin_head = s;
-        m->fin_tail = s;
+        df__ilist_append(&m->finished_q, &s->link);
     }
     /* Stop at the first failure in completion order, so that no more work
      * starts; the items before it in ordered mode are still delivered.  A
@@ -218,7 +212,7 @@ static bool can_pull(const df_map *m)
         return false;
     if (m->ordered)
         return m->pulled - m->done <= m->opts.window;
-    return m->free_list != NULL;
+    return !df__ilist_empty(&m->free_slots);
 }
 
 static slot *take_slot(df_map *m)
@@ -227,8 +221,7 @@ static slot *take_slot(df_map *m)
     if (m->ordered) {
         s = &m->slots[m->pulled % m->nslots];
     } else {
-        s = m->free_list;
-        m->free_list = s->next;
+        s = DF__ILIST_ENTRY(df__ilist_pop(&m->free_slots), slot, link);
     }
     assert(s->state == SLOT_FREE);
     return s;
@@ -342,12 +335,10 @@ static bool deliver_one(df_map *m)
             return false;
         assert(s->index == m->done);
     } else {
-        s = m->fin_head;
-        if (s == NULL)
+        df__ilink *l = df__ilist_pop(&m->finished_q);
+        if (l == NULL)
             return false;
-        m->fin_head = s->next;
-        if (m->fin_head == NULL)
-            m->fin_tail = NULL;
+        s = DF__ILIST_ENTRY(l, slot, link);
     }
     df_result r = s->result;
     uint64_t index = s->index;
@@ -359,10 +350,8 @@ static bool deliver_one(df_map *m)
     s->item = NULL;
     s->item_free = NULL;
     s->state = SLOT_FREE;
-    if (!m->ordered) {
-        s->next = m->free_list;
-        m->free_list = s;
-    }
+    if (!m->ordered)
+        df__ilist_append(&m->free_slots, &s->link);
     m->buffered--;
     m->done++;
     if (r.failure != NULL) {
@@ -553,11 +542,12 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
      * the map fires it (with DF_ECANCELLED) once they have. */
     df__deferred_set_cancel_waits(m->done_d);
 
+    df__ilist_init(&m->free_slots);
+    df__ilist_init(&m->finished_q);
     for (size_t i = 0; i < m->nslots; i++) {
         m->slots[i].map = m;
         if (!m->ordered) {
-            m->slots[i].next = m->free_list;
-            m->free_list = &m->slots[i];
+            df__ilist_append(&m->free_slots, &m->slots[i].link);
         }
     }
     /* Out parameters first: next() may already want the map. */
