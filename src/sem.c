@@ -555,7 +555,10 @@ void df__sem_job_cancel(df__sem_job *sj)
     if (sj->w.state != ST_STARTED)
         return; /* FAILED: it fails with DF_ESHUTDOWN anyway */
     if (df__job_unqueue(&sj->job)) {
-        /* Queued, never ran: its token goes back first. */
+        /* Queued, never ran: its token goes back first.  What that runs
+         * may cancel the job again (DONE: only the flag, the pool being
+         * perhaps gone by then). */
+        sj->w.state = ST_DONE;
         bool outer = sem_enter(s);
         give_back(s);
         sem_leave(s, outer);
