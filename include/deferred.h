@@ -687,7 +687,8 @@ DF_EXPORT int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work,
  * Bounded streaming map over an input that may never end (beyond Twisted:
  * its semaphore + DeferredList pattern makes every deferred up front).
  * Inputs are pulled from `next` on the loop thread only, while fewer than
- * `limit` items are in flight, or with a pool 2 * `limit` (and, in ordered
+ * `limit` items are in flight, or with a pool `limit` + max(`limit`, 64)
+ * (and, in ordered
  * mode, while the window of finished-but-undelivered results has room), so
  * memory is O(limit + window), never O(N).  Each item runs as `work` on
  * `pool`, or, with pool NULL, as `call` on the loop thread (which may

@@ -18,12 +18,12 @@
  *   FREE --pull--> RUNNING --result--> FINISHED --deliver--> FREE
  *
  * With a pool, items run as jobs of the map's own semaphore of `limit`
- * tokens (sem-internal.h), and up to `limit` more items are pulled ahead
+ * tokens (sem-internal.h), and up to `ahead` more items are pulled ahead
  * and wait in its line: a worker that finishes an item hands its token
  * to the next pulled item and runs it at once, with no round trip through
  * the loop thread, while pulling (next) stays on the loop thread.  So at
- * most `limit` items run, and `ahead` (limit with a pool, else 0) more may
- * be pulled and wait.
+ * most `limit` items run, and `ahead` more may be pulled and wait
+ * (map_ahead: max(limit, 64) with a pool, else 0).
  *
  * Unordered mode has `limit + ahead` slots, kept on an intrusive free
  * list; a finished slot waits on a FIFO queue for the pump to deliver it,
@@ -108,6 +108,19 @@ struct df_map {
     bool finished;       /* done_d has been fired */
     bool free_requested; /* df_map_free() called while pumping */
 };
+
+/* How many items a map pulls ahead of its tokens: with a pool, `limit`,
+ * and at least DF__MAP_AHEAD_MIN, so that with a small limit the workers
+ * still find a run of pulled items to hand their tokens along before the
+ * loop refills the line; none without a pool. */
+#define DF__MAP_AHEAD_MIN 64
+
+static uint64_t map_ahead(const df_map_options *o)
+{
+    if (o->pool == NULL)
+        return 0;
+    return o->limit > DF__MAP_AHEAD_MIN ? o->limit : DF__MAP_AHEAD_MIN;
+}
 
 static void summary_free(void *p)
 {
@@ -513,7 +526,7 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
     m->stop_on_error = (opts->flags & DF_MAP_STOP_ON_ERROR) != 0;
     if (m->opts.window == 0)
         m->opts.window = opts->limit;
-    m->max_inflight = (uint64_t)opts->limit * (opts->pool != NULL ? 2 : 1);
+    m->max_inflight = opts->limit + map_ahead(opts);
     m->nslots = m->ordered ? m->opts.window + 1 : (size_t)m->max_inflight;
     m->slots = df__calloc(loop, m->nslots, sizeof(slot));
     m->summary = df__malloc(loop, sizeof(summary));
