@@ -322,17 +322,13 @@ DF_EXPORT int df_loop_run_until(df_loop *loop, df_deferred *d);
 DF_EXPORT int df_loop_stop(df_loop *loop);
 
 /* For driving the loop from another event loop: a file descriptor that
- * becomes readable when cross-thread calls or most completions are
- * waiting.  Timers do not make it readable, nor do the completions of
- * df_sem_run_in_pool jobs whose worker went straight on to the next job
- * (they are collected in batches): always poll with the timeout
- * df_loop_timeout_ms() gives, which is at most 1 ms while such jobs are in
- * flight.  The fd belongs to the loop; do not close or read it.  DF_EINVAL
- * for NULL. */
+ * becomes readable when cross-thread calls or completions are waiting.
+ * Timers do not make it readable: always poll with the timeout
+ * df_loop_timeout_ms() gives.  The fd belongs to the loop; do not close or
+ * read it.  DF_EINVAL for NULL. */
 DF_EXPORT int df_loop_fd(const df_loop *loop);
 /* Milliseconds until the loop next needs a look: the next timer (0 if
- * due now), at most 1 while df_sem_run_in_pool jobs are in flight, or -1
- * if nothing: pass it to poll(2).  Errors (DF_EINVAL, DF_EWRONG_THREAD,
+ * due now), or -1 if nothing: pass it to poll(2).  Errors (DF_EINVAL, DF_EWRONG_THREAD,
  * DF_EFORKED) are negative too, and poll(2) would wait forever on them:
  * only -1 means "no timeout". */
 DF_EXPORT int df_loop_timeout_ms(const df_loop *loop);
@@ -691,7 +687,8 @@ DF_EXPORT int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work,
  * Bounded streaming map over an input that may never end (beyond Twisted:
  * its semaphore + DeferredList pattern makes every deferred up front).
  * Inputs are pulled from `next` on the loop thread only, while fewer than
- * `limit` items are in flight, or with a pool 2 * `limit` (and, in ordered
+ * `limit` items are in flight, or with a pool `limit` + max(`limit`, 64)
+ * (and, in ordered
  * mode, while the window of finished-but-undelivered results has room), so
  * memory is O(limit + window), never O(N).  Each item runs as `work` on
  * `pool`, or, with pool NULL, as `call` on the loop thread (which may

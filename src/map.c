@@ -18,12 +18,12 @@
  *   FREE --pull--> RUNNING --result--> FINISHED --deliver--> FREE
  *
  * With a pool, items run as jobs of the map's own semaphore of `limit`
- * tokens (sem-internal.h), and up to `limit` more items are pulled ahead
+ * tokens (sem-internal.h), and up to `ahead` more items are pulled ahead
  * and wait in its line: a worker that finishes an item hands its token
  * to the next pulled item and runs it at once, with no round trip through
  * the loop thread, while pulling (next) stays on the loop thread.  So at
- * most `limit` items run, and `ahead` (limit with a pool, else 0) more may
- * be pulled and wait.
+ * most `limit` items run, and `ahead` more may be pulled and wait
+ * (map_ahead: max(limit, 64) with a pool, else 0).
  *
  * Unordered mode has `limit + ahead` slots, kept on an intrusive free
  * list; a finished slot waits on a FIFO queue for the pump to deliver it,
@@ -64,7 +64,7 @@ typedef struct slot {
     df_free_fn item_free;
     df_deferred *d;    /* RUNNING, call: the item's deferred (own ref) */
     df_result result;  /* FINISHED: the result until delivered */
-    struct slot *next; /* unordered: free list or finished queue */
+    df__ilink link;    /* unordered: free slots or finished queue */
     int state;
 } slot;
 
@@ -88,9 +88,8 @@ struct df_map {
     df_sem *sem;             /* pool: `limit` tokens, the items' line */
     df_pool *pool;           /* pool: NULL once it has stopped        */
     df__pool_client client;  /* pool: told when it stops              */
-    slot *free_list; /* unordered: free slots */
-    slot *fin_head;  /* unordered: finished, FIFO */
-    slot *fin_tail;
+    df__ilink free_slots; /* unordered: free slots            */
+    df__ilink finished_q; /* unordered: finished, FIFO        */
 
     uint64_t pulled;
     uint64_t running;
@@ -109,6 +108,19 @@ struct df_map {
     bool finished;       /* done_d has been fired */
     bool free_requested; /* df_map_free() called while pumping */
 };
+
+/* How many items a map pulls ahead of its tokens: with a pool, `limit`,
+ * and at least DF__MAP_AHEAD_MIN, so that with a small limit the workers
+ * still find a run of pulled items to hand their tokens along before the
+ * loop refills the line; none without a pool. */
+#define DF__MAP_AHEAD_MIN 64
+
+static uint64_t map_ahead(const df_map_options *o)
+{
+    if (o->pool == NULL)
+        return 0;
+    return o->limit > DF__MAP_AHEAD_MIN ? o->limit : DF__MAP_AHEAD_MIN;
+}
 
 static void summary_free(void *p)
 {
@@ -165,12 +177,7 @@ static void finish_slot(df_map *m, slot *s, df_result r)
     m->running--;
     m->buffered++;
     if (!m->ordered) {
-        s->next = NULL;
-        if (m->fin_tail != NULL)
-            m->fin_tail->next = s;
-        else
-            m->fin_head = s;
-        m->fin_tail = s;
+        df__ilist_append(&m->finished_q, &s->link);
     }
     /* Stop at the first failure in completion order, so that no more work
      * starts; the items before it in ordered mode are still delivered.  A
@@ -218,7 +225,7 @@ static bool can_pull(const df_map *m)
         return false;
     if (m->ordered)
         return m->pulled - m->done <= m->opts.window;
-    return m->free_list != NULL;
+    return !df__ilist_empty(&m->free_slots);
 }
 
 static slot *take_slot(df_map *m)
@@ -227,8 +234,7 @@ static slot *take_slot(df_map *m)
     if (m->ordered) {
         s = &m->slots[m->pulled % m->nslots];
     } else {
-        s = m->free_list;
-        m->free_list = s->next;
+        s = DF__ILIST_ENTRY(df__ilist_pop(&m->free_slots), slot, link);
     }
     assert(s->state == SLOT_FREE);
     return s;
@@ -342,12 +348,10 @@ static bool deliver_one(df_map *m)
             return false;
         assert(s->index == m->done);
     } else {
-        s = m->fin_head;
-        if (s == NULL)
+        df__ilink *l = df__ilist_pop(&m->finished_q);
+        if (l == NULL)
             return false;
-        m->fin_head = s->next;
-        if (m->fin_head == NULL)
-            m->fin_tail = NULL;
+        s = DF__ILIST_ENTRY(l, slot, link);
     }
     df_result r = s->result;
     uint64_t index = s->index;
@@ -359,10 +363,8 @@ static bool deliver_one(df_map *m)
     s->item = NULL;
     s->item_free = NULL;
     s->state = SLOT_FREE;
-    if (!m->ordered) {
-        s->next = m->free_list;
-        m->free_list = s;
-    }
+    if (!m->ordered)
+        df__ilist_append(&m->free_slots, &s->link);
     m->buffered--;
     m->done++;
     if (r.failure != NULL) {
@@ -524,7 +526,7 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
     m->stop_on_error = (opts->flags & DF_MAP_STOP_ON_ERROR) != 0;
     if (m->opts.window == 0)
         m->opts.window = opts->limit;
-    m->max_inflight = (uint64_t)opts->limit * (opts->pool != NULL ? 2 : 1);
+    m->max_inflight = opts->limit + map_ahead(opts);
     m->nslots = m->ordered ? m->opts.window + 1 : (size_t)m->max_inflight;
     m->slots = df__calloc(loop, m->nslots, sizeof(slot));
     m->summary = df__malloc(loop, sizeof(summary));
@@ -553,11 +555,12 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
      * the map fires it (with DF_ECANCELLED) once they have. */
     df__deferred_set_cancel_waits(m->done_d);
 
+    df__ilist_init(&m->free_slots);
+    df__ilist_init(&m->finished_q);
     for (size_t i = 0; i < m->nslots; i++) {
         m->slots[i].map = m;
         if (!m->ordered) {
-            m->slots[i].next = m->free_list;
-            m->free_list = &m->slots[i];
+            df__ilist_append(&m->free_slots, &m->slots[i].link);
         }
     }
     /* Out parameters first: next() may already want the map. */

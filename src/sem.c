@@ -117,6 +117,8 @@ typedef struct sem_run {
     bool cancel_requested; /* *out was cancelled while fn was running   */
 } sem_run;
 
+_Static_assert(sizeof(sem_run) <= DF__JOB_SIZE, "raise DF__JOB_SIZE");
+
 /* The registration of a semaphore with a pool. */
 typedef struct reg {
     df__pool_client client;
@@ -262,8 +264,7 @@ static void give_back(df_sem *s)
 
 static void acquire_start(df_sem *s, sem_node *n)
 {
-    df_deferred *d = n->d;
-    df__free(s->loop, n);
+    df_deferred *d = n->d; /* n lives in d's block: not touched after */
     /* Only misuse (the application firing an acquire deferred itself) can
      * make this fail; the token then goes to the next in line. */
     if (df_deferred_callback(d, NULL, NULL) != 0) {
@@ -285,7 +286,7 @@ static void run_finish(sem_run *run, df_result r)
     bool outer = sem_enter(s);
 
     give_back(s);
-    df__free(s->loop, run);
+    /* run lives in out's block: not touched after this. */
     if (df_deferred_resolve(out, r) != 0)
         df_result_clear(&r); /* *out was fired by someone else: misuse */
     df_deferred_unref(out);
@@ -352,7 +353,6 @@ static void sem_cancel(df_deferred *d, void *arg)
         /* Still in line: leave the line.  No token changes hands. */
         line_leave(s, &n->w);
         if (n->w.kind == W_RUN) {
-            df__free(s->loop, RUN_OF(&n->w));
             /* *out waits for its producer on cancel (see df_sem_run), so
              * fail it here; fn never runs. */
             outer = sem_enter(s);
@@ -362,7 +362,6 @@ static void sem_cancel(df_deferred *d, void *arg)
             sem_leave(s, outer);
         } else {
             /* df_deferred_cancel fails d once we return. */
-            df__free(s->loop, n);
             df_deferred_unref(d);
         }
         break;
@@ -555,7 +554,10 @@ void df__sem_job_cancel(df__sem_job *sj)
     if (sj->w.state != ST_STARTED)
         return; /* FAILED: it fails with DF_ESHUTDOWN anyway */
     if (df__job_unqueue(&sj->job)) {
-        /* Queued, never ran: its token goes back first. */
+        /* Queued, never ran: its token goes back first.  What that runs
+         * may cancel the job again (DONE: only the flag, the pool being
+         * perhaps gone by then). */
+        sj->w.state = ST_DONE;
         bool outer = sem_enter(s);
         give_back(s);
         sem_leave(s, outer);
@@ -662,14 +664,13 @@ int df_sem_acquire(df_sem *s, df_deferred **out)
         return 0;
     }
 
-    sem_node *n = df__malloc(s->loop, sizeof *n);
-    if (n == NULL)
-        return DF_ENOMEM;
-    rc = df_deferred_new_cancellable(s->loop, sem_cancel, n, &d);
-    if (rc != 0) {
-        df__free(s->loop, n);
+    /* The waiter lives in its deferred's block (no allocation of its
+     * own); the block is also the canceller's argument. */
+    void *mem;
+    rc = df__deferred_new_job(s->loop, sem_cancel, &d, &mem);
+    if (rc != 0)
         return rc;
-    }
+    sem_node *n = mem;
     memset(n, 0, sizeof *n);
     n->w.sem = s;
     /* Our own reference: the application may drop its reference while the
@@ -707,15 +708,14 @@ int df_sem_run(df_sem *s, df_run_fn fn, void *arg, df_deferred **out)
     if (s->free_pending)
         return DF_ESTATE;
 
-    sem_run *run = df__malloc(s->loop, sizeof *run);
-    if (run == NULL)
-        return DF_ENOMEM;
+    /* The run lives in *out's block, which is also the canceller's
+     * argument (its first member is the node). */
     df_deferred *d;
-    int rc = df_deferred_new_cancellable(s->loop, sem_cancel, &run->node, &d);
-    if (rc != 0) {
-        df__free(s->loop, run);
+    void *mem;
+    int rc = df__deferred_new_job(s->loop, sem_cancel, &d, &mem);
+    if (rc != 0)
         return rc;
-    }
+    sem_run *run = mem;
     /* Cancelling *out never fails it behind our back: while waiting, the
      * canceller fails it; once fn's deferred is pending, *out fires with
      * what that deferred gives after the cancel, and only after the token

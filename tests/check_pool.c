@@ -2004,6 +2004,90 @@ START_TEST(test_pool_sem_drain_runs_every_waiter)
 }
 END_TEST
 
+/* ------------------------------------------------ one line, every kind */
+
+/* The order in which waiters of every kind got the token. */
+typedef struct kind_log {
+    pthread_mutex_t mu;
+    char seq[16];
+    size_t n;
+    df_sem *s;
+} kind_log;
+
+static kind_log g_kinds;
+
+static void kind_note(char c)
+{
+    pthread_mutex_lock(&g_kinds.mu);
+    if (g_kinds.n + 1 < sizeof g_kinds.seq)
+        g_kinds.seq[g_kinds.n++] = c;
+    pthread_mutex_unlock(&g_kinds.mu);
+}
+
+static df_result kind_work(df_work *w, void *arg)
+{
+    (void)w;
+    kind_note(*(const char *)arg);
+    return df_ok(NULL, NULL);
+}
+
+static df_result kind_acquired(df_result r, void *arg)
+{
+    kind_note(*(const char *)arg);
+    TU_OK(df_sem_release(g_kinds.s));
+    return r;
+}
+
+static df_result kind_run(void *arg)
+{
+    kind_note(*(const char *)arg);
+    return df_ok(NULL, NULL);
+}
+
+/* One FIFO line holds pool jobs, acquires and runs: with one token held by
+ * a running job, waiters of every kind get it strictly in the order they
+ * came, whether the worker hands it on (job to job of the same pool) or it
+ * goes back through the loop (to an acquire or a run). */
+START_TEST(test_pool_sem_one_line_every_kind)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    df_sem *s;
+    TU_OK(df_sem_new(loop, 1, &s));
+    memset(&g_kinds, 0, sizeof g_kinds);
+    pthread_mutex_init(&g_kinds.mu, NULL);
+    g_kinds.s = s;
+    blocker bl;
+    blocker_init(&bl, false);
+    df_deferred *j1, *j2, *j3, *j4, *a, *r;
+    TU_OK(df_sem_run_in_pool(s, p, blocking_work, &bl, &j1));
+    tu_gate_wait(&bl.started);
+    TU_OK(df_sem_run_in_pool(s, p, kind_work, "2", &j2));
+    TU_OK(df_sem_acquire(s, &a));
+    TU_OK(df_deferred_add_callback(a, kind_acquired, "a"));
+    TU_OK(df_sem_run_in_pool(s, p, kind_work, "3", &j3));
+    TU_OK(df_sem_run(s, kind_run, "r", &r));
+    TU_OK(df_sem_run_in_pool(s, p, kind_work, "4", &j4));
+    ck_assert_uint_eq(df_sem_waiting(s), 5);
+    tu_gate_open(&bl.release);
+    wait_for(loop, j4);
+    pthread_mutex_lock(&g_kinds.mu);
+    ck_assert_str_eq(g_kinds.seq, "2a3r4");
+    pthread_mutex_unlock(&g_kinds.mu);
+    df_deferred *all[] = {j1, j2, j3, j4, a, r};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        ck_assert_int_eq(result_code(all[i]), 0);
+        df_deferred_unref(all[i]);
+    }
+    ck_assert_uint_eq(df_sem_tokens(s), 1);
+    TU_OK(df_sem_free(s));
+    df_pool_free(p);
+    blocker_destroy(&bl);
+    pthread_mutex_destroy(&g_kinds.mu);
+    tu_loop_free(loop);
+}
+END_TEST
+
 /* ------------------------------------------------------------- suite */
 
 static Suite *pool_suite(void)
@@ -2060,6 +2144,7 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, test_pool_sem_free_pool_fails_its_waiters);
     tcase_add_test(tc, test_pool_sem_cancel_pool_fails_its_waiters);
     tcase_add_test(tc, test_pool_sem_drain_runs_every_waiter);
+    tcase_add_test(tc, test_pool_sem_one_line_every_kind);
     suite_add_tcase(s, tc);
     return s;
 }

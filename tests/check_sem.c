@@ -1761,9 +1761,7 @@ START_TEST(test_sem_enomem_acquire)
         ck_assert_uint_eq(df_sem_waiting(s), 0);
         ck_assert_int_eq(atomic_load(&g_live), live);
     }
-    /* The node; the deferred comes from the loop's slab, which the first
-     * acquire filled. */
-    ck_assert_int_ge(n, 1);
+    ck_assert_int_ge(n, 1); /* the deferred, whose block holds the waiter */
     ck_assert_uint_eq(df_sem_waiting(s), 1);
     TU_OK(df_sem_release(s));
     ck_assert(fired_ok(d));
