@@ -72,7 +72,6 @@ df__slab *df__loop_slab(df_loop *loop, int which)
     return &loop->slabs[which];
 }
 
-
 /* ------------------------------------------------------------------ slabs */
 
 /*
@@ -89,68 +88,30 @@ df__slab *df__loop_slab(df_loop *loop, int which)
  * blocks of partly used chunks, and df_loop_free (which requires every
  * object gone) finds at most one chunk per slab.  Loop thread only.
  */
-#define SLAB_BLOCKS 64
-#define SLAB_HDR 16 /* keeps the blocks 16-byte aligned */
+#define SLAB_BLOCKS DF__SLAB_BLOCKS
 
-#if defined(__SANITIZE_ADDRESS__)
-#define DF__ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define DF__ASAN 1
-#endif
-#endif
-#ifdef DF__ASAN
-/* A free block is poisoned, so AddressSanitizer still catches a use of a
- * released deferred although its memory stays allocated. */
-#include <sanitizer/asan_interface.h>
-#define POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
-#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
-#else
-#define POISON(p, n) ((void)0)
-#define UNPOISON(p, n) ((void)0)
-#endif
-
-struct df__chunk {
-    df__chunk *prev, *next; /* on slab->partial */
-    char *free;             /* free blocks (their headers link them) */
-    char *bump;             /* first block never handed out */
-    char *end;
-    uint32_t used;          /* blocks handed out */
-    bool listed;            /* on slab->partial */
-};
-
+#define POISON DF__POISON
+#define UNPOISON DF__UNPOISON
 #define CHUNK_HDR ((sizeof(df__chunk) + 15u) & ~(size_t)15u)
 
-static void chunk_list(df__slab *s, df__chunk *c)
+void df__chunk_free(df_loop *loop, df__slab *s, df__chunk *c)
 {
-    c->prev = NULL;
-    c->next = s->partial;
-    if (s->partial != NULL)
-        s->partial->prev = c;
-    s->partial = c;
-    c->listed = true;
-}
-
-static void chunk_unlist(df__slab *s, df__chunk *c)
-{
-    if (c->prev != NULL)
-        c->prev->next = c->next;
-    else
-        s->partial = c->next;
-    if (c->next != NULL)
-        c->next->prev = c->prev;
-    c->listed = false;
+    if (c->listed)
+        df__chunk_unlist(s, c);
+    s->chunks--;
+    UNPOISON(c, CHUNK_HDR + SLAB_BLOCKS * s->size);
+    df__free(loop, c);
 }
 
 void df__slab_init(df__slab *s, size_t size)
 {
     s->partial = NULL;
-    s->size = SLAB_HDR + ((size + 15u) & ~(size_t)15u);
+    s->size = DF__SLAB_HDR + ((size + 15u) & ~(size_t)15u);
     s->chunks = 0;
     s->empty = 0;
 }
 
-static void *df__slab_get_slow(df_loop *loop, df__slab *s)
+void *df__slab_get_slow(df_loop *loop, df__slab *s)
 {
     df__chunk *c = df__malloc(loop, CHUNK_HDR + SLAB_BLOCKS * s->size);
     if (c == NULL)
@@ -160,68 +121,28 @@ static void *df__slab_get_slow(df_loop *loop, df__slab *s)
     c->end = c->bump + SLAB_BLOCKS * s->size;
     c->used = 0;
     POISON(c->bump, SLAB_BLOCKS * s->size);
-    chunk_list(s, c);
+    df__chunk_list(s, c);
     s->chunks++;
     s->empty++;
-    return df__slab_get(loop, s);
+    return df__slab_get_inline(loop, s);
 }
 
 void *df__slab_get(df_loop *loop, df__slab *s)
 {
-    df__chunk *c = s->partial;
-    if (c == NULL)
-        return df__slab_get_slow(loop, s);
-    char *b = c->free;
-    if (b != NULL) {
-        UNPOISON(b, s->size);
-        c->free = *(char **)b;
-    } else {
-        b = c->bump;
-        UNPOISON(b, s->size);
-        c->bump += s->size;
-    }
-    if (c->used++ == 0)
-        s->empty--;
-    if (c->free == NULL && c->bump == c->end)
-        chunk_unlist(s, c);
-    *(df__chunk **)b = c;
-    return b + SLAB_HDR;
+    return df__slab_get_inline(loop, s);
 }
 
 void df__slab_put(df_loop *loop, df__slab *s, void *p)
 {
-    char *b = (char *)p - SLAB_HDR;
-    df__chunk *c = *(df__chunk **)b;
-    assert(c->used > 0);
-    if (--c->used == 0 && s->empty > 0) {
-        /* Another chunk is empty already: give this one back. */
-        if (c->listed)
-            chunk_unlist(s, c);
-        s->chunks--;
-        UNPOISON(c, CHUNK_HDR + SLAB_BLOCKS * s->size);
-        df__free(loop, c);
-        return;
-    }
-    if (c->used == 0)
-        s->empty++;
-    *(char **)b = c->free;
-    c->free = b;
-    POISON(b + sizeof(char *), s->size - sizeof(char *));
-    if (!c->listed)
-        chunk_list(s, c);
+    df__slab_put_inline(loop, s, p);
 }
 
 /* Frees the slab's chunks, which must all be empty. */
 static void slab_fini(df_loop *loop, df__slab *s)
 {
     assert(s->chunks == s->empty);
-    while (s->partial != NULL) {
-        df__chunk *c = s->partial;
-        chunk_unlist(s, c);
-        s->chunks--;
-        UNPOISON(c, CHUNK_HDR + SLAB_BLOCKS * s->size);
-        df__free(loop, c);
-    }
+    while (s->partial != NULL)
+        df__chunk_free(loop, s, s->partial);
 }
 
 void df__alloc_fini(df_loop *loop)

@@ -222,7 +222,8 @@ df_loop *df__pool_loop(const df_pool *p);
 
 /* inbox.c.  Posting costs no system call while the loop is awake, so the
  * "lazy" post (once a post that did not wake the loop, for gated jobs) is
- * now the plain one, and the lazy count only counts. */
+ * now the plain one, and df__loop_lazy_add does nothing.  Both stay for
+ * pool.c until it stops calling them. */
 #define DF__LAZY_MS 1
 void df__loop_post_lazy(df_loop *loop, df__inbox_node *n);
 void df__loop_lazy_add(df_loop *loop, long delta);

@@ -3,7 +3,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "deferred-internal.h"
+#include "loop-internal.h" /* slabs and counters, inline */
 
 /*
  * State machine
@@ -85,6 +85,15 @@ static df_result chain_mark(df_result r, void *arg)
 #endif
 static DF__NOINLINE void deferred_release(df_deferred *d);
 
+/* df_deferred_unref for a caller on the loop thread that has checked it
+ * already: the checks cost more than the decrement. */
+static inline void unref_checked(df_deferred *d)
+{
+    assert(d->refs > 0);
+    if (--d->refs == 0)
+        deferred_release(d);
+}
+
 /* ----------------------------------------------------------- small pieces */
 
 static inline df_result take_result(df_deferred *d)
@@ -160,7 +169,7 @@ static void pop(df_deferred **top)
     *top = d->stack_next;
     d->stack_next = NULL;
     d->flags &= ~F_IN_RUN;
-    df_deferred_unref(d);
+    unref_checked(d);
 }
 
 /* Takes the result of `inner` for `cur` if it is there, else makes `cur`
@@ -285,17 +294,18 @@ size_t df__deferred_block_size(bool job)
     return job ? EXT_OFFSET + DF__JOB_SIZE : sizeof(df_deferred);
 }
 
-static df__slab *slab_of(df_loop *loop, bool ext)
+static inline df__slab *slab_of(df_loop *loop, bool ext)
 {
-    return df__loop_slab(loop, ext ? DF__SLAB_DEFERRED_JOB
-                                   : DF__SLAB_DEFERRED);
+    return &loop->slabs[ext ? DF__SLAB_DEFERRED_JOB : DF__SLAB_DEFERRED];
 }
 
 /* Gives a deferred's block back to its loop's slab. */
 static void block_put(df_deferred *d)
 {
-    df__loop_objects_add(d->loop, -1);
-    df__slab_put(d->loop, slab_of(d->loop, d->flags & F_EXT), d);
+    df_loop *loop = d->loop;
+    assert(loop->objects > 0);
+    loop->objects--; /* df__loop_objects_add, inline */
+    df__slab_put_inline(loop, slab_of(loop, d->flags & F_EXT), d);
 }
 
 static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
@@ -303,10 +313,10 @@ static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
     if (loop == NULL || out == NULL)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
-    df_deferred *d = df__slab_get(loop, slab_of(loop, ext));
+    df_deferred *d = df__slab_get_inline(loop, slab_of(loop, ext));
     if (d == NULL)
         return DF_ENOMEM;
-    df__loop_objects_add(loop, 1);
+    loop->objects++; /* df__loop_objects_add, inline */
     memset(d, 0, offsetof(df_deferred, inline_entries));
     if (ext)
         d->flags = F_EXT;
@@ -374,9 +384,7 @@ void df_deferred_unref(df_deferred *d)
         return;
     if (!df__loop_usable(d->loop, __func__))
         return;
-    assert(d->refs > 0);
-    if (--d->refs == 0)
-        deferred_release(d); /* out of line: keeps this path short */
+    unref_checked(d); /* the release is out of line: this path is short */
 }
 
 /* Removes outer's continuation entry from inner (outer is going away). */
@@ -446,8 +454,10 @@ static DF__NOINLINE void deferred_release(df_deferred *d)
             if (d->entries[i].cb == chain_mark)
                 df_deferred_unref(d->entries[i].arg);
         }
-        df_result r = take_result(d);
-        df_result_clear(&r);
+        if (d->failure != NULL || d->value_free != NULL) {
+            df_result r = take_result(d);
+            df_result_clear(&r);
+        }
         if (d->entries != d->inline_entries)
             df__free(d->loop, d->entries);
         block_put(d);
@@ -484,7 +494,7 @@ int df_deferred_resolve(df_deferred *d, df_result r)
     d->flags |= F_CALLED;
     d->refs++; /* callbacks may drop the caller's reference */
     run_callbacks(d);
-    df_deferred_unref(d);
+    unref_checked(d);
     return 0;
 }
 

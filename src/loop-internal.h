@@ -60,7 +60,6 @@ struct df_loop {
     size_t jobs;                 /* pool jobs whose completion is due */
     size_t pools;                /* pools made from this loop */
     size_t objects;              /* live deferreds, sems, locks, queues */
-    size_t lazy;                 /* jobs that may post without waking */
     bool dispatching;            /* inside run/dispatch/run_matching */
     bool stop;                   /* df_loop_stop() was called */
 
@@ -79,6 +78,105 @@ struct df_loop {
 extern const df_allocator df__default_allocator;
 /* Frees every cached block (df_loop_free). */
 void df__alloc_fini(df_loop *loop);
+
+/* The slabs' fast paths, inline for the files on the hot path (the design
+ * is described in alloc.c). */
+#define DF__SLAB_BLOCKS 64
+#define DF__SLAB_HDR 16 /* keeps the blocks 16-byte aligned */
+
+#if defined(__SANITIZE_ADDRESS__)
+#define DF__ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define DF__ASAN 1
+#endif
+#endif
+#ifdef DF__ASAN
+/* A free block is poisoned, so AddressSanitizer still catches a use of a
+ * released deferred although its memory stays allocated. */
+#include <sanitizer/asan_interface.h>
+#define DF__POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define DF__UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define DF__POISON(p, n) ((void)0)
+#define DF__UNPOISON(p, n) ((void)0)
+#endif
+
+struct df__chunk {
+    df__chunk *prev, *next; /* on slab->partial */
+    char *free;             /* free blocks (their headers link them) */
+    char *bump;             /* first block never handed out */
+    char *end;
+    uint32_t used;          /* blocks handed out */
+    bool listed;            /* on slab->partial */
+};
+
+void *df__slab_get_slow(df_loop *loop, df__slab *s);
+/* Frees an empty chunk. */
+void df__chunk_free(df_loop *loop, df__slab *s, df__chunk *c);
+
+static inline void df__chunk_list(df__slab *s, df__chunk *c)
+{
+    c->prev = NULL;
+    c->next = s->partial;
+    if (s->partial != NULL)
+        s->partial->prev = c;
+    s->partial = c;
+    c->listed = true;
+}
+
+static inline void df__chunk_unlist(df__slab *s, df__chunk *c)
+{
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        s->partial = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    c->listed = false;
+}
+
+static inline void *df__slab_get_inline(df_loop *loop, df__slab *s)
+{
+    df__chunk *c = s->partial;
+    if (c == NULL)
+        return df__slab_get_slow(loop, s);
+    char *b = c->free;
+    if (b != NULL) {
+        DF__UNPOISON(b, s->size);
+        c->free = *(char **)b;
+    } else {
+        b = c->bump;
+        DF__UNPOISON(b, s->size);
+        c->bump += s->size;
+    }
+    if (c->used++ == 0)
+        s->empty--;
+    if (c->free == NULL && c->bump == c->end)
+        df__chunk_unlist(s, c);
+    *(df__chunk **)(void *)b = c;
+    return b + DF__SLAB_HDR;
+}
+
+static inline void df__slab_put_inline(df_loop *loop, df__slab *s, void *p)
+{
+    char *b = (char *)p - DF__SLAB_HDR;
+    df__chunk *c = *(df__chunk **)(void *)b;
+    assert(c->used > 0);
+    if (--c->used == 0) {
+        if (s->empty > 0) {
+            /* Another chunk is empty already: give this one back. */
+            df__chunk_free(loop, s, c);
+            return;
+        }
+        s->empty++;
+    }
+    *(char **)(void *)b = c->free;
+    c->free = b;
+    DF__POISON(b + sizeof(char *), s->size - sizeof(char *));
+    if (!c->listed)
+        df__chunk_list(s, c);
+}
 
 /* inbox.c, all loop thread. */
 /* Creates the wake fd and the inbox lock; returns 0 or a negative code. */
