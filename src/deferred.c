@@ -27,6 +27,19 @@
  * it is released first, and then it removes the entry).  An entry whose cb
  * is chain_mark fires the deferred in `arg` (holding a reference), as
  * Twisted's chainDeferred does.
+ *
+ * Twisted runs a chained deferred's callbacks in a nested call of its own
+ * (chainDeferred is addCallbacks(other.callback, other.errback)), and two
+ * things follow that the stack must reproduce:
+ *   - a deferred found paused stops only the run it belongs to: popping
+ *     stops at the deferred a chain entry pushed (F_CHAIN_BASE), and the
+ *     chaining deferred below it goes on (issue 15 item 6);
+ *   - while `other` runs, the chaining deferred still holds the result it
+ *     fired other with, and a callback that waits for the chaining
+ *     deferred takes it.  The value moved to other, so the chaining
+ *     deferred keeps a copy without destructor (a failure: a reference),
+ *     flagged F_CHAIN_HELD, and drops it when it resumes with
+ *     df_ok(NULL, NULL), the return of Twisted's other.callback().
  */
 
 enum {
@@ -37,6 +50,9 @@ enum {
     F_CANCELLING = 1u << 4,    /* its canceller is running                  */
     F_TIMEOUT = 1u << 5,       /* a timeout was set (loop.c)                */
     F_EXT = 1u << 6,           /* allocated with room for a pool job        */
+    F_CHAIN_BASE = 1u << 7,    /* on the stack, pushed by a chain entry     */
+    F_CHAIN_HELD = 1u << 8,    /* firing a chained deferred; holds a copy   */
+    F_LIST_MARK = 1u << 9,     /* df_list_new's duplicate detection         */
 };
 
 typedef struct entry {
@@ -154,7 +170,7 @@ static void pop(df_deferred **top)
     df_deferred *d = *top;
     *top = d->stack_next;
     d->stack_next = NULL;
-    d->flags &= ~F_IN_RUN;
+    d->flags &= ~(F_IN_RUN | F_CHAIN_BASE);
     df_deferred_unref(d);
 }
 
@@ -173,8 +189,9 @@ static bool wait_for(df_deferred *cur, df_deferred *inner)
         return false;
     }
     if ((inner->flags & F_CALLED) && inner->paused == 0 &&
-        !(inner->flags & F_IN_RUN)) {
-        /* Already fired: take its result now (Twisted leaves None behind). */
+        (!(inner->flags & F_IN_RUN) || (inner->flags & F_CHAIN_HELD))) {
+        /* Already fired: take its result now (Twisted leaves None behind).
+         * That includes the copy a deferred firing a chained one holds. */
         put_result(cur, take_result(inner));
         df_deferred_unref(inner);
         return false;
@@ -199,12 +216,24 @@ static void run_callbacks(df_deferred *self)
 
     while (top != NULL) {
         df_deferred *cur = top;
+        if (cur->flags & F_CHAIN_HELD) {
+            /* Back from firing a chained deferred: drop the copy. */
+            df_result held = take_result(cur);
+            df_result_clear(&held);
+            cur->flags &= ~F_CHAIN_HELD;
+        }
         if (cur->paused) {
             /* Nothing more can happen until it is unpaused; the deferreds
-             * below it wait for it, so they stop too (as in Twisted). */
-            while (top != NULL)
+             * below it wait for it, so they stop too (as in Twisted), down
+             * to the one a chain entry pushed: the chaining deferred below
+             * that goes on, as Twisted's other.callback() returns to it. */
+            while (top != NULL) {
+                bool base = (top->flags & F_CHAIN_BASE) != 0;
                 pop(&top);
-            return;
+                if (base)
+                    break;
+            }
+            continue;
         }
         bool finished = true;
         while (cur->head < cur->count) {
@@ -237,13 +266,21 @@ static void run_callbacks(df_deferred *self)
                     df_deferred_unref(other);
                     continue;
                 }
-                put_result(other, take_result(cur));
+                df_result r = take_result(cur);
+                put_result(other, r);
                 other->flags |= F_CALLED;
                 if (other->paused || (other->flags & F_IN_RUN)) {
                     df_deferred_unref(other);
                     continue;
                 }
+                /* Keep what other was fired with while it runs (see the
+                 * top of the file). */
+                put_result(cur, df_ok(r.value, NULL));
+                if (r.failure != NULL)
+                    cur->failure = df_failure_ref(r.failure);
+                cur->flags |= F_CHAIN_HELD;
                 push(&top, other);
+                other->flags |= F_CHAIN_BASE;
                 df_deferred_unref(other); /* the entry's reference */
                 finished = false;
                 break;
