@@ -445,7 +445,11 @@ DF_EXPORT int df_deferred_add_both(df_deferred *d, df_callback_fn fn,
  * reference to other.  DF_EINVAL if other == d or belongs to another
  * loop.  If other has fired by the time d's chain gets there, d's chain
  * goes on with a DF_EALREADY_CALLED failure (Twisted: AlreadyCalledError)
- * and other keeps its result. */
+ * and other keeps its result.  Until other's callbacks have run (as far as
+ * they can), d holds the result it fired other with: a callback there that
+ * returns df_wait(d) gets that value again, without destructor (valid as
+ * long as its owner in other's chain keeps it), or that failure (Twisted
+ * hands it the same object); d then goes on with df_ok(NULL, NULL). */
 DF_EXPORT int df_deferred_chain(df_deferred *d, df_deferred *other);
 
 DF_EXPORT int df_deferred_pause(df_deferred *d);
