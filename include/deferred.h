@@ -506,7 +506,12 @@ enum {
  * too large to allocate.  Each member's success value moves into the list
  * result (the member's chain goes on with the same pointer but no
  * destructor); failures are shared by reference.  Cancelling the list's
- * deferred cancels every member captured here.  n == 0 fires at once
+ * deferred cancels every member captured here and does nothing else (as
+ * Twisted's DeferredList.cancel): the list fires when the members'
+ * results make it fire, so a member paused by its owner, or whose cancel
+ * completes later (a running pool job), keeps it unfired until then.  A
+ * member listed twice is seen at each position in input order (with a
+ * fire-on-one flag its first position is reported).  n == 0 fires at once
  * with an empty result.  Releasing the list deferred is not cancelling it:
  * members are released, not cancelled.  Once the list has failed
  * (FIRE_ON_ONE_ERRBACK, gather) or was released unfired, the values it

@@ -53,6 +53,7 @@ enum {
     F_CHAIN_BASE = 1u << 7,    /* on the stack, pushed by a chain entry     */
     F_CHAIN_HELD = 1u << 8,    /* firing a chained deferred; holds a copy   */
     F_LIST_MARK = 1u << 9,     /* df_list_new's duplicate detection         */
+    F_IN_CALLBACK = 1u << 10,  /* one of its callbacks is running           */
 };
 
 typedef struct entry {
@@ -189,9 +190,13 @@ static bool wait_for(df_deferred *cur, df_deferred *inner)
         return false;
     }
     if ((inner->flags & F_CALLED) && inner->paused == 0 &&
-        (!(inner->flags & F_IN_RUN) || (inner->flags & F_CHAIN_HELD))) {
-        /* Already fired: take its result now (Twisted leaves None behind).
-         * That includes the copy a deferred firing a chained one holds. */
+        !(inner->flags & F_IN_CALLBACK)) {
+        /* Already fired: take its result now (Twisted leaves None behind),
+         * also from a deferred on a run_callbacks stack: it holds its
+         * result, or NULL after a continuation, or the copy it keeps while
+         * firing a chained one.  Only while one of its callbacks runs is
+         * its result with that callback, so we wait for it (Twisted takes
+         * the value the callback was given: README's departures). */
         put_result(cur, take_result(inner));
         df_deferred_unref(inner);
         return false;
@@ -288,7 +293,9 @@ static void run_callbacks(df_deferred *self)
             if (fn == NULL)
                 continue; /* pass through */
 
+            cur->flags |= F_IN_CALLBACK;
             df_result out = fn(take_result(cur), e.arg);
+            cur->flags &= ~F_IN_CALLBACK;
             if (out.wait != NULL) {
                 df_deferred *inner = out.wait;
                 if (out.failure != NULL || out.free != NULL) {
@@ -686,6 +693,18 @@ int df_deferred_cancel(df_deferred *d)
     }
     df_deferred_unref(d);
     return 0;
+}
+
+bool df__deferred_list_mark(df_deferred *d)
+{
+    bool was = (d->flags & F_LIST_MARK) != 0;
+    d->flags |= F_LIST_MARK;
+    return was;
+}
+
+void df__deferred_list_unmark(df_deferred *d)
+{
+    d->flags &= ~F_LIST_MARK;
 }
 
 void df__deferred_set_cancel_waits(df_deferred *d)

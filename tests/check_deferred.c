@@ -3190,6 +3190,38 @@ START_TEST(test_deferred_chain_back_wait_gets_failure)
 }
 END_TEST
 
+/* Found by the differential test (seed 870): a deferred that has just
+ * handed its result to a waiter through a continuation holds None; a
+ * callback of a second waiter that returns df_wait() on it again takes
+ * that None at once (Twisted), instead of waiting for the rest of its
+ * chain. */
+static df_result cb_log_value(df_result r, void *arg)
+{
+    log_push((int)(intptr_t)arg * 100 + (r.value == NULL ? 0 : 1));
+    return r;
+}
+
+START_TEST(test_deferred_wait_again_on_handing_over)
+{
+    df_deferred *d0, *d1, *d3;
+    static int one = 1, three = 3, five = 5;
+    TU_OK(df_deferred_new(L, &d0));
+    TU_OK(df_succeed(L, &one, NULL, &d1));
+    TU_OK(df_deferred_add_callback(d1, cb_wait_ref, d0));
+    TU_OK(df_succeed(L, &three, NULL, &d3));
+    TU_OK(df_deferred_add_callback(d3, cb_wait_ref, d0));
+    TU_OK(df_deferred_add_callback(d3, cb_wait_ref, d0));
+    TU_OK(df_deferred_add_callback(d3, cb_log_value, (void *)(intptr_t)3));
+    TU_OK(df_deferred_add_callback(d0, cb_log_value, (void *)(intptr_t)2));
+    TU_OK(df_deferred_callback(d0, &five, NULL));
+    TU_OK(df_deferred_add_callback(d1, cb_log_value, (void *)(intptr_t)1));
+    ASSERT_LOG(300, 200, 101);
+    df_deferred_unref(d0);
+    df_deferred_unref(d1);
+    df_deferred_unref(d3);
+}
+END_TEST
+
 static void add_fidelity_tests(Suite *s)
 {
     TCase *tc = tcase(s, "twisted_fidelity");
@@ -3197,6 +3229,7 @@ static void add_fidelity_tests(Suite *s)
     tcase_add_test(tc, test_deferred_chain_chain_to_paused_waiter);
     tcase_add_test(tc, test_deferred_chain_back_wait_gets_value);
     tcase_add_test(tc, test_deferred_chain_back_wait_gets_failure);
+    tcase_add_test(tc, test_deferred_wait_again_on_handing_over);
 }
 
 static Suite *deferred_suite(void)
