@@ -1,0 +1,87 @@
+# SPDX-License-Identifier: MIT
+"""The one place naming where libdeferred departs from Twisted 22.4 on purpose.
+
+The generator (gen.py) never produces a case listed here with action
+"avoid" (or "pending": a difference still to be fixed); it counts each
+case it steered away from.  A "normalise" case is produced and the
+comparison in difftest.py tolerates exactly that difference, counting
+each time it did.  difftest.py prints all the counts.  Every entry is also in README.md's list of departures, with
+the same reason.
+"""
+
+DEPARTURES = {
+    "empty_list_fire_on_one_callback": (
+        "avoid",
+        "An empty DeferredList with fireOnOneCallback never fires in "
+        "Twisted; df_list_new with n == 0 fires at once with an empty "
+        "result, whatever the flags.",
+    ),
+    "unpause_not_paused": (
+        "avoid",
+        "Twisted lets unpause() drive the pause count negative; "
+        "df_deferred_unpause on a deferred that is not paused is DF_ESTATE "
+        "and changes nothing.",
+    ),
+    "wait_on_running": (
+        "avoid",
+        "A callback returning a deferred whose own callback is running "
+        "right now (other than through df_deferred_chain): Twisted steals "
+        "the value that running callback was given; in C that value is "
+        "owned by the running callback, so libdeferred makes the waiter "
+        "wait for the end of that callback instead.",
+    ),
+    "list_duplicate_interleaving": (
+        "avoid",
+        "A member listed twice that has already fired: Twisted runs its "
+        "list callback for each position when construction reaches that "
+        "position; df_list_new attaches every callback to paused members "
+        "(so that it is all-or-nothing when memory runs out), and the "
+        "member's callbacks for all its positions run together, at its "
+        "first position.  This is observable only with CONSUME_ERRORS and "
+        "FIRE_ON_ONE_CALLBACK: a failure consumed at the first position "
+        "becomes a success at the second, which then fires the list before "
+        "a member listed between them.",
+    ),
+    "cancel_fired_list_forwards": (
+        "avoid",
+        "Cancelling a list deferred that has fired and waits on an inner "
+        "deferred (a callback returned one) cancels that inner deferred, as "
+        "for every deferred; Twisted's DeferredList.cancel() overrides "
+        "Deferred.cancel() and then does nothing.  The generator leaves out "
+        "cancels of lists given a callback that may return a deferred.",
+    ),
+    "fire_sem_deferred": (
+        "avoid",
+        "Deferreds a semaphore made are its own to fire.  Twisted's run() "
+        "deferred is its acquire deferred, fired as soon as the token is "
+        "held (a later callback() on it is AlreadyCalledError), while "
+        "df_sem_run's fires with the function's result; firing a waiting "
+        "acquire by hand makes Twisted's release() raise.",
+    ),
+    "pause_sem_run": (
+        "pending",
+        "Issue 15 item 10 (helper core): pausing a df_sem_run deferred "
+        "that waits for its token does not hold back the function as "
+        "Twisted does.  Pausing run deferreds is left out until then.",
+    ),
+    "sem_release_recursion": (
+        "avoid",
+        "DeferredSemaphore.release() fires the next waiter inside the "
+        "release call, recursively; libdeferred's release is never "
+        "recursive, so a run() that gets the token inside a callback the "
+        "semaphore runs calls its function once that callback returns "
+        "(and its callbacks run after those of the run that released), "
+        "where Twisted runs it, and its callbacks, inside the release.  "
+        "The generator makes at most one run() per semaphore, so that a "
+        "release never hands a token to a run.",
+    ),
+}
+
+# Value normalisation done by the Twisted runner (not a generator
+# restriction): DeferredSemaphore.acquire() fires with the semaphore
+# itself; df_sem_acquire fires with NULL.  Both print as None.
+NORMALISED = {
+    "acquire_value": "An acquire fires with the semaphore in Twisted and "
+                     "with NULL in libdeferred; the trace prints both as "
+                     "None.",
+}
