@@ -68,12 +68,25 @@ DEPARTURES = {
         "avoid",
         "DeferredSemaphore.release() fires the next waiter inside the "
         "release call, recursively; libdeferred's release is never "
-        "recursive, so a run() that gets the token inside a callback the "
-        "semaphore runs calls its function once that callback returns "
-        "(and its callbacks run after those of the run that released), "
-        "where Twisted runs it, and its callbacks, inside the release.  "
-        "The generator makes at most one run() per semaphore, so that a "
-        "release never hands a token to a run.",
+        "recursive: a waiter handed the token inside a callback the "
+        "semaphore runs (the end of a run) is fired, or its function "
+        "called, once that callback returns, so the run's own callbacks "
+        "come first, where Twisted runs the waiter's first.  The generator "
+        "gives a semaphore used by run() no other user (one run, no "
+        "acquire), so that a release inside the semaphore's callbacks "
+        "never has a waiter to hand the token to.",
+    ),
+    "paused_run_stalls_function_deferred": (
+        "avoid",
+        "Issue 15 item 11.  A df_sem_run deferred r whose function "
+        "returned a pending deferred x, r paused by its owner, a callback "
+        "added to x, then x fired: Twisted's r waits on x through a "
+        "continuation, finds r paused and stops x's chain too, so the "
+        "callback on x does not run (until r is unpaused and x run "
+        "again); libdeferred's r is a separate deferred fired with x's "
+        "result, so x's callback runs at once, which is the sound "
+        "behaviour.  Avoided with pause_sem_run (no pause of run "
+        "deferreds).",
     ),
 }
 

@@ -312,6 +312,12 @@ static void step(char *line)
     }
 }
 
+static df_result pass(df_result r, void *arg)
+{
+    (void)arg;
+    return r;
+}
+
 /* After the sequence: quietly let everything finish and free it all, so
  * that leak checkers see a clean exit.  Unpause what the sequence paused,
  * fire what never fired, give back tokens, drop every reference. */
@@ -326,6 +332,14 @@ static int finish(void)
     for (int k = 0; k < MAXD; k++)
         if (D[k] != NULL && !df_deferred_called(D[k]))
             df_deferred_callback(D[k], NULL, NULL);
+    /* A deferred found paused stops the ones below it on the stack (as in
+     * Twisted) and they stay stopped until something runs them again;
+     * adding a callback does, which ends waits and chains that would
+     * otherwise hold references in a cycle. */
+    for (int round = 0; round < 3; round++)
+        for (int k = 0; k < MAXD; k++)
+            if (D[k] != NULL)
+                df_deferred_add_callbacks(D[k], pass, pass, NULL);
     for (int s = 0; s < MAXS; s++)
         while (S[s] != NULL && held[s] > 0) {
             held[s]--;

@@ -45,6 +45,7 @@ class Gen:
         self.semd = {}       # K -> 'acq' or 'run': made by a semaphore
         self.lists = set()   # K made by list
         self.sem_runs = set()  # semaphores with a run() already
+        self.sem_acqs = set()  # semaphores with an acquire already
         self.members = {}    # list K -> its members; run K -> fn's deferred
         self.list_waits = set()  # lists with a callback that may df_wait
 
@@ -170,6 +171,7 @@ class Gen:
             k = self.d()
             if self.semd.get(k) == "run":
                 self.avoid("pause_sem_run")
+                self.avoid("paused_run_stalls_function_deferred")
                 return
             self.paused[k] = self.paused.get(k, 0) + 1
             self.lines.append("pause %d" % k)
@@ -229,6 +231,10 @@ class Gen:
         s = r.randrange(len(self.sems))
         c = r.random()
         if c < 0.35:
+            if s in self.sem_runs:
+                self.avoid("sem_release_recursion")
+                return
+            self.sem_acqs.add(s)
             k = self.nd
             self.edge(("s", s), ("d", k), "other")
             self.semd[k] = "acq"
@@ -236,7 +242,7 @@ class Gen:
             self.lines.append("acq %d %d" % (s, k))
         elif c < 0.65:
             self.lines.append("rel %d" % s)
-        elif s in self.sem_runs:
+        elif s in self.sem_runs or s in self.sem_acqs:
             self.avoid("sem_release_recursion")
         else:
             self.sem_runs.add(s)
