@@ -24,31 +24,14 @@ DEPARTURES = {
     ),
     "wait_on_running": (
         "avoid",
-        "A callback returning a deferred whose own callback is running "
-        "right now (other than through df_deferred_chain): Twisted steals "
-        "the value that running callback was given; in C that value is "
-        "owned by the running callback, so libdeferred makes the waiter "
-        "wait for the end of that callback instead.",
-    ),
-    "list_duplicate_interleaving": (
-        "avoid",
-        "A member listed twice that has already fired: Twisted runs its "
-        "list callback for each position when construction reaches that "
-        "position; df_list_new attaches every callback to paused members "
-        "(so that it is all-or-nothing when memory runs out), and the "
-        "member's callbacks for all its positions run together, at its "
-        "first position.  This is observable only with CONSUME_ERRORS and "
-        "FIRE_ON_ONE_CALLBACK: a failure consumed at the first position "
-        "becomes a success at the second, which then fires the list before "
-        "a member listed between them.",
-    ),
-    "cancel_fired_list_forwards": (
-        "avoid",
-        "Cancelling a list deferred that has fired and waits on an inner "
-        "deferred (a callback returned one) cancels that inner deferred, as "
-        "for every deferred; Twisted's DeferredList.cancel() overrides "
-        "Deferred.cancel() and then does nothing.  The generator leaves out "
-        "cancels of lists given a callback that may return a deferred.",
+        "A callback returning df_wait(d) while one of d's own callbacks is "
+        "running (d's callback fired a deferred whose callback does this; a "
+        "list member's callback firing the list is the common case): "
+        "Twisted hands it the value d's running callback was given; in C "
+        "that value is owned by the running callback, so libdeferred makes "
+        "the waiter wait for the end of that callback and take d's result "
+        "from there.  (Through df_deferred_chain, or while d hands its "
+        "result to a waiter, d runs no callback and both agree.)",
     ),
     "fire_sem_deferred": (
         "avoid",
