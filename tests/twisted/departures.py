@@ -33,6 +33,28 @@ DEPARTURES = {
         "from there.  (Through df_deferred_chain, or while d hands its "
         "result to a waiter, d runs no callback and both agree.)",
     ),
+    "list_duplicate_interleaving": (
+        "avoid",
+        "A member listed twice that has already fired: Twisted runs its "
+        "list callback for each position when construction reaches that "
+        "position; df_list_new attaches every callback to paused members "
+        "(so that it is all-or-nothing when memory runs out), and the "
+        "member's callbacks for all its positions run together, at its "
+        "first position.  This is observable only with CONSUME_ERRORS and "
+        "FIRE_ON_ONE_CALLBACK: a failure consumed at the first position "
+        "becomes a success at the second, which then fires the list before "
+        "a member listed between them.",
+    ),
+    "cancel_fired_list_forwards": (
+        "avoid",
+        "Cancelling a list deferred that has fired and waits on an inner "
+        "deferred (a callback returned one) cancels that inner deferred, as "
+        "for every deferred; Twisted's DeferredList.cancel() overrides "
+        "Deferred.cancel() and then does nothing.  The generator leaves out "
+        "cancels that may reach (through list members, waits and run "
+        "functions' deferreds) a list given a callback that may return a "
+        "deferred.",
+    ),
     "fire_sem_deferred": (
         "avoid",
         "Deferreds a semaphore made are its own to fire.  Twisted's run() "
