@@ -441,7 +441,11 @@ DF_EXPORT int df_deferred_add_both(df_deferred *d, df_callback_fn fn,
  * reference to other.  DF_EINVAL if other == d or belongs to another
  * loop.  If other has fired by the time d's chain gets there, d's chain
  * goes on with a DF_EALREADY_CALLED failure (Twisted: AlreadyCalledError)
- * and other keeps its result. */
+ * and other keeps its result.  Until other's callbacks have run (as far as
+ * they can), d holds the result it fired other with: a callback there that
+ * returns df_wait(d) gets that value again, without destructor (valid as
+ * long as its owner in other's chain keeps it), or that failure (Twisted
+ * hands it the same object); d then goes on with df_ok(NULL, NULL). */
 DF_EXPORT int df_deferred_chain(df_deferred *d, df_deferred *other);
 
 DF_EXPORT int df_deferred_pause(df_deferred *d);
@@ -498,7 +502,12 @@ enum {
  * too large to allocate.  Each member's success value moves into the list
  * result (the member's chain goes on with the same pointer but no
  * destructor); failures are shared by reference.  Cancelling the list's
- * deferred cancels every member captured here.  n == 0 fires at once
+ * deferred cancels every member captured here and does nothing else (as
+ * Twisted's DeferredList.cancel): the list fires when the members'
+ * results make it fire, so a member paused by its owner, or whose cancel
+ * completes later (a running pool job), keeps it unfired until then.  A
+ * member listed twice is seen at each position in input order (with a
+ * fire-on-one flag its first position is reported).  n == 0 fires at once
  * with an empty result.  Releasing the list deferred is not cancelling it:
  * members are released, not cancelled.  Once the list has failed
  * (FIRE_ON_ONE_ERRBACK, gather) or was released unfired, the values it

@@ -27,6 +27,19 @@
  * it is released first, and then it removes the entry).  An entry whose cb
  * is chain_mark fires the deferred in `arg` (holding a reference), as
  * Twisted's chainDeferred does.
+ *
+ * Twisted runs a chained deferred's callbacks in a nested call of its own
+ * (chainDeferred is addCallbacks(other.callback, other.errback)), and two
+ * things follow that the stack must reproduce:
+ *   - a deferred found paused stops only the run it belongs to: popping
+ *     stops at the deferred a chain entry pushed (F_CHAIN_BASE), and the
+ *     chaining deferred below it goes on (issue 15 item 6);
+ *   - while `other` runs, the chaining deferred still holds the result it
+ *     fired other with, and a callback that waits for the chaining
+ *     deferred takes it.  The value moved to other, so the chaining
+ *     deferred keeps a copy without destructor (a failure: a reference),
+ *     flagged F_CHAIN_HELD, and drops it when it resumes with
+ *     df_ok(NULL, NULL), the return of Twisted's other.callback().
  */
 
 enum {
@@ -37,6 +50,10 @@ enum {
     F_CANCELLING = 1u << 4,    /* its canceller is running                  */
     F_TIMEOUT = 1u << 5,       /* a timeout was set (loop.c)                */
     F_EXT = 1u << 6,           /* allocated with room for a pool job        */
+    F_CHAIN_BASE = 1u << 7,    /* on the stack, pushed by a chain entry     */
+    F_CHAIN_HELD = 1u << 8,    /* firing a chained deferred; holds a copy   */
+    F_LIST_MARK = 1u << 9,     /* df_list_new's duplicate detection         */
+    F_IN_CALLBACK = 1u << 10,  /* one of its callbacks is running           */
 };
 
 typedef struct entry {
@@ -168,7 +185,7 @@ static void pop(df_deferred **top)
     df_deferred *d = *top;
     *top = d->stack_next;
     d->stack_next = NULL;
-    d->flags &= ~F_IN_RUN;
+    d->flags &= ~(F_IN_RUN | F_CHAIN_BASE);
     unref_checked(d);
 }
 
@@ -187,8 +204,13 @@ static bool wait_for(df_deferred *cur, df_deferred *inner)
         return false;
     }
     if ((inner->flags & F_CALLED) && inner->paused == 0 &&
-        !(inner->flags & F_IN_RUN)) {
-        /* Already fired: take its result now (Twisted leaves None behind). */
+        !(inner->flags & F_IN_CALLBACK)) {
+        /* Already fired: take its result now (Twisted leaves None behind),
+         * also from a deferred on a run_callbacks stack: it holds its
+         * result, or NULL after a continuation, or the copy it keeps while
+         * firing a chained one.  Only while one of its callbacks runs is
+         * its result with that callback, so we wait for it (Twisted takes
+         * the value the callback was given: README's departures). */
         put_result(cur, take_result(inner));
         df_deferred_unref(inner);
         return false;
@@ -213,12 +235,24 @@ static void run_callbacks(df_deferred *self)
 
     while (top != NULL) {
         df_deferred *cur = top;
+        if (cur->flags & F_CHAIN_HELD) {
+            /* Back from firing a chained deferred: drop the copy. */
+            df_result held = take_result(cur);
+            df_result_clear(&held);
+            cur->flags &= ~F_CHAIN_HELD;
+        }
         if (cur->paused) {
             /* Nothing more can happen until it is unpaused; the deferreds
-             * below it wait for it, so they stop too (as in Twisted). */
-            while (top != NULL)
+             * below it wait for it, so they stop too (as in Twisted), down
+             * to the one a chain entry pushed: the chaining deferred below
+             * that goes on, as Twisted's other.callback() returns to it. */
+            while (top != NULL) {
+                bool base = (top->flags & F_CHAIN_BASE) != 0;
                 pop(&top);
-            return;
+                if (base)
+                    break;
+            }
+            continue;
         }
         bool finished = true;
         while (cur->head < cur->count) {
@@ -251,13 +285,21 @@ static void run_callbacks(df_deferred *self)
                     df_deferred_unref(other);
                     continue;
                 }
-                put_result(other, take_result(cur));
+                df_result r = take_result(cur);
+                put_result(other, r);
                 other->flags |= F_CALLED;
                 if (other->paused || (other->flags & F_IN_RUN)) {
                     df_deferred_unref(other);
                     continue;
                 }
+                /* Keep what other was fired with while it runs (see the
+                 * top of the file). */
+                put_result(cur, df_ok(r.value, NULL));
+                if (r.failure != NULL)
+                    cur->failure = df_failure_ref(r.failure);
+                cur->flags |= F_CHAIN_HELD;
                 push(&top, other);
+                other->flags |= F_CHAIN_BASE;
                 df_deferred_unref(other); /* the entry's reference */
                 finished = false;
                 break;
@@ -265,7 +307,9 @@ static void run_callbacks(df_deferred *self)
             if (fn == NULL)
                 continue; /* pass through */
 
+            cur->flags |= F_IN_CALLBACK;
             df_result out = fn(take_result(cur), e.arg);
+            cur->flags &= ~F_IN_CALLBACK;
             if (out.wait != NULL) {
                 df_deferred *inner = out.wait;
                 if (out.failure != NULL || out.free != NULL) {
@@ -667,6 +711,18 @@ int df_deferred_cancel(df_deferred *d)
     }
     df_deferred_unref(d);
     return 0;
+}
+
+bool df__deferred_list_mark(df_deferred *d)
+{
+    bool was = (d->flags & F_LIST_MARK) != 0;
+    d->flags |= F_LIST_MARK;
+    return was;
+}
+
+void df__deferred_list_unmark(df_deferred *d)
+{
+    d->flags &= ~F_LIST_MARK;
 }
 
 void df__deferred_set_cancel_waits(df_deferred *d)

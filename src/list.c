@@ -50,11 +50,12 @@
  *   - n == 0 fires at once with an empty result whatever the flags; Twisted
  *     never fires an empty list with fireOnOneCallback.
  *   - Cancelling the list cancels every member captured at construction,
- *     fired or not (a fired one may be waiting on an inner deferred), as
- *     Twisted does.  If that does not fire the list (a member whose
- *     cancellation completes later, like a running pool job), the core then
- *     fails the list with DF_ECANCELLED, as for any deferred with a
- *     canceller; the members' later results pass through their chains.
+ *     fired or not (a fired one may be waiting on an inner deferred), and
+ *     does nothing else, as Twisted's DeferredList.cancel(): the list
+ *     fires when the members' results make it fire (the list deferred is
+ *     cancel_waits).  A member paused by its owner, or whose cancellation
+ *     completes later (a running pool job), keeps the list unfired until
+ *     then.
  *   - CANCEL_REMAINING cancels, right after the list's own callbacks have
  *     seen the result, every member whose list callback has not run.  It
  *     does not apply when the list was fired by someone else.
@@ -66,7 +67,10 @@
  * (the core allocates chain links), and a callback attached to a member
  * that has fired runs at once, moving its value.  So every member is
  * paused while callbacks are attached and unpaused only once all of them
- * are in place.  If an attachment fails, the callbacks already attached
+ * are in place, in input order.  A member listed twice is paused once, at
+ * its first position (the core's list mark finds the repeats), so that
+ * its callbacks run when that position is unpaused, first position first,
+ * as Twisted's attach-and-run order gives.  If an attachment fails, the callbacks already attached
  * turn into pass-throughs that change nothing, the members are unpaused,
  * and DF_ENOMEM is returned; the block then lives until the last of those
  * pass-throughs has run.
@@ -336,6 +340,7 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
         df__free(loop, l);
         return rc;
     }
+    df__deferred_set_cancel_waits(self); /* the members' results fire it */
     rc = df_deferred_add_both(self, list_sentinel, l);
     if (rc != 0) {
         /* Fire it so that it can never call the canceller, nor report a
@@ -357,6 +362,8 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
         struct list_slot *s = &l->slots[i];
         s->owner = l;
         s->member = df_deferred_ref(members[i]);
+        if (df__deferred_list_mark(s->member))
+            continue; /* a repeat: paused at its first position */
         rc = df_deferred_pause(s->member);
         s->paused = rc == 0;
     }
@@ -366,6 +373,9 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
         if (rc == 0)
             l->npending++;
     }
+    /* Before any callback can run (and make lists of its own). */
+    for (i = 0; i < n && l->slots[i].member != NULL; i++)
+        df__deferred_list_unmark(l->slots[i].member);
     if (rc != 0) {
         /* No list callback has run, the members being paused.  Make the
          * attached callbacks pass-throughs and the list deferred inert:

@@ -3089,6 +3089,149 @@ static TCase *tcase(Suite *s, const char *name)
     return tc;
 }
 
+/* ======================================================= Twisted fidelity */
+
+/* Issue 15 item 6: a chain(a, b) whose b fires a paused waiter c must not
+ * stop a's own chain: Twisted's b.callback() returns to a's loop and a's
+ * next callback runs at once. */
+START_TEST(test_deferred_chain_to_paused_waiter_runs_on)
+{
+    df_deferred *a, *b, *c;
+    TU_OK(df_deferred_new(L, &a));
+    TU_OK(df_deferred_new(L, &b));
+    TU_OK(df_deferred_new(L, &c));
+    TU_OK(df_deferred_chain(a, b));
+    TU_OK(df_deferred_add_callback(a, cb_log, (void *)(intptr_t)1));
+    TU_OK(df_deferred_callback(c, NULL, NULL));
+    TU_OK(df_deferred_add_callback(c, cb_wait_ref, b));
+    TU_OK(df_deferred_add_callback(c, cb_log, (void *)(intptr_t)3));
+    TU_OK(df_deferred_pause(c));
+    TU_OK(df_deferred_callback(a, NULL, NULL));
+    ASSERT_LOG(1);
+    TU_OK(df_deferred_unpause(c));
+    ASSERT_LOG(1, 3);
+    df_deferred_unref(a);
+    df_deferred_unref(b);
+    df_deferred_unref(c);
+}
+END_TEST
+
+/* The same with two chains stacked: a -> b -> c, d waits on c and is
+ * paused; a's and b's later callbacks still run, in Twisted's order. */
+START_TEST(test_deferred_chain_chain_to_paused_waiter)
+{
+    df_deferred *a, *b, *c, *d;
+    TU_OK(df_deferred_new(L, &a));
+    TU_OK(df_deferred_new(L, &b));
+    TU_OK(df_deferred_new(L, &c));
+    TU_OK(df_deferred_new(L, &d));
+    TU_OK(df_deferred_chain(a, b));
+    TU_OK(df_deferred_add_callback(a, cb_log, (void *)(intptr_t)1));
+    TU_OK(df_deferred_chain(b, c));
+    TU_OK(df_deferred_add_callback(b, cb_log, (void *)(intptr_t)2));
+    TU_OK(df_deferred_callback(d, NULL, NULL));
+    TU_OK(df_deferred_add_callback(d, cb_wait_ref, c));
+    TU_OK(df_deferred_add_callback(d, cb_log, (void *)(intptr_t)4));
+    TU_OK(df_deferred_pause(d));
+    TU_OK(df_deferred_callback(a, NULL, NULL));
+    ASSERT_LOG(2, 1);
+    TU_OK(df_deferred_unpause(d));
+    ASSERT_LOG(2, 1, 4);
+    df_deferred_unref(a);
+    df_deferred_unref(b);
+    df_deferred_unref(c);
+    df_deferred_unref(d);
+}
+END_TEST
+
+/* Issue 15 item 7: a has fired with a value; chain(a, b) fires b, whose
+ * callback returns df_wait(a).  Twisted hands b the value a holds at that
+ * moment (the one it is firing b with); b gets the same pointer, without
+ * a destructor, and a goes on with NULL. */
+static int g_item7_value = 7;
+
+START_TEST(test_deferred_chain_back_wait_gets_value)
+{
+    df_deferred *a, *b;
+    probe pa = {0}, pb = {0};
+    TU_OK(df_succeed(L, &g_item7_value, NULL, &a));
+    TU_OK(df_deferred_new(L, &b));
+    TU_OK(df_deferred_add_callback(b, cb_wait_ref, a));
+    TU_OK(df_deferred_add_callbacks(b, probe_cb, probe_eb, &pb));
+    TU_OK(df_deferred_chain(a, b));
+    TU_OK(df_deferred_add_callbacks(a, probe_cb, probe_eb, &pa));
+    ck_assert_int_eq(pb.cb_calls, 1);
+    ck_assert_ptr_eq(pb.value, &g_item7_value);
+    ck_assert_int_eq(pa.cb_calls, 1);
+    ck_assert_ptr_null(pa.value);
+    df_deferred_unref(a);
+    df_deferred_unref(b);
+}
+END_TEST
+
+/* The same with a failure: b gets a's failure (shared by reference), a
+ * goes on with NULL, as in Twisted. */
+START_TEST(test_deferred_chain_back_wait_gets_failure)
+{
+    df_deferred *a, *b;
+    probe pa = {0}, pb = {0};
+    TU_OK(df_fail(L, df_failure_new(L, 42, NULL), &a));
+    TU_OK(df_deferred_new(L, &b));
+    TU_OK(df_deferred_add_errback(b, cb_wait_ref, a));
+    TU_OK(df_deferred_add_callbacks(b, probe_cb, probe_eb_handle, &pb));
+    TU_OK(df_deferred_chain(a, b));
+    TU_OK(df_deferred_add_callbacks(a, probe_cb, probe_eb, &pa));
+    ck_assert_int_eq(pb.eb_calls, 1);
+    ck_assert_int_eq(pb.code, 42);
+    ck_assert_int_eq(pa.cb_calls, 1);
+    ck_assert_ptr_null(pa.value);
+    df_deferred_unref(a);
+    df_deferred_unref(b);
+}
+END_TEST
+
+/* Found by the differential test (seed 870): a deferred that has just
+ * handed its result to a waiter through a continuation holds None; a
+ * callback of a second waiter that returns df_wait() on it again takes
+ * that None at once (Twisted), instead of waiting for the rest of its
+ * chain. */
+static df_result cb_log_value(df_result r, void *arg)
+{
+    log_push((int)(intptr_t)arg * 100 + (r.value == NULL ? 0 : 1));
+    return r;
+}
+
+START_TEST(test_deferred_wait_again_on_handing_over)
+{
+    df_deferred *d0, *d1, *d3;
+    static int one = 1, three = 3, five = 5;
+    TU_OK(df_deferred_new(L, &d0));
+    TU_OK(df_succeed(L, &one, NULL, &d1));
+    TU_OK(df_deferred_add_callback(d1, cb_wait_ref, d0));
+    TU_OK(df_succeed(L, &three, NULL, &d3));
+    TU_OK(df_deferred_add_callback(d3, cb_wait_ref, d0));
+    TU_OK(df_deferred_add_callback(d3, cb_wait_ref, d0));
+    TU_OK(df_deferred_add_callback(d3, cb_log_value, (void *)(intptr_t)3));
+    TU_OK(df_deferred_add_callback(d0, cb_log_value, (void *)(intptr_t)2));
+    TU_OK(df_deferred_callback(d0, &five, NULL));
+    TU_OK(df_deferred_add_callback(d1, cb_log_value, (void *)(intptr_t)1));
+    ASSERT_LOG(300, 200, 101);
+    df_deferred_unref(d0);
+    df_deferred_unref(d1);
+    df_deferred_unref(d3);
+}
+END_TEST
+
+static void add_fidelity_tests(Suite *s)
+{
+    TCase *tc = tcase(s, "twisted_fidelity");
+    tcase_add_test(tc, test_deferred_chain_to_paused_waiter_runs_on);
+    tcase_add_test(tc, test_deferred_chain_chain_to_paused_waiter);
+    tcase_add_test(tc, test_deferred_chain_back_wait_gets_value);
+    tcase_add_test(tc, test_deferred_chain_back_wait_gets_failure);
+    tcase_add_test(tc, test_deferred_wait_again_on_handing_over);
+}
+
 static Suite *deferred_suite(void)
 {
     Suite *s = suite_create("deferred");
@@ -3231,6 +3374,7 @@ static Suite *deferred_suite(void)
     tcase_add_test(tc, test_deferred_deep_cancel);
     tcase_add_test(tc, test_deferred_deep_chain_deferred);
 
+    add_fidelity_tests(s);
     return s;
 }
 

@@ -1751,6 +1751,112 @@ static TCase *tcase(const char *name)
     return tc;
 }
 
+/* --------------------------------------------------- Twisted fidelity */
+
+/* Issue 15 item 8: a member listed twice, with a fire-on-one flag: Twisted
+ * attaches the callbacks in input order, so the first position of the
+ * member that fires first is reported, here index 0, not 1 or 2. */
+START_TEST(test_list_duplicate_member_first_position)
+{
+    df_deferred *a = succeeded(1), *b = succeeded(2);
+    df_deferred *m[3] = {a, b, a};
+    df_deferred *dl = NULL;
+
+    TU_OK(df_list_new(loop, m, 3, DF_LIST_FIRE_ON_ONE_CALLBACK, &dl));
+    const df_list_result *r = success_result_of(dl);
+    ck_assert_int_eq(df_list_result_index(r), 0);
+    ck_assert_int_eq(entry_int(r, 0), 1);
+    df_deferred_unref(dl);
+    df_deferred_unref(a);
+    df_deferred_unref(b);
+    ck_assert_int_eq(nfreed, 2);
+}
+END_TEST
+
+/* The same with fire-on-one-errback: the first failed position wins. */
+START_TEST(test_list_duplicate_member_first_error_position)
+{
+    df_deferred *a = failed("a"), *b = failed("b");
+    df_deferred *m[3] = {a, b, a};
+    df_deferred *dl = NULL;
+
+    TU_OK(df_list_new(loop, m, 3,
+                      DF_LIST_FIRE_ON_ONE_ERRBACK | DF_LIST_CONSUME_ERRORS,
+                      &dl));
+    df_failure *f = failure_result_of(dl, DF_EFIRST_ERROR);
+    ck_assert_int_eq(df_failure_index(f), 0);
+    ck_assert_str_eq(df_failure_message(df_failure_cause(f)), "a");
+    df_failure_unref(f);
+    df_deferred_unref(dl);
+    df_deferred_unref(a);
+    df_deferred_unref(b);
+}
+END_TEST
+
+/* Issue 15 item 9: cancelling a list cancels its members and nothing
+ * more (Twisted DeferredList.cancel); the list fires when their results
+ * make it fire.  A member paused by its owner keeps it unfired. */
+START_TEST(test_list_cancel_waits_for_paused_member)
+{
+    df_deferred *d[2] = {new_deferred(), new_deferred()};
+    df_deferred *dl = NULL;
+    struct capture c;
+
+    TU_OK(df_list_new(loop, d, 2, DF_LIST_CONSUME_ERRORS, &dl));
+    capture_on(dl, &c);
+    TU_OK(df_deferred_pause(d[0]));
+    TU_OK(df_deferred_cancel(dl));
+    ck_assert(df_deferred_called(d[0]));
+    ck_assert(df_deferred_called(d[1]));
+    ck_assert(!df_deferred_called(dl));
+    ck_assert_int_eq(c.calls, 0);
+    TU_OK(df_deferred_unpause(d[0]));
+    const df_list_result *r = captured_result(&c);
+    entry_failure(r, 0, DF_ECANCELLED);
+    entry_failure(r, 1, DF_ECANCELLED);
+    df_result_clear(&c.r);
+    df_deferred_unref(dl);
+    unref_all(d, 2);
+    ck_assert_int_eq(nunhandled, 0);
+}
+END_TEST
+
+/* Releasing a cancelled list that a paused member keeps unfired ends it
+ * with DF_ECANCELLED (the core's rule for any deferred released unfired),
+ * not reported; the member, unpaused later, goes on with its own result. */
+START_TEST(test_list_cancel_then_released_unfired)
+{
+    df_deferred *d[2] = {new_deferred(), new_deferred()};
+    df_deferred *dl = NULL;
+    int swallowed = 0, member_swallowed = 0;
+
+    TU_OK(df_list_new(loop, d, 2, 0, &dl));
+    TU_OK(df_deferred_add_errback(dl, swallow, &swallowed));
+    TU_OK(df_deferred_pause(d[0]));
+    TU_OK(df_deferred_cancel(dl));
+    ck_assert_int_eq(swallowed, 0);
+    df_deferred_unref(dl);
+    ck_assert_int_eq(swallowed, 1);
+    TU_OK(df_deferred_add_errback(d[0], swallow, &member_swallowed));
+    TU_OK(df_deferred_add_errback(d[1], swallow, &member_swallowed));
+    ck_assert_int_eq(member_swallowed, 1);
+    TU_OK(df_deferred_unpause(d[0]));
+    ck_assert_int_eq(member_swallowed, 2);
+    unref_all(d, 2);
+    ck_assert_int_eq(nunhandled, 0);
+}
+END_TEST
+
+static void add_fidelity_tests(Suite *s)
+{
+    TCase *tc = tcase("twisted_fidelity");
+    tcase_add_test(tc, test_list_duplicate_member_first_position);
+    tcase_add_test(tc, test_list_duplicate_member_first_error_position);
+    tcase_add_test(tc, test_list_cancel_waits_for_paused_member);
+    tcase_add_test(tc, test_list_cancel_then_released_unfired);
+    suite_add_tcase(s, tc);
+}
+
 static Suite *list_suite(void)
 {
     Suite *s = suite_create("list");
@@ -1840,6 +1946,7 @@ static Suite *list_suite(void)
     tcase_add_test(tc, test_list_paused_list_fired_then_released);
     suite_add_tcase(s, tc);
 
+    add_fidelity_tests(s);
     return s;
 }
 
