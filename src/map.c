@@ -401,6 +401,7 @@ static void map_destroy(df_map *m)
     df_failure_unref(m->stop_failure);
     df__free(loop, m->slots);
     df__free(loop, m);
+    df__loop_maps_add(loop, -1); /* df_loop_get_stats */
 }
 
 /* Returns true for the outermost entry, which must call map_leave(). */
@@ -494,6 +495,7 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
     /* Cancelling done must not fire it before the running items finish:
      * the map fires it (with DF_ECANCELLED) once they have. */
     df__deferred_set_cancel_waits(m->done_d);
+    df__loop_maps_add(loop, 1); /* df_loop_get_stats */
 
     for (size_t i = 0; i < m->nslots; i++) {
         m->slots[i].map = m;
