@@ -300,6 +300,23 @@ DF_EXPORT int df_loop_new(const df_loop_options *opts, df_loop **out);
  * calls are discarded after their callbacks are run with DF_ECANCELLED
  * status (see df_loop_call_from_thread).  Loop thread. */
 DF_EXPORT int df_loop_free(df_loop *loop);
+/* What is alive on a loop: what df_loop_free() waits for. */
+typedef struct df_loop_stats {
+    size_t deferreds;    /* deferreds not yet released                   */
+    size_t sync_objects; /* semaphores, locks and queues not yet freed   */
+    size_t pools;        /* pools not yet freed                          */
+    size_t maps;         /* maps not yet freed                           */
+    size_t timers;       /* armed timers, timeouts and weak ones included */
+    size_t weak_timers;  /* of those, timers made weak by df_timer_unref */
+    size_t jobs;         /* pool jobs whose completion is not dispatched */
+    size_t calls;        /* cross-thread calls not yet run               */
+} df_loop_stats;
+
+/* Fills *out with the counts of what is alive on the loop, for instance
+ * to find out why df_loop_free() returned DF_EBUSY (which it does while
+ * any count but `weak_timers` and `calls` is non-zero; a debug build,
+ * DF_DEBUG, also prints them on stderr then).  Loop thread. */
+DF_EXPORT int df_loop_get_stats(const df_loop *loop, df_loop_stats *out);
 /* Replaces the unhandled-failure hook (NULL restores the default). */
 DF_EXPORT int df_loop_set_unhandled(df_loop *loop, df_unhandled_fn fn,
                                     void *arg);
@@ -364,6 +381,17 @@ DF_EXPORT int df_loop_call_later(df_loop *loop, uint64_t delay_ns,
                                  df_call_fn fn, void *arg, df_timer **out);
 /* Cancels a pending timer and frees it; fn is not called.  Loop thread. */
 DF_EXPORT int df_timer_cancel(df_timer *t);
+/* Makes a pending timer weak: it no longer keeps df_loop_run() (or
+ * df_loop_run_until()) running, like libuv's uv_unref(), so a progress
+ * timer that re-arms itself needs no stop logic: the run returns when
+ * nothing else is pending.  A weak timer still runs when due while the
+ * loop runs, still counts in df_loop_free()'s DF_EBUSY check (cancel it
+ * first), and does not free or release anything: the handle stays valid
+ * exactly as long as before.  df_timer_ref() makes it strong again.  Both
+ * return 0 (also when nothing changes), or DF_EINVAL for a timer that has
+ * fired or been cancelled.  Loop thread. */
+DF_EXPORT int df_timer_unref(df_timer *t);
+DF_EXPORT int df_timer_ref(df_timer *t);
 
 /* --------------------------------------------------------------- deferred */
 

@@ -24,44 +24,43 @@ void df__free(df_loop *loop, void *ptr);
 const df_allocator *df__allocator(df_loop *loop);
 
 /* ----------------------------------------------------------- thread check */
-/* Each thread's own byte, whose address names the thread (loop.c).  It
- * guards every entry point, so it must cost no call: with initial-exec
- * TLS its address is the thread pointer plus a constant, which is cheaper
- * than pthread_self(), a call into libc.  Like a pthread_t, the address of
- * a thread that has exited may be reused by a later thread. */
+/* Every entry point checks that it runs on the loop's thread and that the
+ * loop was not inherited across fork(2) (the policy is in deferred.h,
+ * "fork").  Both checks are one comparison on the hot path, with no call
+ * into libc: a thread that makes a loop gets a token, unique in the
+ * process and never 0, in a thread-local variable (initial-exec TLS, so
+ * reading it is one load), and the loop records it.  The fork handler gives
+ * the child's only thread a new token, so no thread of the child holds the
+ * token of a loop made before the fork.  Only when the tokens differ does
+ * the slow path tell DF_EFORKED from DF_EWRONG_THREAD. */
 #if defined(__GNUC__) || defined(__clang__)
 #define DF__TLS_IE __attribute__((tls_model("initial-exec")))
 #else
 #define DF__TLS_IE
 #endif
-extern _Thread_local char df__thread_marker DF__TLS_IE;
-static inline const void *df__thread_self(void)
-{
-    return &df__thread_marker;
-}
+extern _Thread_local uintptr_t df__thread_token DF__TLS_IE;
 
-/* True on the loop's own thread.  Inline, as it guards every entry point:
- * the loop thread's marker address is the first member of struct df_loop
- * (loop-internal.h). */
+/* The process's fork generation: 0 at start, bumped in the child of every
+ * fork by a handler that df_loop_new registers once with pthread_atfork.
+ * With the token counter, the library's only process-wide state.  A loop
+ * records the generation it was made in, right after its token; a loop
+ * from an older generation was inherited from the parent, and everything
+ * made from it is unusable in the child. */
+extern atomic_uint df__fork_gen;
+typedef struct df__loop_id { /* the first members of struct df_loop */
+    uintptr_t token;
+    unsigned fork_gen;
+} df__loop_id;
+
+/* True on the loop's own thread, in the process that made the loop. */
 static inline bool df__on_loop_thread(const df_loop *loop)
 {
-    return *(const void *const *)(const void *)loop == df__thread_self();
+    return ((const df__loop_id *)(const void *)loop)->token ==
+           df__thread_token;
 }
 /* Prints one line naming the misused function; used by void entry points
  * that cannot return DF_EWRONG_THREAD. */
 void df__wrong_thread(const char *func);
-
-/* fork(2) (the policy is in deferred.h, "fork").  The process's fork
- * generation: 0 at start, bumped in the child of every fork by a handler
- * that df_loop_new registers once with pthread_atfork.  It is the library's
- * only process-wide state.  A loop records the generation it was made in,
- * right after its thread id; a loop from an older generation was inherited
- * from the parent, and everything made from it is unusable in the child. */
-extern atomic_uint df__fork_gen;
-typedef struct df__loop_id { /* the first members of struct df_loop */
-    const void *self;
-    unsigned fork_gen;
-} df__loop_id;
 
 static inline bool df__loop_forked(const df_loop *loop)
 {
@@ -72,10 +71,8 @@ static inline bool df__loop_forked(const df_loop *loop)
 /* Guards the entry points that return an int code. */
 #define DF__CHECK_THREAD(loop)                                                \
     do {                                                                       \
-        if (df__loop_forked(loop))                                             \
-            return DF_EFORKED;                                                 \
         if (!df__on_loop_thread(loop))                                         \
-            return DF_EWRONG_THREAD;                                           \
+            return df__loop_forked(loop) ? DF_EFORKED : DF_EWRONG_THREAD;     \
     } while (0)
 
 /* Guards void entry points: false (and one line on stderr) on a wrong
@@ -83,13 +80,11 @@ static inline bool df__loop_forked(const df_loop *loop)
  * release in the child is documented to do nothing. */
 static inline bool df__loop_usable(const df_loop *loop, const char *func)
 {
-    if (df__loop_forked(loop))
-        return false;
-    if (!df__on_loop_thread(loop)) {
+    if (df__on_loop_thread(loop))
+        return true;
+    if (!df__loop_forked(loop))
         df__wrong_thread(func);
-        return false;
-    }
-    return true;
+    return false;
 }
 
 /* ----------------------------------------------------------- block cache */
@@ -214,9 +209,12 @@ size_t df__loop_run_matching(df_loop *loop,
 /* Counts the pools made from `loop`; df_loop_free() refuses while > 0.
  * Loop thread. */
 void df__loop_pools_add(df_loop *loop, int delta);
-/* Counts the deferreds, semaphores, locks and queues alive on `loop`;
- * df_loop_free() refuses while > 0.  Loop thread. */
+/* Counts the semaphores, locks and queues alive on `loop` (deferreds
+ * count themselves); df_loop_free() refuses while > 0.  Loop thread. */
 void df__loop_objects_add(df_loop *loop, int delta);
+/* Counts the maps alive on `loop` (df_loop_get_stats; df_loop_free()
+ * refuses while > 0).  Loop thread. */
+void df__loop_maps_add(df_loop *loop, int delta);
 /* The loop a pool was made from (pool.c). */
 df_loop *df__pool_loop(const df_pool *p);
 

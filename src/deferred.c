@@ -347,8 +347,8 @@ static inline df__slab *slab_of(df_loop *loop, bool ext)
 static void block_put(df_deferred *d)
 {
     df_loop *loop = d->loop;
-    assert(loop->objects > 0);
-    loop->objects--; /* df__loop_objects_add, inline */
+    assert(loop->deferreds > 0);
+    loop->deferreds--;
     df__slab_put_inline(loop, slab_of(loop, d->flags & F_EXT), d);
 }
 
@@ -360,7 +360,7 @@ static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
     df_deferred *d = df__slab_get_inline(loop, slab_of(loop, ext));
     if (d == NULL)
         return DF_ENOMEM;
-    loop->objects++; /* df__loop_objects_add, inline */
+    loop->deferreds++;
     memset(d, 0, offsetof(df_deferred, inline_entries));
     if (ext)
         d->flags = F_EXT;

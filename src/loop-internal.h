@@ -32,11 +32,12 @@ struct df_timer {
     void *arg;
     df_loop *loop;
     df_timer *next_free;
+    bool weak; /* df_timer_unref: does not keep df_loop_run running */
 };
 
 struct df_loop {
     /* These come first, in df__loop_id's order (inline checks). */
-    const void *self;  /* the loop thread's df__thread_marker address */
+    uintptr_t token;   /* the loop thread's df__thread_token */
     unsigned fork_gen; /* df__fork_gen when the loop was made */
     pthread_t thread;  /* the loop thread */
     df_allocator alloc;
@@ -59,13 +60,16 @@ struct df_loop {
     df__inbox_node *spent_calls; /* run; returned to call_free later */
     size_t jobs;                 /* pool jobs whose completion is due */
     size_t pools;                /* pools made from this loop */
-    size_t objects;              /* live deferreds, sems, locks, queues */
+    size_t objects;              /* live sems, locks, queues */
+    size_t deferreds;            /* live deferreds (deferred.c) */
+    size_t maps;                 /* live maps (map.c) */
     bool dispatching;            /* inside run/dispatch/run_matching */
     bool stop;                   /* df_loop_stop() was called */
 
     /* Timers (timer.c): a binary min-heap keyed (deadline, seq). */
     df_timer **heap;
     size_t heap_len, heap_cap;
+    size_t weak_timers; /* armed timers made weak by df_timer_unref */
     uint64_t timer_seq;
     df_timer *timer_free;
     size_t timer_free_len;

@@ -7,14 +7,21 @@
 
 #include "loop-internal.h"
 
-_Static_assert(offsetof(struct df_loop, self) == 0 &&
+_Static_assert(offsetof(struct df_loop, token) == 0 &&
                    offsetof(struct df_loop, fork_gen) ==
                    offsetof(df__loop_id, fork_gen),
                "struct df_loop must start like df__loop_id");
 
 atomic_uint df__fork_gen;
 
-_Thread_local char df__thread_marker DF__TLS_IE;
+_Thread_local uintptr_t df__thread_token DF__TLS_IE;
+static atomic_uintptr_t token_last; /* the last token handed out */
+
+static uintptr_t new_token(void)
+{
+    return atomic_fetch_add_explicit(&token_last, 1, memory_order_relaxed) +
+           1;
+}
 
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
 static int fork_hook_rc; /* pthread_atfork's result; written once */
@@ -24,6 +31,10 @@ static int fork_hook_rc; /* pthread_atfork's result; written once */
 static void fork_child(void)
 {
     atomic_fetch_add_explicit(&df__fork_gen, 1, memory_order_relaxed);
+    /* The forking thread is the child's only thread: a new token, so that
+     * it does not pass for the owner of the parent's loops. */
+    if (df__thread_token != 0)
+        df__thread_token = new_token();
 }
 
 static void fork_register(void)
@@ -70,11 +81,56 @@ void df__loop_objects_add(df_loop *loop, int delta)
     loop->objects = (size_t)((long)loop->objects + delta);
 }
 
+void df__loop_maps_add(df_loop *loop, int delta)
+{
+    assert(delta >= 0 || loop->maps >= (size_t)-delta);
+    loop->maps = (size_t)((long)loop->maps + delta);
+}
+
+static void get_stats(const df_loop *loop, df_loop_stats *st)
+{
+    *st = (df_loop_stats){
+        .deferreds = loop->deferreds,
+        .sync_objects = loop->objects,
+        .pools = loop->pools,
+        .maps = loop->maps,
+        .timers = loop->heap_len,
+        .weak_timers = loop->weak_timers,
+        .jobs = loop->jobs,
+        .calls = atomic_load_explicit(&loop->calls, memory_order_relaxed),
+    };
+}
+
+int df_loop_get_stats(const df_loop *loop, df_loop_stats *out)
+{
+    if (loop == NULL || out == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(loop);
+    get_stats(loop, out);
+    return 0;
+}
+
+#ifdef DF_DEBUG
+/* Names on stderr what keeps df_loop_free from freeing the loop. */
+static void report_busy(const df_loop *loop)
+{
+    df_loop_stats st;
+    get_stats(loop, &st);
+    fprintf(stderr,
+            "libdeferred: df_loop_free: still alive: %zu deferred(s), "
+            "%zu semaphore(s)/lock(s)/queue(s), %zu pool(s), %zu map(s), "
+            "%zu timer(s), %zu job(s) in flight\n",
+            st.deferreds, st.sync_objects, st.pools, st.maps, st.timers,
+            st.jobs);
+}
+#endif
+
 /* ------------------------------------------------------------- dispatching */
 
+/* What keeps df_loop_run running: weak timers do not. */
 static size_t pending(const df_loop *loop)
 {
-    return loop->jobs + loop->heap_len +
+    return loop->jobs + (loop->heap_len - loop->weak_timers) +
            atomic_load_explicit(&loop->calls, memory_order_relaxed);
 }
 
@@ -253,7 +309,9 @@ int df_loop_new(const df_loop_options *opts, df_loop **out)
                   df__deferred_block_size(false));
     df__slab_init(&loop->slabs[DF__SLAB_DEFERRED_JOB],
                   df__deferred_block_size(true));
-    loop->self = df__thread_self();
+    if (df__thread_token == 0)
+        df__thread_token = new_token();
+    loop->token = df__thread_token;
     loop->thread = pthread_self();
     loop->fork_gen = atomic_load_explicit(&df__fork_gen, memory_order_relaxed);
     loop->unhandled = default_unhandled;
@@ -275,8 +333,12 @@ int df_loop_free(df_loop *loop)
     /* Live objects point at the loop (its allocator, caches, thread):
      * refuse, as uv_loop_close() does with open handles. */
     if (loop->pools != 0 || loop->jobs != 0 || loop->heap_len != 0 ||
-        loop->objects != 0)
+        loop->objects != 0 || loop->deferreds != 0 || loop->maps != 0) {
+#ifdef DF_DEBUG
+        report_busy(loop);
+#endif
         return DF_EBUSY;
+    }
 
     loop->dispatching = true;
     df__inbox_fini(loop);

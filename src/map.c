@@ -426,6 +426,7 @@ static void map_destroy(df_map *m)
         df__sem_drop(m->sem);
     df__free(loop, m->slots);
     df__free(loop, m);
+    df__loop_maps_add(loop, -1); /* df_loop_get_stats */
 }
 
 /* Returns true for the outermost entry, which must call map_leave(). */
@@ -554,6 +555,7 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
     /* Cancelling done must not fire it before the running items finish:
      * the map fires it (with DF_ECANCELLED) once they have. */
     df__deferred_set_cancel_waits(m->done_d);
+    df__loop_maps_add(loop, 1); /* df_loop_get_stats */
 
     df__ilist_init(&m->free_slots);
     df__ilist_init(&m->finished_q);

@@ -76,6 +76,11 @@ static void heap_remove(df_loop *loop, df_timer *t)
 
 static void timer_release(df_loop *loop, df_timer *t)
 {
+    if (t->weak) {
+        assert(loop->weak_timers > 0);
+        loop->weak_timers--;
+        t->weak = false;
+    }
     t->index = SIZE_MAX;
     t->fn = NULL;
     if (loop->timer_free_len < TIMER_FREE_MAX) {
@@ -115,6 +120,7 @@ int df_loop_call_later(df_loop *loop, uint64_t delay_ns, df_call_fn fn,
     t->arg = arg;
     t->loop = loop;
     t->next_free = NULL;
+    t->weak = false;
     loop->heap[loop->heap_len++] = t;
     heap_up(loop, loop->heap_len - 1);
     if (out != NULL)
@@ -133,6 +139,42 @@ int df_timer_cancel(df_timer *t)
         return DF_EINVAL;
     heap_remove(loop, t);
     timer_release(loop, t);
+    return 0;
+}
+
+/* A stale handle (fired, cancelled, or on the free list) is refused. */
+static bool timer_armed(const df_loop *loop, const df_timer *t)
+{
+    return t->index < loop->heap_len && loop->heap[t->index] == t;
+}
+
+int df_timer_unref(df_timer *t)
+{
+    if (t == NULL)
+        return DF_EINVAL;
+    df_loop *loop = t->loop;
+    DF__CHECK_THREAD(loop);
+    if (!timer_armed(loop, t))
+        return DF_EINVAL;
+    if (!t->weak) {
+        t->weak = true;
+        loop->weak_timers++;
+    }
+    return 0;
+}
+
+int df_timer_ref(df_timer *t)
+{
+    if (t == NULL)
+        return DF_EINVAL;
+    df_loop *loop = t->loop;
+    DF__CHECK_THREAD(loop);
+    if (!timer_armed(loop, t))
+        return DF_EINVAL;
+    if (t->weak) {
+        t->weak = false;
+        loop->weak_timers--;
+    }
     return 0;
 }
 

@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* Check tests for the loop: inbox, wake fd, timers, run modes, timeouts. */
 #include <check.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
@@ -8,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "deferred-internal.h"
 #include "deferred.h"
@@ -1220,6 +1223,222 @@ START_TEST(test_timeout_dropped_deferred)
 }
 END_TEST
 
+
+/* ------------------------------------------- fds, weak timers, stats */
+
+/* With stdin closed, the descriptors the loop makes must not land on fd
+ * 0 (issue 15): a program that later opens its input would find our wake
+ * fd there.  Fails without the F_DUPFD_CLOEXEC move in inbox.c. */
+START_TEST(test_loop_fd_above_stdio)
+{
+    int saved = dup(0); /* -1 if stdin is closed already: fine */
+    close(0);
+    df_loop *loop = NULL;
+    int rc = df_loop_new(NULL, &loop);
+    int fd = rc == 0 ? df_loop_fd(loop) : -1;
+    bool zero_free = fcntl(0, F_GETFD) == -1 && errno == EBADF;
+    if (saved >= 0) {
+        dup2(saved, 0);
+        close(saved);
+    }
+    TU_OK(rc);
+    ck_assert_int_gt(fd, 2);
+    ck_assert_msg(zero_free, "the loop made fd 0");
+    /* The moved fd still wakes the loop. */
+    unsigned counter = 0;
+    TU_OK(df_loop_call_from_thread(loop, count_call, &counter));
+    ck_assert(fd_readable(fd));
+    TU_OK(df_loop_run(loop));
+    ck_assert_uint_eq(counter, 1);
+    tu_loop_free(loop);
+}
+END_TEST
+
+typedef struct progress {
+    df_loop *loop;
+    df_timer *timer; /* the weak timer, re-armed by itself */
+    unsigned ticks;
+    unsigned work_done;
+} progress;
+
+static void progress_tick(void *arg, int status)
+{
+    progress *p = arg;
+    ck_assert_int_eq(status, 0);
+    p->ticks++;
+    TU_OK(df_loop_call_later(p->loop, 1000000, progress_tick, p, &p->timer));
+    TU_OK(df_timer_unref(p->timer));
+}
+
+static void progress_work(void *arg, int status)
+{
+    progress *p = arg;
+    ck_assert_int_eq(status, 0);
+    p->work_done++;
+}
+
+/* A self-rearming weak timer (a progress line) does not keep df_loop_run
+ * running: the run returns once the real work is done, and the timer is
+ * still armed, still counted, and cancellable. */
+START_TEST(test_loop_timer_unref)
+{
+    df_loop *loop = tu_loop();
+    progress p = {.loop = loop};
+    TU_OK(df_loop_call_later(loop, 0, progress_tick, &p, &p.timer));
+    TU_OK(df_timer_unref(p.timer));
+    TU_OK(df_timer_unref(p.timer)); /* idempotent */
+    TU_OK(df_loop_call_later(loop, 20000000, progress_work, &p, NULL));
+    ck_assert_uint_eq(df_loop_pending(loop), 1);
+    TU_OK(df_loop_run(loop));
+    ck_assert_uint_eq(p.work_done, 1);
+    ck_assert_uint_ge(p.ticks, 1);
+    ck_assert_uint_eq(df_loop_pending(loop), 0);
+
+    /* Nothing else pending: the run returns without waiting for it. */
+    unsigned ticks = p.ticks;
+    TU_OK(df_loop_run(loop));
+    ck_assert_uint_le(p.ticks, ticks + 1); /* at most one, if already due */
+
+    df_loop_stats st;
+    TU_OK(df_loop_get_stats(loop, &st));
+    ck_assert_uint_eq(st.timers, 1);
+    ck_assert_uint_eq(st.weak_timers, 1);
+    TU_ERR(df_loop_free(loop), DF_EBUSY); /* weak, but still armed */
+
+    /* df_timer_ref makes it keep the run going again: it fires. */
+    TU_OK(df_timer_ref(p.timer));
+    TU_OK(df_timer_ref(p.timer));
+    ck_assert_uint_eq(df_loop_pending(loop), 1);
+    ticks = p.ticks;
+    TU_OK(df_loop_run(loop)); /* returns: the re-armed one is weak */
+    ck_assert_uint_eq(p.ticks, ticks + 1);
+    TU_ERR(df_timer_ref(NULL), DF_EINVAL);
+    TU_ERR(df_timer_unref(NULL), DF_EINVAL);
+
+    TU_OK(df_timer_cancel(p.timer));
+    /* Armour against a stale handle (its block is on the free list). */
+    TU_ERR(df_timer_unref(p.timer), DF_EINVAL);
+    TU_OK(df_loop_get_stats(loop, &st));
+    ck_assert_uint_eq(st.timers, 0);
+    ck_assert_uint_eq(st.weak_timers, 0);
+    tu_loop_free(loop);
+}
+END_TEST
+
+static int stats_next(void *arg, void **item, df_free_fn *item_free)
+{
+    (void)arg;
+    (void)item;
+    (void)item_free;
+    return 0; /* an empty input */
+}
+
+static df_result stats_call(void *item, void *arg)
+{
+    (void)item;
+    (void)arg;
+    return df_ok(NULL, NULL);
+}
+
+static df_result stats_drop(df_result r, void *arg)
+{
+    (void)arg;
+    df_result_clear(&r);
+    return df_ok(NULL, NULL);
+}
+
+/* df_loop_get_stats names what keeps df_loop_free busy, kind by kind. */
+START_TEST(test_loop_get_stats)
+{
+    df_loop *loop = tu_loop();
+    df_loop_stats st;
+    TU_ERR(df_loop_get_stats(NULL, &st), DF_EINVAL);
+    TU_ERR(df_loop_get_stats(loop, NULL), DF_EINVAL);
+    TU_OK(df_loop_get_stats(loop, &st));
+    ck_assert_uint_eq(st.deferreds + st.sync_objects + st.pools + st.maps +
+                          st.timers + st.weak_timers + st.jobs + st.calls,
+                      0);
+
+    df_deferred *d[3];
+    for (int i = 0; i < 3; i++)
+        TU_OK(df_deferred_new(loop, &d[i]));
+    df_sem *sem;
+    TU_OK(df_sem_new(loop, 1, &sem));
+    df_queue *q;
+    TU_OK(df_queue_new(loop, SIZE_MAX, SIZE_MAX, &q));
+    df_pool *pool;
+    df_pool_options po = DF_POOL_OPTIONS_INIT;
+    po.threads = 1;
+    TU_OK(df_pool_new(loop, &po, &pool));
+    df_timer *t;
+    unsigned never = 0;
+    TU_OK(df_loop_call_later(loop, 3600ull * 1000000000ull, count_call,
+                             &never, &t));
+    df_map_options mo = {0};
+    mo.limit = 1;
+    mo.next = stats_next;
+    mo.call = stats_call;
+    df_map *m;
+    df_deferred *done;
+    TU_OK(df_map_start(loop, &mo, &m, &done));
+    TU_OK(df_deferred_add_both(done, stats_drop, NULL));
+
+    TU_OK(df_loop_get_stats(loop, &st));
+    ck_assert_uint_eq(st.deferreds, 4); /* d[3] and the map's done */
+    ck_assert_uint_eq(st.sync_objects, 2);
+    ck_assert_uint_eq(st.pools, 1);
+    ck_assert_uint_eq(st.maps, 1);
+    ck_assert_uint_eq(st.timers, 1);
+    ck_assert_uint_eq(st.weak_timers, 0);
+    ck_assert_uint_eq(st.jobs, 0);
+    TU_ERR(df_loop_free(loop), DF_EBUSY);
+
+    TU_OK(df_timer_cancel(t));
+    TU_OK(df_map_free(m));
+    df_deferred_unref(done);
+    df_pool_free(pool);
+    df_queue_free(q);
+    TU_OK(df_sem_free(sem));
+    TU_OK(df_loop_get_stats(loop, &st));
+    ck_assert_uint_eq(st.deferreds, 3);
+    ck_assert_uint_eq(st.sync_objects + st.pools + st.maps + st.timers, 0);
+    TU_ERR(df_loop_free(loop), DF_EBUSY);
+    for (int i = 0; i < 3; i++)
+        df_deferred_unref(d[i]);
+    TU_OK(df_loop_get_stats(loop, &st));
+    ck_assert_uint_eq(st.deferreds, 0);
+    ck_assert_uint_eq(never, 0);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* Deferreds come from per-loop slabs: a burst of many live deferreds,
+ * released in an order unlike their making, leaves nothing behind (the
+ * loop frees, so every chunk came back), and the next burst works. */
+START_TEST(test_loop_slab_burst)
+{
+    df_loop *loop = tu_loop();
+    enum { N = 1000 };
+    static df_deferred *d[N];
+    for (int round = 0; round < 3; round++) {
+        for (int i = 0; i < N; i++)
+            TU_OK(df_deferred_new(loop, &d[i]));
+        for (int i = 0; i < N; i += 2)
+            df_deferred_unref(d[i]);
+        for (int i = 0; i < N; i += 2)
+            TU_OK(df_deferred_new(loop, &d[i]));
+        for (int i = N - 1; i >= 0; i--) {
+            TU_OK(df_deferred_callback(d[i], NULL, NULL));
+            df_deferred_unref(d[i]);
+        }
+    }
+    df_loop_stats st;
+    TU_OK(df_loop_get_stats(loop, &st));
+    ck_assert_uint_eq(st.deferreds, 0);
+    tu_loop_free(loop);
+}
+END_TEST
+
 /* ------------------------------------------------------------- suite */
 
 static Suite *loop_suite(void)
@@ -1251,6 +1470,13 @@ static Suite *loop_suite(void)
     tcase_add_test(tc, test_loop_reentrance);
     tcase_add_test(tc, test_loop_free_pending);
     tcase_add_test(tc, test_loop_wrong_thread);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("fds, weak timers, stats");
+    tcase_add_test(tc, test_loop_fd_above_stdio);
+    tcase_add_test(tc, test_loop_timer_unref);
+    tcase_add_test(tc, test_loop_get_stats);
+    tcase_add_test(tc, test_loop_slab_burst);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("timeout");
