@@ -45,6 +45,17 @@ DEPARTURES = {
         "becomes a success at the second, which then fires the list before "
         "a member listed between them.",
     ),
+    "list_construction_order": (
+        "avoid",
+        "Same cause as list_duplicate_interleaving: df_list_new pauses "
+        "every member while it attaches its callbacks, then unpauses them "
+        "in input order.  When running a member's callbacks fires a member "
+        "listed after it (say a list that is itself a member), that later "
+        "member's callbacks run only when its own position is unpaused; "
+        "in Twisted they run at once, the later member having no list "
+        "callback yet.  The generator leaves out lists where a member may "
+        "fire a member listed after it.",
+    ),
     "cancel_fired_list_forwards": (
         "avoid",
         "Cancelling a list deferred that has fired and waits on an inner "
