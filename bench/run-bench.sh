@@ -6,9 +6,9 @@
 #        bench/run-bench.sh --table RAWFILE
 #
 # BINDIR holds the programs bench-seq, bench-condvar, bench-uv, bench-glib,
-# bench-glib-aq, bench-deferred, bench-deferred-cb and bench-deferred-map;
-# those that are missing are skipped (configure builds the peers only when
-# it finds their libraries).  Every case runs every implementation once
+# bench-glib-aq, bench-tbb, bench-deferred, bench-deferred-cb and
+# bench-deferred-map; those that are missing are skipped (configure builds
+# the peers only when it finds their libraries).  Every case runs every implementation once
 # per round, rounds interleaved (so slow drift on the machine hits all
 # alike), BENCH_RUNS rounds; the tables give medians over the rounds.
 # --table prints the tables again from a file saved with BENCH_RAW.
@@ -163,7 +163,7 @@ run_timeout=${BENCH_TIMEOUT:-300}
 # name:program, in table order.  The libdeferred variants come last; the
 # ratios compare each of them with every other implementation.
 all_impls="seq:bench-seq condvar:bench-condvar libuv:bench-uv glib:bench-glib
-glib-aq:bench-glib-aq libdeferred:bench-deferred
+glib-aq:bench-glib-aq tbb:bench-tbb libdeferred:bench-deferred
 libdeferred-cb:bench-deferred-cb libdeferred-map:bench-deferred-map"
 
 impls=
