@@ -6,9 +6,9 @@
 #        bench/run-bench.sh --table RAWFILE
 #
 # BINDIR holds the programs bench-seq, bench-condvar, bench-uv, bench-glib,
-# bench-glib-aq, bench-deferred, bench-deferred-cb and bench-deferred-map;
-# those that are missing are skipped (configure builds the peers only when
-# it finds their libraries).  Every case runs every implementation once
+# bench-glib-aq, bench-tbb, bench-deferred, bench-deferred-cb and
+# bench-deferred-map; those that are missing are skipped (configure builds
+# the peers only when it finds their libraries).  Every case runs every implementation once
 # per round, rounds interleaved (so slow drift on the machine hits all
 # alike), BENCH_RUNS rounds; the tables give medians over the rounds.
 # --table prints the tables again from a file saved with BENCH_RAW.
@@ -19,6 +19,9 @@
 #                         with bench-seq to about BENCH_ITEM_US per item)
 #   BENCH_ITEM_US=30      target CPU time per item for the calibration
 #   BENCH_CASES=          space-separated subset of the case names
+#   BENCH_MATRIX=         replaces the cases: "NAME N LIMIT THREADS WORK"
+#                         entries separated by ";", WORK a number or W (the
+#                         calibrated WORK_ITERS)
 #   BENCH_IMPLS=          space-separated subset of the implementation names
 #   BENCH_TIMEOUT=300     seconds before one run is killed (needs timeout(1))
 #   BENCH_RAW=FILE        also append the raw result lines to FILE
@@ -163,7 +166,7 @@ run_timeout=${BENCH_TIMEOUT:-300}
 # name:program, in table order.  The libdeferred variants come last; the
 # ratios compare each of them with every other implementation.
 all_impls="seq:bench-seq condvar:bench-condvar libuv:bench-uv glib:bench-glib
-glib-aq:bench-glib-aq libdeferred:bench-deferred
+glib-aq:bench-glib-aq tbb:bench-tbb libdeferred:bench-deferred
 libdeferred-cb:bench-deferred-cb libdeferred-map:bench-deferred-map"
 
 impls=
@@ -250,6 +253,13 @@ cpu-l1-t1 30000 1 1 $work
 nowork-l2-t2 200000 2 2 0
 cpu-l64-t2 40000 64 2 $work
 mem-2m-l64-t2 2000000 64 2 0"
+if [ -n "${BENCH_MATRIX:-}" ]; then
+    cases=$(printf '%s\n' "$BENCH_MATRIX" | tr ';' '\n' |
+        awk -v w="$work" 'NF == 0 { next }
+            NF != 5 { print "bad BENCH_MATRIX entry: " $0 > "/dev/stderr"
+                      exit 1 }
+            { if ($5 == "W") $5 = w; print }') || exit 2
+fi
 
 selected=$(printf '%s\n' "$cases" | while read -r c n l t w; do
     if [ -n "${BENCH_CASES:-}" ]; then
