@@ -24,6 +24,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "example-util.h"
+
+/* The program's name in messages (see example_name). */
+static const char *prog = "backlog";
+
 /* The code a failed send carries; any nonzero int would do. */
 #define SEND_FAILED DF_EFAILED
 
@@ -173,10 +178,11 @@ static void show_progress(app *a)
     size_t sent = atomic_load(&sh->sent), failed = atomic_load(&sh->failed);
     double secs = (double)(df_loop_now(a->loop) - a->started) / 1e9;
     fprintf(stderr,
-            "\rbacklog: %zu/%zu done, %zu failed, %u in flight, "
+            "\r%s: %zu/%zu done, %zu failed, %u in flight, %u running, "
             "%.0f items/s\033[K",
-            sent + failed, a->items, failed, atomic_load(&sh->running),
-            secs > 0 ? (double)(sent + failed) / secs : 0.0);
+            prog, sent + failed, a->items, failed,
+            df_sem_limit(a->sem) - df_sem_tokens(a->sem),
+            atomic_load(&sh->running), secs > 0 ? (double)(sent + failed) / secs : 0.0);
     a->shown = true;
 }
 
@@ -221,7 +227,7 @@ static void abandon(df_loop *loop, df_deferred **runs, size_t n)
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: backlog [OPTION]...\n"
+            "usage: %s [OPTION]...\n"
             "Runs a backlog of simulated sends (CPU work) through a "
             "semaphore of K tokens\n"
             "on a pool of T threads, gathers every outcome with a deferred "
@@ -250,7 +256,8 @@ static void usage(FILE *f)
             "status: 0 on success\n"
             "(failed sends are expected), 1 if the limit was exceeded or the "
             "counts do not\n"
-            "add up, 2 on a usage error.\n");
+            "add up, 2 on a usage error.\n",
+            prog);
 }
 
 static bool parse_u64(const char *s, unsigned long long max,
@@ -283,7 +290,7 @@ static bool parse_rate(const char *s, double *val)
 
 static int fail(const char *what, int rc)
 {
-    fprintf(stderr, "backlog: %s: %s\n", what, df_strerror(rc));
+    fprintf(stderr, "%s: %s: %s\n", prog, what, df_strerror(rc));
     return EXIT_FAILURE;
 }
 
@@ -297,7 +304,7 @@ static int check_result(const df_list_result *lr, const shared *sh,
     int bad = 0;
 
     if (df_list_result_count(lr) != items) {
-        fprintf(stderr, "backlog: list has %zu results for %zu items\n",
+        fprintf(stderr, "%s: list has %zu results for %zu items\n", prog,
                 df_list_result_count(lr), items);
         bad++;
     }
@@ -309,11 +316,11 @@ static int check_result(const df_list_result *lr, const shared *sh,
         failed++;
         df_failure *f = df_list_result_failure(lr, i);
         if (!df_list_result_fired(lr, i) || f == NULL) {
-            fprintf(stderr, "backlog: item %zu has no outcome\n", i);
+            fprintf(stderr, "%s: item %zu has no outcome\n", prog, i);
             bad++;
         } else if (df_failure_code(f) != SEND_FAILED || !send_fails(sh, i)) {
             /* Only the failures made on purpose are expected. */
-            fprintf(stderr, "backlog: item %zu: unexpected failure: %s (%s)\n",
+            fprintf(stderr, "%s: item %zu: unexpected failure: %s (%s)\n", prog,
                     i, df_failure_message(f), df_err_name(df_failure_code(f)));
             bad++;
         }
@@ -321,9 +328,9 @@ static int check_result(const df_list_result *lr, const shared *sh,
     if (ok + failed != items || failed != expect_failed ||
         ok != atomic_load(&sh->sent) || failed != atomic_load(&sh->failed)) {
         fprintf(stderr,
-                "backlog: counts do not add up: list %zu ok + %zu failed, "
+                "%s: counts do not add up: list %zu ok + %zu failed, "
                 "workers %zu ok + %zu failed, %zu items, %zu failures "
-                "expected\n",
+                "expected\n", prog,
                 ok, failed, atomic_load(&sh->sent), atomic_load(&sh->failed),
                 items, expect_failed);
         bad++;
@@ -352,6 +359,7 @@ int main(int argc, char **argv)
     bool quiet = false, have_iters = false;
     int c;
 
+    prog = argv[0] = example_name(argv[0], "backlog");
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     threads = ncpu > 0 ? (unsigned long long)ncpu : 1;
     if (threads > MAX_THREADS)
@@ -395,23 +403,21 @@ int main(int argc, char **argv)
             break;
         case 'h':
             usage(stdout);
-            return EXIT_SUCCESS;
+            return example_close_stdout(prog, EXIT_SUCCESS);
         default:
-            /* getopt_long has named the problem already. */
-            fprintf(stderr, "Try 'backlog --help' for more information.\n");
+            usage(stderr); /* getopt_long has named the problem */
             return 2;
         }
         if (!ok) {
-            fprintf(stderr, "backlog: invalid value '%s' for -%c: want %s\n",
+            fprintf(stderr, "%s: invalid value '%s' for -%c: want %s\n", prog,
                     optarg, c, want);
+            usage(stderr);
             return 2;
         }
     }
     if (optind != argc) {
-        fprintf(stderr,
-                "backlog: unexpected argument '%s'\n"
-                "Try 'backlog --help' for more information.\n",
-                argv[optind]);
+        fprintf(stderr, "%s: unexpected argument '%s'\n", prog, argv[optind]);
+        usage(stderr);
         return 2;
     }
 
@@ -441,7 +447,7 @@ int main(int argc, char **argv)
     job *jobs = calloc(n > 0 ? n : 1, sizeof *jobs);
     df_deferred **runs = calloc(n > 0 ? n : 1, sizeof *runs);
     if (jobs == NULL || runs == NULL) {
-        fprintf(stderr, "backlog: out of memory for %zu items\n", n);
+        fprintf(stderr, "%s: out of memory for %zu items\n", prog, n);
         free(jobs);
         free(runs);
         return EXIT_FAILURE;
@@ -463,9 +469,9 @@ int main(int argc, char **argv)
     a.sem = sem;
     if (!quiet)
         fprintf(stderr,
-                "backlog: %zu sends of %" PRIu64 " iterations (~%llu us), "
+                "%s: %zu sends of %" PRIu64 " iterations (~%llu us), "
                 "limit %llu, %llu threads, %zu failing on purpose\n",
-                n, sh.iters, have_iters ? 0ull : work_us, limit, threads,
+                prog, n, sh.iters, have_iters ? 0ull : work_us, limit, threads,
                 expect_failed);
 
     /* Queue every send.  The first K are submitted to the pool at once;
@@ -520,7 +526,7 @@ int main(int argc, char **argv)
     if ((rc = df_deferred_peek(list, &value, &f)) != 0)
         return fail("df_deferred_peek", rc);
     if (f != NULL) {
-        fprintf(stderr, "backlog: the list failed: %s\n",
+        fprintf(stderr, "%s: the list failed: %s\n", prog,
                 df_failure_message(f));
         df_deferred_add_errback(list, consume, NULL); /* reported here */
         status = EXIT_FAILURE;
@@ -532,7 +538,7 @@ int main(int argc, char **argv)
         const df_list_result *lr = value;
         for (size_t i = 0; i < n; i++) {
             if (!df_list_result_ok(lr, i)) {
-                fprintf(stderr, "backlog: e.g. item %zu: %s\n", i,
+                fprintf(stderr, "%s: e.g. item %zu: %s\n", prog, i,
                         df_failure_message(df_list_result_failure(lr, i)));
                 break;
             }
@@ -548,8 +554,8 @@ int main(int argc, char **argv)
            ok, failed, secs, secs > 0 ? (double)n / secs : 0.0, a.held_peak,
            peak, limit, threads);
     if (peak > limit || a.held_peak > limit) {
-        fprintf(stderr, "backlog: %u sends held tokens and %u ran at once, "
-                        "above the limit %llu\n",
+        fprintf(stderr, "%s: %u sends held tokens and %u ran at once, "
+                        "above the limit %llu\n", prog,
                 a.held_peak, peak, limit);
         status = EXIT_FAILURE;
     }
@@ -564,7 +570,7 @@ int main(int argc, char **argv)
         status = EXIT_FAILURE;
     }
     if (df_loop_unhandled_count(a.loop) != 0) {
-        fprintf(stderr, "backlog: %" PRIu64 " unhandled failures\n",
+        fprintf(stderr, "%s: %" PRIu64 " unhandled failures\n", prog,
                 df_loop_unhandled_count(a.loop));
         status = EXIT_FAILURE;
     }
@@ -573,9 +579,5 @@ int main(int argc, char **argv)
         status = EXIT_FAILURE;
     }
     free(jobs);
-    if (fflush(stdout) != 0) {
-        perror("backlog: stdout");
-        status = EXIT_FAILURE;
-    }
-    return status;
+    return example_close_stdout(prog, status);
 }

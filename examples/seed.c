@@ -7,9 +7,12 @@
  *     dl.addCallback(print)
  */
 #include <deferred.h>
+#include <getopt.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+
+#include "example-util.h"
 
 #define ITEMS 6
 
@@ -43,18 +46,48 @@ static df_result print_list(df_result r, void *arg)
     return r;
 }
 
+static const char *prog = "seed";
+
 static int fail(const char *what, int rc)
 {
-    fprintf(stderr, "seed: %s: %s\n", what, df_strerror(rc));
+    fprintf(stderr, "%s: %s: %s\n", prog, what, df_strerror(rc));
     return EXIT_FAILURE;
 }
 
-int main(void)
+static void usage(FILE *f)
 {
+    fprintf(f,
+            "usage: %s [-h]\n"
+            "Runs print over 1..6 through a semaphore of two tokens, gathers "
+            "the results\n"
+            "with a deferred list and prints them as Twisted does.\n"
+            "  -h, --help  this help\n",
+            prog);
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {{"help", no_argument, NULL, 'h'},
+                                             {NULL, 0, NULL, 0}};
     df_loop *loop;
     df_sem *sem;
     df_deferred *runs[ITEMS], *list;
-    int rc;
+    int rc, c;
+
+    prog = argv[0] = example_name(argv[0], "seed");
+    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+        if (c == 'h') {
+            usage(stdout);
+            return example_close_stdout(prog, EXIT_SUCCESS);
+        }
+        usage(stderr); /* getopt_long has named the problem */
+        return 2;
+    }
+    if (optind != argc) {
+        fprintf(stderr, "%s: unexpected argument '%s'\n", prog, argv[optind]);
+        usage(stderr);
+        return 2;
+    }
 
     if ((rc = df_loop_new(NULL, &loop)) != 0)
         return fail("df_loop_new", rc);
@@ -82,5 +115,5 @@ int main(void)
         return fail("df_sem_free", rc);
     if ((rc = df_loop_free(loop)) != 0)
         return fail("df_loop_free", rc);
-    return EXIT_SUCCESS;
+    return example_close_stdout(prog, EXIT_SUCCESS);
 }

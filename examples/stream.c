@@ -25,6 +25,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "example-util.h"
+
+/* The program's name in messages (see example_name). */
+static const char *prog = "stream";
+
 /* One input line; the map owns it and frees it after its result. */
 typedef struct line {
     unsigned rounds; /* work functions get only the item: carried here */
@@ -92,9 +97,9 @@ static void show_progress(app *a, bool last)
     a->last_shown = now;
     a->shown = true;
     fprintf(stderr,
-            "\rstream: %" PRIu64 " read, %" PRIu64 " written, %" PRIu64
+            "\r%s: %" PRIu64 " read, %" PRIu64 " written, %" PRIu64
             " hashing, %" PRIu64 " waiting\033[K",
-            st.pulled, st.done - st.failed, st.running, st.buffered);
+            prog, st.pulled, st.done - st.failed, st.running, st.buffered);
 }
 
 /* The map's iterator: the next line of stdin, without its newline. */
@@ -129,8 +134,8 @@ static void write_result(uint64_t index, void *item, df_result r, void *arg)
             df_result_clear(&r);
             return;
         }
-        fprintf(stderr, "%sstream: line %" PRIu64 ": %s\n",
-                a->shown ? "\n" : "", index + 1, df_failure_message(r.failure));
+        fprintf(stderr, "%s%s: line %" PRIu64 ": %s\n", a->shown ? "\n" : "",
+                prog, index + 1, df_failure_message(r.failure));
         a->shown = false;
         a->failed++;
     } else if (a->write_error == 0) {
@@ -150,7 +155,7 @@ static void write_result(uint64_t index, void *item, df_result r, void *arg)
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: stream [-j K] [-t THREADS] [-w WINDOW] [-r ROUNDS] [-v]\n"
+            "usage: %s [-j K] [-t THREADS] [-w WINDOW] [-r ROUNDS] [-v]\n"
             "Hashes each line of stdin on a thread pool and writes\n"
             "\"<hash>  <line>\" to stdout in input order, in constant "
             "memory.\n"
@@ -160,7 +165,8 @@ static void usage(FILE *f)
             "  -r ROUNDS   hash rounds per line (default 256)\n"
             "  -v          print a summary on stderr even if it is not a "
             "terminal\n"
-            "  -h, --help  this help\n");
+            "  -h, --help  this help\n",
+            prog);
 }
 
 static bool parse_uint(const char *s, unsigned long max, unsigned long *val)
@@ -176,7 +182,7 @@ static bool parse_uint(const char *s, unsigned long max, unsigned long *val)
 
 static int fail(const char *what, int rc)
 {
-    fprintf(stderr, "stream: %s: %s\n", what, df_strerror(rc));
+    fprintf(stderr, "%s: %s: %s\n", prog, what, df_strerror(rc));
     return EXIT_FAILURE;
 }
 
@@ -195,6 +201,7 @@ int main(int argc, char **argv)
     bool verbose = false;
     int c;
 
+    prog = argv[0] = example_name(argv[0], "stream");
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     threads = ncpu > 0 ? (unsigned long)ncpu : 1;
     while ((c = getopt_long(argc, argv, "j:t:w:r:vh", longopts, NULL)) != -1) {
@@ -217,17 +224,19 @@ int main(int argc, char **argv)
             break;
         case 'h':
             usage(stdout);
-            return EXIT_SUCCESS;
+            return example_close_stdout(prog, EXIT_SUCCESS);
         default:
-            usage(stderr);
+            usage(stderr); /* getopt_long has named the problem */
             return 2;
         }
         if (!ok) {
-            fprintf(stderr, "stream: bad value for -%c: %s\n", c, optarg);
+            fprintf(stderr, "%s: bad value for -%c: %s\n", prog, c, optarg);
+            usage(stderr);
             return 2;
         }
     }
     if (optind != argc) {
+        fprintf(stderr, "%s: unexpected argument '%s'\n", prog, argv[optind]);
         usage(stderr);
         return 2;
     }
@@ -271,14 +280,15 @@ int main(int argc, char **argv)
     show_progress(&a, true);
     if (a.shown)
         fputc('\n', stderr);
+    errno = 0;
     if (fflush(stdout) != 0 && a.write_error == 0)
         a.write_error = errno != 0 ? errno : EIO;
     if (a.write_error != 0) {
-        fprintf(stderr, "stream: writing output: %s\n",
+        fprintf(stderr, "%s: writing output: %s\n", prog,
                 strerror(a.write_error));
         status = EXIT_FAILURE;
     } else if (f != NULL) {
-        fprintf(stderr, "stream: %s\n", df_failure_message(f));
+        fprintf(stderr, "%s: %s\n", prog, df_failure_message(f));
         status = EXIT_FAILURE;
     }
     if (a.failed > 0)
@@ -286,9 +296,9 @@ int main(int argc, char **argv)
     if (a.progress || verbose) {
         double secs = (double)(df_loop_now(a.loop) - a.started) / 1e9;
         fprintf(stderr,
-                "stream: %" PRIu64 " lines, %" PRIu64 " failed, %.2f s, "
+                "%s: %" PRIu64 " lines, %" PRIu64 " failed, %.2f s, "
                 "%.0f lines/s\n",
-                st.done, st.failed, secs, secs > 0 ? st.done / secs : 0.0);
+                prog, st.done, st.failed, secs, secs > 0 ? st.done / secs : 0.0);
     }
 
     df_map_free(a.map);
@@ -297,9 +307,10 @@ int main(int argc, char **argv)
     df_pool_free(pool);
     rc = df_loop_free(a.loop); /* DF_EBUSY if anything were left */
     if (rc != 0) {
-        fprintf(stderr, "stream: df_loop_free: %s\n", df_strerror(rc));
+        fprintf(stderr, "%s: df_loop_free: %s\n", prog, df_strerror(rc));
         status = EXIT_FAILURE;
     }
     free(a.buf);
-    return status;
+    /* A write error was reported above: closing cannot add one. */
+    return a.write_error != 0 ? status : example_close_stdout(prog, status);
 }

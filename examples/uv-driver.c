@@ -14,17 +14,23 @@
  * the gather) is used exactly as under df_loop_run(). */
 #include <deferred.h>
 
+#include <getopt.h>
 #include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <uv.h>
 
+#include "example-util.h"
+
 #define JOBS 100
 #define LIMIT 4   /* jobs on the pool at once */
 #define THREADS 2 /* pool threads */
 #define BUDGET 16 /* completions per dispatch, so that libuv keeps its say */
 #define DEADLINE_NS (30ull * 1000000000u) /* for the whole batch */
+
+/* The program's name in messages (see example_name). */
+static const char *prog = "uv-driver";
 
 typedef struct app {
     df_loop *loop;
@@ -80,7 +86,7 @@ static void dispatch(app *a)
 {
     int rc = df_loop_dispatch(a->loop, BUDGET, NULL);
     if (rc != 0) {
-        fprintf(stderr, "uv-driver: df_loop_dispatch: %s\n", df_strerror(rc));
+        fprintf(stderr, "%s: df_loop_dispatch: %s\n", prog, df_strerror(rc));
         a->status = EXIT_FAILURE;
         stop_watching(a);
     }
@@ -100,7 +106,7 @@ static void on_readable(uv_poll_t *p, int status, int events)
     app *a = p->data;
     (void)events;
     if (status < 0) {
-        fprintf(stderr, "uv-driver: polling the df_loop: %s\n",
+        fprintf(stderr, "%s: polling the df_loop: %s\n", prog,
                 uv_strerror(status));
         a->status = EXIT_FAILURE;
         stop_watching(a);
@@ -138,10 +144,10 @@ static df_result print_failure(df_result r, void *arg)
     app *a = arg;
     df_failure *f = r.failure;
     if (df_failure_cause(f) != NULL)
-        fprintf(stderr, "uv-driver: job %ld failed: %s\n", df_failure_index(f),
+        fprintf(stderr, "%s: job %ld failed: %s\n", prog, df_failure_index(f),
                 df_failure_message(df_failure_cause(f)));
     else
-        fprintf(stderr, "uv-driver: %s\n", df_failure_message(f));
+        fprintf(stderr, "%s: %s\n", prog, df_failure_message(f));
     a->status = EXIT_FAILURE;
     stop_watching(a);
     df_result_clear(&r); /* handled here */
@@ -150,24 +156,52 @@ static df_result print_failure(df_result r, void *arg)
 
 static int fail(const char *what, int rc)
 {
-    fprintf(stderr, "uv-driver: %s: %s\n", what, df_strerror(rc));
+    fprintf(stderr, "%s: %s: %s\n", prog, what, df_strerror(rc));
     return EXIT_FAILURE;
 }
 
 static int uv_fail(const char *what, int rc)
 {
-    fprintf(stderr, "uv-driver: %s: %s\n", what, uv_strerror(rc));
+    fprintf(stderr, "%s: %s: %s\n", prog, what, uv_strerror(rc));
     return EXIT_FAILURE;
 }
 
-int main(void)
+static void usage(FILE *f)
 {
+    fprintf(f,
+            "usage: %s [-h]\n"
+            "Drives a df_loop from a libuv loop: squares 1..100 on a pool "
+            "of 2 threads,\n"
+            "at most 4 at once, and prints \"sum=338350\".\n"
+            "  -h, --help  this help\n",
+            prog);
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {{"help", no_argument, NULL, 'h'},
+                                             {NULL, 0, NULL, 0}};
     app a = {0};
     uv_loop_t uv;
     df_pool *pool;
     df_sem *sem;
     df_deferred *runs[JOBS], *all;
-    int rc;
+    int rc, c;
+
+    prog = argv[0] = example_name(argv[0], "uv-driver");
+    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+        if (c == 'h') {
+            usage(stdout);
+            return example_close_stdout(prog, EXIT_SUCCESS);
+        }
+        usage(stderr); /* getopt_long has named the problem */
+        return 2;
+    }
+    if (optind != argc) {
+        fprintf(stderr, "%s: unexpected argument '%s'\n", prog, argv[optind]);
+        usage(stderr);
+        return 2;
+    }
 
     a.status = EXIT_SUCCESS;
     if ((rc = uv_loop_init(&uv)) != 0)
@@ -214,7 +248,7 @@ int main(void)
 
     if ((rc = uv_run(&uv, UV_RUN_DEFAULT)) < 0)
         return uv_fail("uv_run", rc);
-    fprintf(stderr, "uv-driver: %d jobs, %u fd wakeups, %u timer wakeups\n",
+    fprintf(stderr, "%s: %d jobs, %u fd wakeups, %u timer wakeups\n", prog,
             JOBS, a.polls, a.timers);
 
     /* Done with the gather (it fired, so its deadline timer is gone).  The
@@ -228,5 +262,5 @@ int main(void)
         a.status = fail("df_loop_free", rc);
     if ((rc = uv_loop_close(&uv)) != 0)
         a.status = uv_fail("uv_loop_close", rc);
-    return a.status;
+    return example_close_stdout(prog, a.status);
 }

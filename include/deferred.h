@@ -147,13 +147,28 @@ enum {
 #undef DF__ERR_ENUM
 };
 
-/* A static description of `code`: the table's text, else the C library's
- * text for an errno value of either sign, else "unknown error" ("success"
- * for 0).  Any thread. */
+/* A description of `code`: the table's text ("success" for 0), else the
+ * C library's text for an errno value of either sign, else, for an
+ * application's own code, its number: "error 1042".  The first two are
+ * static strings; the number is written to a buffer of the calling thread,
+ * valid until that thread's next df_strerror() call or its exit.  Never
+ * NULL.  Any thread. */
 DF_EXPORT const char *df_strerror(int code);
-/* The table name of `code`, e.g. "DF_ECANCELLED", or "DF_UNKNOWN".  Any
- * thread. */
+/* The name of `code`: the table's, e.g. "DF_ECANCELLED" ("DF_OK" for 0),
+ * else the C library's errno name for an errno value of either sign, e.g.
+ * "ENOENT", else "DF_UNKNOWN(1042)" with the number, in a buffer of the
+ * calling thread valid until its next df_err_name() call or its exit.
+ * Never NULL.  Any thread. */
 DF_EXPORT const char *df_err_name(int code);
+
+/* --------------------------------------------------------------- version */
+
+/* The version of the library linked at run time, which may differ from the
+ * DF_VERSION_* macros of the header a program was compiled with: the
+ * string "MAJOR.MINOR.PATCH" (static) and the number laid out as
+ * DF_VERSION_HEX.  Any thread. */
+DF_EXPORT const char *df_version(void);
+DF_EXPORT unsigned long df_version_number(void);
 
 /* ----------------------------------------------------------------- types */
 

@@ -1395,11 +1395,11 @@ END_TEST
 
 START_TEST(test_misuse_failure_strerror_bad_code)
 {
-    ck_assert_str_eq(df_strerror(INT_MIN), "unknown error");
-    ck_assert_str_eq(df_strerror(INT_MAX), "unknown error");
+    ck_assert_str_eq(df_strerror(INT_MIN), "error -2147483648");
+    ck_assert_str_eq(df_strerror(INT_MAX), "error 2147483647");
     ck_assert_str_eq(df_strerror(0), "success");
-    ck_assert_str_eq(df_err_name(INT_MIN), "DF_UNKNOWN");
-    ck_assert_str_eq(df_err_name(1), "DF_UNKNOWN");
+    ck_assert_str_eq(df_err_name(INT_MIN), "DF_UNKNOWN(-2147483648)");
+    ck_assert_str_eq(df_err_name(1), "EPERM");
     ck_assert_str_eq(df_err_name(DF_EOVERRELEASE), "DF_EOVERRELEASE");
 }
 END_TEST
