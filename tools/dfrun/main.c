@@ -50,6 +50,7 @@ struct app {
     uint64_t t0;
     df_timer *timer;
     pthread_t sig_tid;
+    sigset_t sig_set;             /* what the signal thread waits for  */
     atomic_bool sig_quit;
 };
 
@@ -74,12 +75,7 @@ static void say(const char *msg)
 static void *signal_thread(void *arg)
 {
     struct app *a = arg;
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGHUP);
-    sigaddset(&set, SIGUSR2);
+    sigset_t set = a->sig_set;
     unsigned ints = 0;
     for (;;) {
         int sig;
@@ -382,13 +378,18 @@ int main(int argc, char **argv)
      * would reap children before their worker's waitpid). */
     signal(SIGPIPE, SIG_IGN);
     signal(SIGCHLD, SIG_DFL);
-    sigset_t block, old;
-    sigemptyset(&block);
-    sigaddset(&block, SIGINT);
-    sigaddset(&block, SIGTERM);
-    sigaddset(&block, SIGHUP);
-    sigaddset(&block, SIGUSR2);
-    pthread_sigmask(SIG_BLOCK, &block, &old);
+    /* A signal ignored when dfrun starts stays ignored (nohup, or a
+     * background job of a shell without job control, which ignores
+     * SIGINT): only the others are taken by the signal thread. */
+    sigemptyset(&a->sig_set);
+    int take[] = {SIGINT, SIGTERM, SIGHUP};
+    for (size_t i = 0; i < sizeof take / sizeof take[0]; i++) {
+        struct sigaction sa;
+        if (sigaction(take[i], NULL, &sa) == 0 && sa.sa_handler != SIG_IGN)
+            sigaddset(&a->sig_set, take[i]);
+    }
+    sigaddset(&a->sig_set, SIGUSR2);
+    pthread_sigmask(SIG_BLOCK, &a->sig_set, NULL);
 
     int status = 0;
     int rc = setup(a, argc, argv);
@@ -436,6 +437,5 @@ int main(int argc, char **argv)
         status = a->failed > DFR_EXIT_MAX_FAILED ? DFR_EXIT_MAX_FAILED
                                                  : (int)a->failed;
     }
-    (void)old;
     return status;
 }
