@@ -56,6 +56,8 @@ struct dfr_shared {
     int devnull;            /* open on /dev/null: every child's stdin      */
     int stop_pipe[2];       /* readable: launch no more jobs               */
     int kill_pipe[2];       /* readable: terminate running jobs            */
+    int done_pipe[2];       /* non-blocking; a byte per finished job,
+                               read by the input reader                    */
     atomic_bool stop;       /* same as stop_pipe, cheaper to test          */
     atomic_bool kill;       /* same as kill_pipe                           */
     atomic_uint failures;   /* jobs that failed for good (workers count)  */
@@ -80,6 +82,7 @@ struct dfr_job {
     int spill_fd;           /* -1, or a temporary file holding all output  */
     bool ran;               /* the worker got to it                        */
     bool timed_out;
+    bool tick;              /* no input: only lets the loop run (main.c)   */
     int exitval;            /* exit status, -1 when killed by a signal     */
     int sig;                /* the signal that ended it, or 0              */
     unsigned attempts;
@@ -117,9 +120,15 @@ struct dfr_reader;
 int dfr_reader_new(const struct dfr_options *o, struct dfr_shared *sh,
                    struct dfr_reader **out);
 /* 1 and *line (malloc'd, the caller frees it) for an input, 0 at the end of
- * the inputs or once a stop was requested, negative errno on a read error. */
+ * the inputs or once a stop was requested, negative errno on a read error;
+ * 2 (only after dfr_reader_set_wake) when standard input has nothing yet
+ * but the loop has work waiting (call again later). */
 int dfr_reader_next(struct dfr_reader *r, char **line);
 void dfr_reader_free(struct dfr_reader *r);
+/* From now on, while waiting for input, return 2 when `fd` (a non-blocking
+ * pipe that workers write to as jobs finish; emptied here) is readable,
+ * or after tick_ms milliseconds (-1: never). */
+void dfr_reader_set_wake(struct dfr_reader *r, int fd, int tick_ms);
 
 /* Joblog (joblog.c).  A set of sequence numbers that already succeeded. */
 struct dfr_seqset {

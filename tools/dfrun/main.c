@@ -41,6 +41,7 @@ struct app {
     uint64_t seq;                 /* inputs read so far                */
     uint64_t skipped;             /* of which skipped by --resume      */
     uint64_t delivered, failed, not_run;
+    uint64_t ticks;               /* empty items in flight (next_input) */
     bool input_ended;
     bool read_error;
     bool output_error;
@@ -137,7 +138,7 @@ static void progress_draw(struct app *a, bool final)
              "%s%s: %" PRIu64 " done, %" PRIu64 " failed, %" PRIu64
              " running, %.1f/s, ETA %s%s%s",
              a->progress_tty ? "\r" : "", dfr_progname, a->delivered,
-             a->failed, st.running, rate, final ? "0s" : eta,
+             a->failed, st.running > a->ticks ? st.running - a->ticks : 0, rate, final ? "0s" : eta,
              a->progress_tty ? "\033[K" : "",
              a->progress_tty && !final ? "" : "\n");
     say(line);
@@ -160,8 +161,25 @@ static int next_input(void *arg, void **item, df_free_fn *item_free)
 {
     struct app *a = arg;
     for (;;) {
-        char *line;
+        char *line = NULL;
         int rc = dfr_reader_next(a->reader, &line);
+        if (rc == 2) {
+            /* Standard input has nothing yet but jobs have finished: a
+             * map pulls until an input comes or the input ends, so hand
+             * it an empty item that lets the loop print them (the public
+             * API has no "nothing yet, call me again" answer for next).
+             * At most one per wake-up, so this never spins. */
+            struct dfr_job *t = calloc(1, sizeof *t);
+            if (t == NULL)
+                continue;
+            t->tick = true;
+            a->ticks++;
+            t->sh = &a->sh;
+            t->spill_fd = -1;
+            *item = t;
+            *item_free = dfr_job_free;
+            return 1;
+        }
         if (rc <= 0) {
             if (rc < 0) {
                 fprintf(stderr, "%s: reading standard input: %s\n",
@@ -200,8 +218,12 @@ static df_result run_job(df_work *w, void *item)
     struct dfr_job *j = item;
     (void)w;
     /* After a kill request nothing new starts. */
-    if (!atomic_load(&j->sh->kill))
+    if (!j->tick && !atomic_load(&j->sh->kill)) {
         dfr_job_run(j);
+        /* Wake the input reader if it waits: this job's output should
+         * not wait for the next input.  A full pipe is readable already. */
+        (void)!write(j->sh->done_pipe[1], "d", 1);
+    }
     return df_ok(NULL, NULL);
 }
 
@@ -211,6 +233,11 @@ static void job_done(uint64_t index, void *item, df_result r, void *arg)
     struct dfr_job *j = item;
     (void)index;
 
+    if (j->tick) {
+        a->ticks--;
+        df_result_clear(&r);
+        return;
+    }
     a->delivered++;
     if (!j->ran) {
         /* Not started: after a kill request, or refused by the pool. */
@@ -280,7 +307,8 @@ static int setup(struct app *a, int argc, char **argv)
     }
     sh->devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (sh->devnull < 0 || pipe2(sh->stop_pipe, O_CLOEXEC) != 0 ||
-        pipe2(sh->kill_pipe, O_CLOEXEC) != 0) {
+        pipe2(sh->kill_pipe, O_CLOEXEC) != 0 ||
+        pipe2(sh->done_pipe, O_CLOEXEC | O_NONBLOCK) != 0) {
         fprintf(stderr, "%s: %s\n", dfr_progname, strerror(errno));
         return -1;
     }
@@ -323,6 +351,8 @@ static int run(struct app *a)
     mo.work = run_job;
     mo.on_result = job_done;
     mo.arg = a;
+    dfr_reader_set_wake(a->reader, a->sh.done_pipe[0],
+                        a->progress ? 250 : -1);
     a->t0 = dfr_now_ns();
     if (a->progress)
         df_loop_call_later(a->loop, 250000000u, progress_tick, a, &a->timer);
