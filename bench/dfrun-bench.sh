@@ -38,13 +38,14 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/dfrun-bench.XXXXXX") || exit 1
 trap 'rm -rf "$tmp"' EXIT
 
 # measure NAME INPUT CMD...: runs CMD with its stdin from INPUT, appends
-# "elapsed maxrss_kb" to $tmp/NAME.
+# "elapsed maxrss_kb cpu_s" to $tmp/NAME (cpu: user + system time of the
+# runner and of the jobs it waited for).
 measure() {
     name=$1
     input=$2
     shift 2
-    $TIME -f '%e %M' -o "$tmp/t" "$@" < "$input" > /dev/null 2>&1
-    cat "$tmp/t" >> "$tmp/$name"
+    $TIME -f '%e %M %U %S' -o "$tmp/t" "$@" < "$input" > /dev/null 2>&1
+    awk '{ print $1, $2, $3 + $4 }' "$tmp/t" >> "$tmp/$name"
 }
 
 # median FILE COLUMN
@@ -107,24 +108,30 @@ done
 
 dt=$(median "$tmp/dfrun_true" 1)
 xt=$(median "$tmp/xargs_true" 1)
+dc=$(median "$tmp/dfrun_true" 3)
+xc=$(median "$tmp/xargs_true" 3)
 echo
-echo "| case | wall s (median of $ROUNDS) | per job ms | ratio |"
-echo "|---|---|---|---|"
-awk -v j="$JOBS" -v n="$N_TRUE" -v d="$dt" -v x="$xt" 'BEGIN {
-    printf "| dfrun -j%s true x %d | %.2f | %.3f | 1 |\n", j, n, d, d * 1000 / n
-    printf "| xargs -P%s -n1 true x %d | %.2f | %.3f | dfrun/xargs %.2f |\n", j, n, x, x * 1000 / n, d / x }'
+echo "| case | wall s | wall ms/job | CPU ms/job | ratio |"
+echo "|---|---|---|---|---|"
+awk -v j="$JOBS" -v n="$N_TRUE" -v d="$dt" -v x="$xt" -v dc="$dc" -v xc="$xc" 'BEGIN {
+    printf "| dfrun -j%s true x %d | %.2f | %.3f | %.3f | |\n", j, n, d, d * 1000 / n, dc * 1000 / n
+    printf "| xargs -P%s -n1 true x %d | %.2f | %.3f | %.3f | dfrun/xargs wall %.2f, CPU %.2f |\n", j, n, x, x * 1000 / n, xc * 1000 / n, d / x, dc / xc }'
 if $have_parallel; then
     pt=$(median "$tmp/par_true" 1)
-    awk -v j="$JOBS" -v n="$N_PAR" -v nd="$N_TRUE" -v d="$dt" -v p="$pt" 'BEGIN {
-        printf "| parallel -j%s true x %d | %.2f | %.3f | parallel/dfrun per job %.1f |\n", j, n, p, p * 1000 / n, (p / n) / (d / nd) }'
+    pc=$(median "$tmp/par_true" 3)
+    awk -v j="$JOBS" -v n="$N_PAR" -v nd="$N_TRUE" -v d="$dt" -v p="$pt" -v dc="$dc" -v pc="$pc" 'BEGIN {
+        printf "| parallel -j%s true x %d | %.2f | %.3f | %.3f | parallel/dfrun per job: wall %.1f, CPU %.1f |\n", j, n, p, p * 1000 / n, pc * 1000 / n, (p / n) / (d / nd), (pc / n) / (dc / nd) }'
 fi
 c1=$(median "$tmp/dfrun_cpu1" 1)
 c2=$(median "$tmp/dfrun_cpu2" 1)
 cx=$(median "$tmp/xargs_cpu2" 1)
-awk -v j="$JOBS" -v n="$N_CPU" -v a="$c1" -v b="$c2" -v x="$cx" -v ms="$ms" 'BEGIN {
-    printf "| dfrun -j1, %d jobs of ~%d ms CPU | %.2f | %.3f | |\n", n, ms, a, a * 1000 / n
-    printf "| dfrun -j2, same | %.2f | %.3f | speed-up -j2/-j1 %.2f |\n", b, b * 1000 / n, a / b
-    printf "| xargs -P2 sh -c, same | %.2f | %.3f | dfrun/xargs %.2f |\n", x, x * 1000 / n, b / x }'
+c1c=$(median "$tmp/dfrun_cpu1" 3)
+c2c=$(median "$tmp/dfrun_cpu2" 3)
+cxc=$(median "$tmp/xargs_cpu2" 3)
+awk -v n="$N_CPU" -v a="$c1" -v b="$c2" -v x="$cx" -v ac="$c1c" -v bc="$c2c" -v xc="$cxc" -v ms="$ms" 'BEGIN {
+    printf "| dfrun -j1, %d jobs of ~%d ms CPU | %.2f | %.3f | %.3f | |\n", n, ms, a, a * 1000 / n, ac * 1000 / n
+    printf "| dfrun -j2, same | %.2f | %.3f | %.3f | speed-up -j2/-j1 %.2f |\n", b, b * 1000 / n, bc * 1000 / n, a / b
+    printf "| xargs -P2 sh -c, same | %.2f | %.3f | %.3f | dfrun/xargs wall %.2f |\n", x, x * 1000 / n, xc * 1000 / n, b / x }'
 ms_=$(median "$tmp/mem_$MEM_SMALL" 2)
 mb=$(median "$tmp/mem_$MEM_BIG" 2)
 awk -v s="$MEM_SMALL" -v b="$MEM_BIG" -v ms="$ms_" -v mb="$mb" 'BEGIN {
