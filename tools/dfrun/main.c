@@ -290,8 +290,10 @@ static int setup(struct app *a, int argc, char **argv)
         struct dfr_str s = {NULL, 0, 0};
         for (int i = 0; i < o->ncmd; i++)
             if ((i > 0 && dfr_str_add(&s, " ", 1) != 0) ||
-                dfr_str_add(&s, o->cmd[i], strlen(o->cmd[i])) != 0)
+                dfr_str_add(&s, o->cmd[i], strlen(o->cmd[i])) != 0) {
+                free(s.p);
                 return -ENOMEM;
+            }
         sh->templ = s.p;
         sh->templ_has_repl = dfr_has_repl(s.p);
     }
@@ -387,6 +389,22 @@ static int run(struct app *a)
     return rc == 0 && frc == 0 ? 0 : -1;
 }
 
+/* Frees what setup() made (any part of it); -1 if closing the joblog
+ * failed. */
+static int cleanup(struct app *a)
+{
+    int rc = 0;
+    dfr_reader_free(a->reader);
+    a->reader = NULL;
+    dfr_seqset_free(&a->succeeded);
+    if (a->joblog != NULL && fclose(a->joblog) != 0)
+        rc = -1;
+    a->joblog = NULL;
+    free(a->sh.templ);
+    a->sh.templ = NULL;
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     static struct app app;
@@ -425,10 +443,12 @@ int main(int argc, char **argv)
     int rc = setup(a, argc, argv);
     if (rc == -ENOMEM)
         fprintf(stderr, "%s: out of memory\n", dfr_progname);
-    if (rc != 0)
-        return DFR_EXIT_ERROR;
-    if (pthread_create(&a->sig_tid, NULL, signal_thread, a) != 0) {
+    if (rc == 0 && pthread_create(&a->sig_tid, NULL, signal_thread, a) != 0) {
         fprintf(stderr, "%s: cannot start the signal thread\n", dfr_progname);
+        rc = -1;
+    }
+    if (rc != 0) {
+        cleanup(a);
         return DFR_EXIT_ERROR;
     }
 
@@ -437,14 +457,11 @@ int main(int argc, char **argv)
     atomic_store(&a->sig_quit, true);
     pthread_kill(a->sig_tid, SIGUSR2);
     pthread_join(a->sig_tid, NULL);
-    dfr_reader_free(a->reader);
-    dfr_seqset_free(&a->succeeded);
-    if (a->joblog != NULL && fclose(a->joblog) != 0 && rc == 0) {
+    if (cleanup(a) != 0 && rc == 0) {
         fprintf(stderr, "%s: writing joblog %s: %s\n", dfr_progname,
                 a->opt.joblog, strerror(errno));
         rc = -1;
     }
-    free(a->sh.templ);
 
     int sig = atomic_load(&a->sh.signo);
     if (rc != 0 || a->read_error || a->output_error) {
