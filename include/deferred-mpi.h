@@ -200,7 +200,7 @@ typedef struct df_mpi_worker_options {
  * DF_ESTATE when the master's pool could not start, DF_MPI_EMPI,
  * DF_ENOMEM; each with one line on stderr.  Rank 0: DF_MPI_EROLE.  Once
  * per context.  While waiting for messages it polls MPI with a backoff
- * (at most 500 us asleep) and sleeps in poll(2) on its loop, which wakes
+ * (at most 256 us asleep) and sleeps in poll(2) on its loop, which wakes
  * it as soon as an item finishes. */
 DF_EXPORT int df_mpi_worker_run(df_mpi *ctx,
                                 const df_mpi_worker_options *opts);
