@@ -146,7 +146,11 @@ typedef int (*df_mpi_fn)(df_mpi_task *t, const void *in, size_t len,
 DF_EXPORT int df_mpi_init(int *argc, char ***argv, df_mpi **out);
 /* Frees the context and, if df_mpi_init() initialised MPI, calls
  * MPI_Finalize.  DF_EBUSY (nothing done) while a pool made from it
- * exists.  NULL: DF_EINVAL. */
+ * exists.  NULL: DF_EINVAL.  On a rank that never started a pool or a
+ * worker (an error path, say), it first joins the start-up exchange as
+ * "leaving", so that ranks waiting in df_mpi_pool_new() or
+ * df_mpi_worker_run() return DF_ESTATE instead of hanging; every rank
+ * must therefore reach one of the three calls. */
 DF_EXPORT int df_mpi_finalize(df_mpi *ctx);
 /* This process's rank and the number of ranks (MPI_COMM_WORLD); -1 for a
  * NULL ctx. */
@@ -198,7 +202,9 @@ typedef struct df_mpi_worker_options {
  * pool down; returns 0 then.  Returns DF_MPI_ETABLE when the registered
  * names differ from the master's (every rank then gets that error),
  * DF_ESTATE when the master's pool could not start, DF_MPI_EMPI,
- * DF_ENOMEM; each with one line on stderr.  Rank 0: DF_MPI_EROLE.  Once
+ * DF_ENOMEM; each with one line on stderr (DF_ESTATE too when the master
+ * called df_mpi_finalize() without making a pool).  Rank 0: DF_MPI_EROLE.
+ * Once
  * per context.  While waiting for messages it polls MPI with a backoff
  * (at most 256 us asleep) and sleeps in poll(2) on its loop, which wakes
  * it as soon as an item finishes. */

@@ -209,6 +209,19 @@ int df_mpi_finalize(df_mpi *ctx)
         return DF_EINVAL;
     if (ctx->pools > 0)
         return DF_EBUSY;
+    if (!ctx->started && ctx->size > 1) {
+        /* This rank never joined the start-up exchange; others may be
+         * waiting in it (a worker in df_mpi_worker_run, the master in
+         * df_mpi_pool_new).  Join it, saying that this rank is leaving,
+         * so that they return an error instead of hanging.  Every rank
+         * that finalizes without starting does the same, so a program
+         * that never makes a pool still matches up. */
+        uint64_t row[DF_MPI__ROW_N] = {0};
+        row[DF_MPI__ROW_STATUS] = (uint64_t)(int64_t)DF_MPI__LEAVING;
+        uint64_t *rows = NULL;
+        df_mpi__start(ctx, row, &rows);
+        free(rows);
+    }
     MPI_Comm_free(&ctx->comm);
     for (size_t i = 0; i < ctx->n; i++)
         free(ctx->tab[i].name);
@@ -341,10 +354,21 @@ int df_mpi__start(df_mpi *ctx, uint64_t mine[DF_MPI__ROW_N], uint64_t **all)
         if (rows[r * DF_MPI__ROW_N + DF_MPI__ROW_STATUS] != 0)
             someone_failed = true;
     if (someone_failed) {
+        if (my_status == DF_MPI__LEAVING)
+            return 0;
         if (my_status != 0)
             return my_status;
-        fprintf(stderr, "df_mpi: rank %d: the pool did not start: another "
-                        "rank failed (see its message)\n", ctx->rank);
+        for (int r = 0; r < ctx->size; r++) {
+            int st = (int)(int64_t)rows[r * DF_MPI__ROW_N + DF_MPI__ROW_STATUS];
+            if (st == DF_MPI__LEAVING)
+                fprintf(stderr, "df_mpi: rank %d: the pool did not start: "
+                                "rank %d finalized without starting it\n",
+                        ctx->rank, r);
+            else if (st != 0)
+                fprintf(stderr, "df_mpi: rank %d: the pool did not start: "
+                                "rank %d failed with %s\n", ctx->rank, r,
+                        df_mpi_err_name(st));
+        }
         return DF_ESTATE;
     }
     if (master[DF_MPI__ROW_FLAGS] & DF_MPI_NO_TABLE_CHECK)

@@ -63,6 +63,9 @@ struct df_mpi {
 enum { DF_MPI__ROW_HASH, DF_MPI__ROW_CREDIT, DF_MPI__ROW_MAX,
        DF_MPI__ROW_FLAGS, DF_MPI__ROW_STATUS, DF_MPI__ROW_N };
 
+/* The status of a rank that joins the exchange from df_mpi_finalize. */
+#define DF_MPI__LEAVING DF_ESHUTDOWN
+
 /* Freezes the table (sorts it, hashes it), then exchanges rows with every
  * rank (MPI_Allgather on ctx->comm).  `mine` is this rank's row; on return
  * *all (malloc'd, size * ROW_N) holds everybody's.  Returns 0 when the

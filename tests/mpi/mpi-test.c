@@ -24,6 +24,7 @@
  *   table    rank 2 registers one name more: DF_MPI_ETABLE everywhere
  *   noname   DF_MPI_NO_TABLE_CHECK and a name only rank 0 knows
  *   thread   MPI initialised with MPI_THREAD_FUNNELED: DF_MPI_ETHREAD_LEVEL
+ *   early    the master finalizes without a pool: workers get DF_ESTATE
  *
  * Check is not used: its forking mode and MPI do not mix, and one MPI
  * process runs one scenario.  Each failed check prints a line; every rank
@@ -802,11 +803,19 @@ static void scenario_noname(df_mpi *ctx)
     OK(df_loop_free(loop));
 }
 
+static void scenario_early(df_mpi *ctx)
+{
+    register_common(ctx);
+    if (!df_mpi_is_master(ctx))
+        worker(ctx, DF_ESTATE);
+    /* The master goes straight to df_mpi_finalize (in main). */
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc != 2) {
-        fprintf(stderr, "usage: mpi-test main|cshut|table|noname|thread\n");
+        fprintf(stderr, "usage: mpi-test main|cshut|table|noname|thread|early\n");
         return 2;
     }
     const char *sc = argv[1];
@@ -841,6 +850,8 @@ int main(int argc, char **argv)
             scenario_table(ctx);
         else if (strcmp(sc, "noname") == 0)
             scenario_noname(ctx);
+        else if (strcmp(sc, "early") == 0)
+            scenario_early(ctx);
         else
             CHECK(0, "unknown scenario %s", sc);
         OK(df_mpi_finalize(ctx));
