@@ -1,0 +1,182 @@
+/* SPDX-License-Identifier: MIT */
+/* libdeferred-mpi: the bench harness's items streamed through an MPI pool. */
+#include "bench-common.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include <deferred-mpi.h>
+
+/*
+ *     mpirun -np R+1 bench-mpi N LIMIT THREADS WORK_ITERS
+ *
+ * Rank 0 is the master and computes nothing: it streams item indices
+ * through df_mpi_map_start() (at most LIMIT in flight over the cluster)
+ * and records each result as it completes; ranks 1..R run the items,
+ * THREADS threads each (credit: the default, 2 x THREADS, or
+ * BENCH_MPI_CREDIT from the environment).  Item i is
+ * bench_work(i, WORK_ITERS), as for every other implementation in bench/,
+ * so the line printed (impl=mpi-rR) is comparable with bench-deferred-map
+ * run with the same arguments.  Input: the index as one little-endian
+ * int64; output: the value, the same.  The timed phase runs from the
+ * first pull to the last result; the pool's start-up exchange and the
+ * shutdown are outside it.  The check: every item once with the right
+ * value, and the pool's own count of items in flight never above LIMIT.
+ * A second line, "mpi-master cpu_ns_per_item=X", gives the master's CPU
+ * time (all its threads) per item.
+ */
+
+static unsigned iters; /* the same on every rank: from argv */
+
+static int bench_fn(df_mpi_task *t, const void *in, size_t len, void *arg)
+{
+    (void)arg;
+    int64_t i;
+    if (df_mpi_decode_i64(in, len, &i, 1) != 1)
+        return DF_EINVAL;
+    int64_t v = (int64_t)bench_work((uint64_t)i, iters);
+    void *out = df_mpi_task_output(t, 8);
+    if (out == NULL)
+        return DF_ENOMEM;
+    df_mpi_encode_i64(&v, 1, out);
+    return 0;
+}
+
+typedef struct bench {
+    struct bench_args args;
+    struct bench_results results;
+    uint64_t next;
+    uint64_t failures;
+} bench;
+
+static int next_item(void *arg, void **item, df_free_fn *item_free)
+{
+    bench *b = arg;
+    if (b->next == b->args.n)
+        return 0;
+    int64_t i = (int64_t)b->next++;
+    df_mpi_buf *buf = df_mpi_buf_from_i64(&i, 1);
+    if (buf == NULL)
+        return DF_ENOMEM;
+    *item = buf;
+    *item_free = df_mpi_buf_free;
+    return 1;
+}
+
+static void on_result(uint64_t index, void *item, df_result r, void *arg)
+{
+    bench *b = arg;
+    (void)item;
+    int64_t v = 0;
+    if (r.failure != NULL) {
+        if (b->failures++ == 0)
+            fprintf(stderr, "bench-mpi: item %llu: %s\n",
+                    (unsigned long long)index,
+                    df_failure_message(r.failure));
+    } else {
+        df_mpi_buf *buf = r.value;
+        if (df_mpi_decode_i64(buf->data, buf->len, &v, 1) != 1)
+            b->failures++;
+        bench_record(&b->results, index, (uint64_t)v);
+    }
+    df_result_clear(&r);
+}
+
+/* CPU time of this process (every thread), in ns. */
+static uint64_t cpu_ns(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (uint64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000000u +
+           (uint64_t)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000u;
+}
+
+static int master(df_mpi *ctx, bench *b)
+{
+    df_loop *loop;
+    df_mpi_pool *pool;
+    if (df_loop_new(NULL, &loop) != 0)
+        return 3;
+    int rc = df_mpi_pool_new(ctx, loop, NULL, &pool);
+    if (rc != 0) {
+        fprintf(stderr, "bench-mpi: df_mpi_pool_new: %s\n",
+                df_mpi_strerror(rc));
+        df_loop_free(loop);
+        return 3;
+    }
+    bench_results_init(&b->results, b->args.n);
+    df_map_options o = {0};
+    o.limit = b->args.limit;
+    o.next = next_item;
+    o.next_arg = b;
+    o.on_result = on_result;
+    o.arg = b;
+    df_map *map = NULL;
+    df_deferred *done = NULL;
+    uint64_t t0 = bench_now_ns(), c0 = cpu_ns();
+    rc = df_mpi_map_start(pool, "bench", &o, &map, &done);
+    if (rc == 0)
+        rc = df_loop_run_until(loop, done);
+    uint64_t elapsed = bench_now_ns() - t0, cpu = cpu_ns() - c0;
+    if (done != NULL)
+        df_deferred_unref(done);
+    if (map != NULL)
+        df_map_free(map);
+    df_mpi_pool_stats st;
+    df_mpi_pool_get_stats(pool, &st);
+    df_deferred *stopped;
+    if (df_mpi_pool_shutdown(pool, DF_POOL_DRAIN, &stopped) == 0) {
+        df_loop_run_until(loop, stopped);
+        df_deferred_unref(stopped);
+    }
+    df_mpi_pool_free(pool);
+    df_loop_free(loop);
+
+    /* bench_check's in-flight bound, from the pool's own count. */
+    struct bench_inflight f;
+    bench_inflight_init(&f);
+    atomic_store(&f.max, (unsigned)st.max_outstanding);
+    bool ok = bench_check(&b->results, &b->args, &f, 0);
+    char impl[32];
+    snprintf(impl, sizeof impl, "mpi-r%u", st.workers);
+    int status = bench_report(impl, &b->args, elapsed,
+                              ok && b->failures == 0, rc != 0);
+    /* The master's own cost: CPU time of all its threads (loop, progress,
+     * Open MPI's) per item: a second line, after the harness's. */
+    printf("mpi-master cpu_ns_per_item=%.0f\n",
+           (double)cpu / (double)b->args.n);
+    fflush(stdout);
+    bench_results_free(&b->results);
+    return status;
+}
+
+int main(int argc, char **argv)
+{
+    df_mpi *ctx;
+    int rc = df_mpi_init(&argc, &argv, &ctx);
+    if (rc != 0) {
+        fprintf(stderr, "bench-mpi: df_mpi_init: %s\n", df_mpi_strerror(rc));
+        return 3;
+    }
+    bench b;
+    memset(&b, 0, sizeof b);
+    /* Every rank parses the same argv; a usage error exits on all. */
+    bench_parse_args(argc, argv, "bench-mpi", &b.args);
+    iters = b.args.work_iters;
+    df_mpi_register(ctx, "bench", bench_fn, NULL);
+    int status;
+    if (df_mpi_is_master(ctx)) {
+        status = master(ctx, &b);
+    } else {
+        df_mpi_worker_options wo = DF_MPI_WORKER_OPTIONS_INIT;
+        wo.threads = b.args.threads;
+        const char *credit = getenv("BENCH_MPI_CREDIT");
+        if (credit != NULL)
+            wo.credit = (unsigned)strtoul(credit, NULL, 10);
+        status = df_mpi_worker_run(ctx, &wo) == 0 ? 0 : 3;
+    }
+    df_mpi_finalize(ctx);
+    return status;
+}

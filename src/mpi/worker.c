@@ -1,0 +1,495 @@
+/* SPDX-License-Identifier: MIT */
+/* libdeferred-mpi: a worker rank, running the master's items on its own pool. */
+#include "mpi-internal.h"
+
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <time.h>
+
+/*
+ * The worker's main thread is both the MPI thread and the loop thread of a
+ * private df_loop with a df_pool of `threads`.  It alternates between
+ *   - receiving what the master sent (MPI_Improbe with MPI_ANY_TAG, so in
+ *     the order sent): an item goes to the pool, a cancel cancels the
+ *     item's pool deferred, a stop ends the run;
+ *   - dispatching the loop: a finished item's callback sends its reply
+ *     (MPI_Send: the master's progress thread always receives, and the
+ *     master never blocks in a send to a worker, so this cannot deadlock);
+ * and, when neither had anything, sleeps in ppoll(2) on the loop's fd for
+ * a backoff that doubles from 8 us to 256 us: a finished item wakes it at
+ * once, a message from the master waits at most the backoff.  The
+ * thread's timer slack is 1 us meanwhile (Linux: 50 us by default, which
+ * would stretch the short sleeps), restored on return.  Every item
+ * the master sends is answered exactly once, cancelled or not.
+ *
+ * Item states: received -> queued in the pool -> running -> done (reply
+ * sent, on the graveyard list until its deferred reference is dropped
+ * outside the deferred's own callback).
+ */
+
+#define BACKOFF_MIN_US 8
+#define BACKOFF_MAX_US 256
+
+typedef struct worker worker;
+
+struct df_mpi_task {
+    df_mpi_task *prev, *next; /* active list, then graveyard (loop thread) */
+    worker *wk;
+    uint64_t id;
+    const df_mpi__entry *e;
+    unsigned char *msg; /* the received message; `in` points into it */
+    const unsigned char *in;
+    size_t in_len;
+    df_deferred *d;     /* the pool job; our reference */
+    /* Written by the pool thread inside the work function, read by the
+     * loop thread after the pool's completion (which orders them). */
+    df_work *w;
+    unsigned char *out;
+    size_t out_len;
+    int code;
+    char *text;         /* failure message, or NULL */
+    bool too_big;
+};
+
+struct worker {
+    df_mpi *ctx;
+    df_loop *loop;
+    df_pool *pool;
+    size_t max_bytes;
+    df_mpi_task *active;    /* items received and not yet answered */
+    df_mpi_task *graveyard; /* answered, to be freed */
+    bool stop;
+    int error;              /* first MPI failure */
+};
+
+/* ------------------------------------------------------ task functions */
+
+static int set_text(df_mpi_task *t, const char *fmt, va_list ap)
+{
+    char *s = NULL;
+    if (vasprintf(&s, fmt, ap) < 0)
+        return DF_ENOMEM;
+    free(t->text);
+    t->text = s;
+    return 0;
+}
+
+static void too_big(df_mpi_task *t, size_t len)
+{
+    char *s = NULL;
+    if (asprintf(&s, "output of %zu bytes from '%s' on rank %d exceeds "
+                     "max_bytes %zu", len, t->e->name, t->wk->ctx->rank,
+                 t->wk->max_bytes) >= 0) {
+        free(t->text);
+        t->text = s;
+        fprintf(stderr, "df_mpi: worker rank %d: %s\n", t->wk->ctx->rank, s);
+    }
+    t->too_big = true;
+}
+
+void *df_mpi_task_output(df_mpi_task *t, size_t len)
+{
+    if (t == NULL)
+        return NULL;
+    if (len > t->wk->max_bytes) {
+        too_big(t, len);
+        return NULL;
+    }
+    unsigned char *p = realloc(t->out, len ? len : 1);
+    if (p == NULL)
+        return NULL;
+    t->out = p;
+    t->out_len = len;
+    return p;
+}
+
+int df_mpi_task_reply(df_mpi_task *t, const void *data, size_t len)
+{
+    if (t == NULL || (data == NULL && len > 0))
+        return DF_EINVAL;
+    if (len > t->wk->max_bytes) {
+        too_big(t, len);
+        return DF_MPI_ETOOBIG;
+    }
+    void *p = df_mpi_task_output(t, len);
+    if (p == NULL)
+        return DF_ENOMEM;
+    if (len > 0)
+        memcpy(p, data, len);
+    return 0;
+}
+
+int df_mpi_task_fail(df_mpi_task *t, int code, const char *fmt, ...)
+{
+    if (t != NULL && fmt != NULL) {
+        va_list ap;
+        va_start(ap, fmt);
+        set_text(t, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+bool df_mpi_task_cancelled(const df_mpi_task *t)
+{
+    return t != NULL && t->w != NULL && df_work_cancelled(t->w);
+}
+
+const char *df_mpi_task_name(const df_mpi_task *t)
+{
+    return t != NULL ? t->e->name : NULL;
+}
+
+int df_mpi_task_rank(const df_mpi_task *t)
+{
+    return t != NULL ? t->wk->ctx->rank : -1;
+}
+
+/* ------------------------------------------------------------- replies */
+
+static void fatal_mpi(worker *wk, const char *what, int rc)
+{
+    char s[MPI_MAX_ERROR_STRING];
+    int n = 0;
+    if (MPI_Error_string(rc, s, &n) != MPI_SUCCESS)
+        snprintf(s, sizeof s, "error %d", rc);
+    fprintf(stderr, "df_mpi: worker rank %d: %s failed: %s; aborting the "
+                    "job\n", wk->ctx->rank, what, s);
+    MPI_Abort(wk->ctx->comm, 1);
+}
+
+/* Sends one reply: code 0 with `out`, else code and message. */
+static void send_reply(worker *wk, uint64_t id, int code, const char *text,
+                       const unsigned char *out, size_t out_len)
+{
+    size_t msg_len = 0;
+    if (code != 0) {
+        out_len = 0;
+        if (text == NULL)
+            text = df_mpi_strerror(code);
+        msg_len = strlen(text);
+        if (msg_len > 4000)
+            msg_len = 4000;
+    }
+    size_t n = sizeof(df_mpi__rep_hdr) + msg_len + out_len;
+    unsigned char *buf = malloc(n);
+    if (buf == NULL) {
+        /* Answer anyway, without message or output. */
+        df_mpi__rep_hdr h = {id, DF_ENOMEM, 0, 0};
+        int rc = MPI_Send(&h, sizeof h, MPI_BYTE, 0, DF_MPI__TAG_REP,
+                          wk->ctx->comm);
+        if (rc != MPI_SUCCESS)
+            fatal_mpi(wk, "MPI_Send", rc);
+        return;
+    }
+    df_mpi__rep_hdr h = {id, code, (uint32_t)msg_len, out_len};
+    memcpy(buf, &h, sizeof h);
+    if (msg_len > 0)
+        memcpy(buf + sizeof h, text, msg_len);
+    if (out_len > 0)
+        memcpy(buf + sizeof h + msg_len, out, out_len);
+    int rc = MPI_Send(buf, (int)n, MPI_BYTE, 0, DF_MPI__TAG_REP,
+                      wk->ctx->comm);
+    free(buf);
+    if (rc != MPI_SUCCESS)
+        fatal_mpi(wk, "MPI_Send", rc);
+}
+
+/* --------------------------------------------------------------- items */
+
+/* Pool thread. */
+static df_result run_task(df_work *w, void *arg)
+{
+    df_mpi_task *t = arg;
+    t->w = w;
+    int code = t->e->fn(t, t->in, t->in_len, t->e->arg);
+    if (t->too_big)
+        code = DF_MPI_ETOOBIG;
+    t->code = code;
+    return df_ok(NULL, NULL);
+}
+
+static void unlink_task(df_mpi_task **head, df_mpi_task *t)
+{
+    if (t->prev != NULL)
+        t->prev->next = t->next;
+    else
+        *head = t->next;
+    if (t->next != NULL)
+        t->next->prev = t->prev;
+    t->prev = t->next = NULL;
+}
+
+static void push_task(df_mpi_task **head, df_mpi_task *t)
+{
+    t->prev = NULL;
+    t->next = *head;
+    if (*head != NULL)
+        (*head)->prev = t;
+    *head = t;
+}
+
+/* Loop thread: the pool job has finished (or was cancelled). */
+static df_result task_done(df_result r, void *arg)
+{
+    df_mpi_task *t = arg;
+    worker *wk = t->wk;
+    if (r.failure != NULL)
+        send_reply(wk, t->id, df_failure_code(r.failure),
+                   df_failure_message(r.failure), NULL, 0);
+    else
+        send_reply(wk, t->id, t->code, t->text, t->out, t->out_len);
+    unlink_task(&wk->active, t);
+    push_task(&wk->graveyard, t);
+    df_result_clear(&r);
+    return r;
+}
+
+static void free_task(df_mpi_task *t)
+{
+    if (t->d != NULL)
+        df_deferred_unref(t->d);
+    free(t->msg);
+    free(t->out);
+    free(t->text);
+    free(t);
+}
+
+static void bury(worker *wk)
+{
+    while (wk->graveyard != NULL) {
+        df_mpi_task *t = wk->graveyard;
+        unlink_task(&wk->graveyard, t);
+        free_task(t);
+    }
+}
+
+/* An item that cannot run: answered at once, with a line on stderr. */
+static void refuse(worker *wk, uint64_t id, int code, const char *fmt, ...)
+    DF_PRINTF(4, 5);
+static void refuse(worker *wk, uint64_t id, int code, const char *fmt, ...)
+{
+    char text[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "df_mpi: worker rank %d: %s\n", wk->ctx->rank, text);
+    send_reply(wk, id, code, text, NULL, 0);
+}
+
+static void on_request(worker *wk, unsigned char *msg, size_t n)
+{
+    df_mpi__req_hdr h;
+    if (n < sizeof h) {
+        refuse(wk, DF_MPI__NO_ID, DF_MPI_EPROTO,
+               "truncated message: %zu bytes, shorter than a header", n);
+        free(msg);
+        return;
+    }
+    memcpy(&h, msg, sizeof h);
+    if (h.name_len > n - sizeof h || h.in_len != n - sizeof h - h.name_len) {
+        refuse(wk, h.id, DF_MPI_EPROTO,
+               "truncated or malformed message: %zu bytes, its header "
+               "announces %llu", n,
+               (unsigned long long)(sizeof h + (uint64_t)h.name_len +
+                                    h.in_len));
+        free(msg);
+        return;
+    }
+    const char *name = (const char *)msg + sizeof h;
+    if (h.in_len > wk->max_bytes) {
+        refuse(wk, h.id, DF_MPI_ETOOBIG,
+               "input of %llu bytes exceeds max_bytes %zu",
+               (unsigned long long)h.in_len, wk->max_bytes);
+        free(msg);
+        return;
+    }
+    const df_mpi__entry *e = df_mpi__lookup(wk->ctx, name, h.name_len);
+    if (e == NULL) {
+        refuse(wk, h.id, DF_MPI_ENONAME,
+               "function '%.*s' is not registered on rank %d",
+               (int)h.name_len, name, wk->ctx->rank);
+        free(msg);
+        return;
+    }
+    df_mpi_task *t = calloc(1, sizeof *t);
+    if (t == NULL) {
+        send_reply(wk, h.id, DF_ENOMEM, "out of memory on the worker", NULL,
+                   0);
+        free(msg);
+        return;
+    }
+    t->wk = wk;
+    t->id = h.id;
+    t->e = e;
+    t->msg = msg;
+    t->in = msg + sizeof h + h.name_len;
+    t->in_len = h.in_len;
+    int rc = df_pool_submit(wk->pool, run_task, t, &t->d);
+    if (rc != 0) {
+        send_reply(wk, h.id, rc, "the worker's pool refused the item", NULL,
+                   0);
+        free_task(t);
+        return;
+    }
+    push_task(&wk->active, t);
+    rc = df_deferred_add_both(t->d, task_done, t);
+    if (rc != 0) {
+        /* Cannot happen with a fresh deferred; answer without waiting. */
+        unlink_task(&wk->active, t);
+        df_deferred_cancel(t->d);
+        send_reply(wk, h.id, rc, "the worker cannot watch the item", NULL, 0);
+        push_task(&wk->graveyard, t);
+    }
+}
+
+static void on_cancel(worker *wk, const unsigned char *msg, size_t n)
+{
+    uint64_t id;
+    if (n != sizeof id)
+        return;
+    memcpy(&id, msg, sizeof id);
+    for (df_mpi_task *t = wk->active; t != NULL; t = t->next) {
+        if (t->id == id) {
+            /* Queued: fails at once and task_done answers inside this
+             * call; running: answered once the function returns.  An id
+             * no longer active was answered already: nothing to do. */
+            df_deferred_cancel(t->d);
+            return;
+        }
+    }
+}
+
+/* Receives and handles what the master has sent; true if anything. */
+static bool receive(worker *wk)
+{
+    bool any = false;
+    for (int k = 0; k < 64 && !wk->stop; k++) {
+        int flag = 0, count = 0;
+        MPI_Message m;
+        MPI_Status st;
+        int rc = MPI_Improbe(0, MPI_ANY_TAG, wk->ctx->comm, &flag, &m, &st);
+        if (rc != MPI_SUCCESS)
+            fatal_mpi(wk, "MPI_Improbe", rc);
+        if (!flag)
+            break;
+        any = true;
+        MPI_Get_count(&st, MPI_BYTE, &count);
+        unsigned char *msg = malloc(count > 0 ? (size_t)count : 1);
+        if (msg == NULL) {
+            fprintf(stderr, "df_mpi: worker rank %d: out of memory for a "
+                            "message of %d bytes; aborting the job\n",
+                    wk->ctx->rank, count);
+            MPI_Abort(wk->ctx->comm, 1);
+            return any;
+        }
+        rc = MPI_Mrecv(msg, count, MPI_BYTE, &m, &st);
+        if (rc != MPI_SUCCESS)
+            fatal_mpi(wk, "MPI_Mrecv", rc);
+        switch (st.MPI_TAG) {
+        case DF_MPI__TAG_REQ:
+            on_request(wk, msg, (size_t)count); /* takes msg */
+            break;
+        case DF_MPI__TAG_CANCEL:
+            on_cancel(wk, msg, (size_t)count);
+            free(msg);
+            break;
+        case DF_MPI__TAG_STOP:
+            wk->stop = true;
+            free(msg);
+            break;
+        default:
+            fprintf(stderr, "df_mpi: worker rank %d: message with unknown "
+                            "tag %d ignored\n", wk->ctx->rank, st.MPI_TAG);
+            free(msg);
+            break;
+        }
+    }
+    return any;
+}
+
+/* ---------------------------------------------------------------- run */
+
+int df_mpi_worker_run(df_mpi *ctx, const df_mpi_worker_options *opts)
+{
+    if (ctx == NULL)
+        return DF_EINVAL;
+    if (ctx->rank == 0)
+        return DF_MPI_EROLE;
+    if (ctx->started)
+        return DF_ESTATE;
+    df_mpi_worker_options o = DF_MPI_WORKER_OPTIONS_INIT;
+    if (opts != NULL)
+        o = *opts;
+    worker wk = {.ctx = ctx};
+    int status = 0;
+    if (o.threads == 0 || o.threads > 4096) {
+        fprintf(stderr, "df_mpi: worker rank %d: threads must be 1..4096\n",
+                ctx->rank);
+        status = DF_EINVAL;
+    }
+    unsigned credit = o.credit ? o.credit : 2 * o.threads;
+    if (status == 0)
+        status = df_loop_new(NULL, &wk.loop);
+    if (status == 0) {
+        df_pool_options po = DF_POOL_OPTIONS_INIT;
+        po.threads = o.threads;
+        status = df_pool_new(wk.loop, &po, &wk.pool);
+    }
+    uint64_t row[DF_MPI__ROW_N] = {0};
+    row[DF_MPI__ROW_CREDIT] = credit;
+    row[DF_MPI__ROW_STATUS] = (uint64_t)(int64_t)status;
+    uint64_t *rows = NULL;
+    int rc = df_mpi__start(ctx, row, &rows);
+    if (rc == 0) {
+        wk.max_bytes = (size_t)rows[DF_MPI__ROW_MAX];
+        int slack = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
+        prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+        int fd = df_loop_fd(wk.loop);
+        unsigned backoff = 0;
+        while (!wk.stop) {
+            bool any = receive(&wk);
+            unsigned ran = 0;
+            df_loop_dispatch(wk.loop, 0, &ran);
+            bury(&wk);
+            if (wk.stop)
+                break;
+            if (any || ran > 0) {
+                backoff = 0;
+                continue;
+            }
+            backoff = backoff ? 2 * backoff : BACKOFF_MIN_US;
+            if (backoff > BACKOFF_MAX_US)
+                backoff = BACKOFF_MAX_US;
+            struct pollfd pfd = {fd, POLLIN, 0};
+            struct timespec ts = {0, (long)backoff * 1000};
+            int tmo = df_loop_timeout_ms(wk.loop);
+            if (tmo == 0)
+                continue;
+            ppoll(&pfd, 1, &ts, NULL);
+        }
+        /* The master stops a pool only once every item was answered, so
+         * nothing is active here; should anything be, it is cancelled
+         * and answered before the pool goes. */
+        df_pool_shutdown(wk.pool, DF_POOL_CANCEL);
+        bury(&wk);
+        if (slack > 0)
+            prctl(PR_SET_TIMERSLACK, (unsigned long)slack, 0, 0, 0);
+    }
+    free(rows);
+    df_pool_free(wk.pool);
+    if (wk.loop != NULL) {
+        df_loop_run(wk.loop);
+        bury(&wk);
+        int frc = df_loop_free(wk.loop);
+        if (frc != 0)
+            fprintf(stderr, "df_mpi: worker rank %d: df_loop_free: %s\n",
+                    ctx->rank, df_strerror(frc));
+    }
+    return rc;
+}
