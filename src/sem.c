@@ -194,10 +194,9 @@ static void line_append(df_sem *s, df__waiter *w)
     w->state = ST_WAITING;
     pthread_mutex_lock(&s->mu);
     df__ilist_append(&s->line, &w->link);
-    atomic_store_explicit(&s->nwaiting,
-                          atomic_load_explicit(&s->nwaiting,
-                                               memory_order_relaxed) + 1,
-                          memory_order_relaxed);
+    /* A locked add, which helgrind understands (a plain store would be
+     * reported against df_sem_waiting's lock-free read). */
+    atomic_fetch_add_explicit(&s->nwaiting, 1, memory_order_relaxed);
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -205,10 +204,7 @@ static void line_append(df_sem *s, df__waiter *w)
 static void line_remove_locked(df_sem *s, df__waiter *w)
 {
     df__ilist_remove(&w->link);
-    atomic_store_explicit(&s->nwaiting,
-                          atomic_load_explicit(&s->nwaiting,
-                                               memory_order_relaxed) - 1,
-                          memory_order_relaxed);
+    atomic_fetch_sub_explicit(&s->nwaiting, 1, memory_order_relaxed);
 }
 
 /* Takes w off the line if it is still waiting (a worker may have started
