@@ -69,6 +69,13 @@ static df_result work(df_work *w, void *arg)
     return df_ok((void *)(uintptr_t)v, NULL);
 }
 
+/* work as a map's work (the item is its argument). */
+static df_result map_work(df_work *w, void *item, void *work_arg)
+{
+    (void)work_arg;
+    return work(w, item);
+}
+
 static void report_failure(df_failure *f, const char *what)
 {
     fprintf(stderr, "bench-deferred: %s: %s: %s\n", what,
@@ -198,7 +205,7 @@ int main(int argc, char **argv)
     mopts.next = next_index;
     mopts.next_arg = &b;
     mopts.pool = pool;
-    mopts.work = work;
+    mopts.work = map_work;
     mopts.on_result = on_result;
     mopts.arg = &b;
     df_map *map = NULL;

@@ -62,8 +62,9 @@ typedef struct app {
 /* ------------------------------------------------------------ the work */
 
 /* Pool thread: FNV-1a over the line, `rounds` times, then the output. */
-static df_result hash_line(df_work *w, void *item)
+static df_result hash_line(df_work *w, void *item, void *work_arg)
 {
+    (void)work_arg;
     const line *l = item;
     uint64_t h = 14695981039346656037u;
     for (unsigned r = 0; r < l->rounds; r++) {

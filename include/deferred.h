@@ -678,11 +678,11 @@ typedef df_result (*df_work_fn)(df_work *w, void *arg);
 /* Worker threads are named df-worker-0, df-worker-1, ... and block
  * asynchronous signals. */
 typedef struct df_pool_options {
-    unsigned threads;   /* >= 1 */
+    unsigned threads;   /* 0: one per online CPU (sysconf), at least 1 */
     size_t stack_size;  /* 0: the system default; below PTHREAD_STACK_MIN:
                            DF_EINVAL */
 } df_pool_options;
-#define DF_POOL_OPTIONS_INIT {2, 0}
+#define DF_POOL_OPTIONS_INIT {0, 0}
 
 DF_EXPORT int df_pool_new(df_loop *loop, const df_pool_options *opts,
                           df_pool **out);
@@ -765,6 +765,11 @@ typedef void (*df_map_result_fn)(uint64_t index, void *item, df_result r,
                                  void *arg);
 /* Loop-thread variant of the work: may return df_wait(d). */
 typedef df_result (*df_map_call_fn)(void *item, void *arg);
+/* The pool variant of the work, on a pool thread: item is the pulled
+ * input (borrowed: the map owns it), work_arg the map's `work_arg`, shared
+ * by every pool thread at once (the map never touches it).  Same rules as
+ * df_work_fn: no df_wait, no loop-thread object. */
+typedef df_result (*df_map_work_fn)(df_work *w, void *item, void *work_arg);
 
 enum {
     DF_MAP_ORDERED = 1u << 0,       /* deliver in input order             */
@@ -782,7 +787,8 @@ typedef struct df_map_options {
     df_map_next_fn next;      /* required                                 */
     void *next_arg;
     df_pool *pool;            /* with work: run items on the pool         */
-    df_work_fn work;          /* called as work(w, item)                  */
+    df_map_work_fn work;      /* called as work(w, item, work_arg)        */
+    void *work_arg;           /* for work, on pool threads                */
     df_map_call_fn call;      /* without pool: call(item, arg) on loop    */
     df_map_result_fn on_result; /* may be NULL: results are dropped       */
     void *arg;                /* for call and on_result                   */
@@ -820,6 +826,18 @@ DF_EXPORT int df_map_get_stats(const df_map *m, df_map_stats *out);
 /* DF_EBUSY until done has fired (cancel and run the loop first); may be
  * called from done's own callbacks. */
 DF_EXPORT int df_map_free(df_map *m);
+/* Runs a whole map on its loop, the common batch case: df_map_start, then
+ * df_loop_run_until(done), then df_map_free.  Fills *stats (may be NULL)
+ * with the final counts.  Returns 0 if done succeeded, else the code it
+ * failed with (the first failure under DF_MAP_STOP_ON_ERROR, the
+ * iterator's code, DF_ESHUTDOWN if the pool stopped), or an error of
+ * df_map_start (nothing started: on_result is never called).  A
+ * df_loop_stop() from a callback cancels the map; the call still returns
+ * only once every pulled item has been delivered (DF_ECANCELLED).  Other
+ * work on the loop (timers, other deferreds) runs meanwhile.  Loop thread,
+ * not from the loop's own callbacks (DF_ESTATE). */
+DF_EXPORT int df_map_run(df_loop *loop, const df_map_options *opts,
+                         df_map_stats *stats);
 
 #ifdef __cplusplus
 }

@@ -2,6 +2,7 @@
 /* The map: bounded streaming over an input that may never end. */
 #include <string.h>
 
+#include "loop-internal.h"
 #include "sem-internal.h"
 
 /*
@@ -240,6 +241,13 @@ static slot *take_slot(df_map *m)
     return s;
 }
 
+/* The pool job of an item: the map's work with its own argument. */
+static df_result slot_work(df_work *w, void *arg)
+{
+    slot *s = arg;
+    return s->map->opts.work(w, s->item, s->map->opts.work_arg);
+}
+
 /* Hands item s to the pool: it runs when it gets one of the map's
  * tokens. */
 static void start_pool(df_map *m, slot *s)
@@ -248,7 +256,7 @@ static void start_pool(df_map *m, slot *s)
      * itself, takes no new item. */
     int rc = DF_ESHUTDOWN;
     if (m->pool != NULL && df__pool_open(m->pool))
-        rc = df__sem_job_run(m->sem, m->pool, &s->sj, m->opts.work, s->item,
+        rc = df__sem_job_run(m->sem, m->pool, &s->sj, slot_work, s,
                              on_job_finish);
     if (rc != 0) {
         /* The pool cannot run anything (shut down, out of memory): this
@@ -617,4 +625,57 @@ int df_map_free(df_map *m)
     }
     map_destroy(m);
     return 0;
+}
+
+static df_result handled(df_result r, void *arg)
+{
+    (void)arg;
+    df_result_clear(&r);
+    return df_ok(NULL, NULL);
+}
+
+/* The common batch case in one call.  The map is started only when the
+ * loop can be run here (not from one of its own callbacks), so that a
+ * refusal changes nothing.  A df_loop_stop() from a callback cannot leave
+ * the map half done: it is cancelled, and the loop runs on until its
+ * running items have returned and done has fired. */
+int df_map_run(df_loop *loop, const df_map_options *opts, df_map_stats *stats)
+{
+    if (loop == NULL || opts == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(loop);
+    if (loop->dispatching)
+        return DF_ESTATE;
+    df_map *m;
+    df_deferred *done;
+    int rc = df_map_start(loop, opts, &m, &done);
+    if (rc != 0)
+        return rc;
+    bool cancelled = false;
+    while (!df_deferred_called(done)) {
+        rc = df_loop_run_until(loop, done);
+        if (rc == 0)
+            break;
+        if (!cancelled) {
+            /* Stopped (DF_ECANCELLED) or idle without done (cannot
+             * happen: the map keeps items pending until done fires). */
+            df_map_cancel(m);
+            cancelled = true;
+        } else if (rc != DF_ECANCELLED) {
+            break;
+        }
+    }
+    if (stats != NULL)
+        fill_stats(m, stats);
+    df_failure *f = NULL;
+    rc = df_deferred_peek(done, NULL, &f);
+    if (rc == 0)
+        rc = f != NULL ? df_failure_code(f) : 0;
+    /* The code is the caller's now: the failure is handled. */
+    if (f != NULL)
+        df_deferred_add_errback(done, handled, NULL);
+    df_deferred_unref(done);
+    if (df_map_free(m) != 0)
+        rc = rc != 0 ? rc : DF_ESTATE; /* not reached: done has fired */
+    return rc;
 }

@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "pool-internal.h"
 
@@ -284,8 +285,10 @@ int df_pool_new(df_loop *loop, const df_pool_options *opts, df_pool **out)
     df_pool_options o = DF_POOL_OPTIONS_INIT;
     if (opts != NULL)
         o = *opts;
-    if (o.threads < 1)
-        return DF_EINVAL;
+    if (o.threads == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        o.threads = n < 1 ? 1 : (unsigned)n;
+    }
 
     df_pool *p = df__calloc(loop, 1, sizeof *p);
     if (p == NULL)

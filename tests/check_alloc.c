@@ -1059,8 +1059,9 @@ static void map_result(uint64_t index, void *item, df_result r, void *arg)
 }
 
 /* Item 0 blocks while the blocker is closed (the cancel map). */
-static df_result map_work(df_work *w, void *item)
+static df_result map_work(df_work *w, void *item, void *work_arg)
 {
+    (void)work_arg;
     (void)w;
     if (*(long *)item == 0)
         tu_gate_pass(&B);

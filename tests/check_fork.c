@@ -139,6 +139,13 @@ static df_result quick_work(df_work *w, void *arg)
     return df_ok((void *)((uintptr_t)arg * 2), NULL);
 }
 
+/* quick_work as a map's work (the item is its argument). */
+static df_result map_quick_work(df_work *w, void *item, void *work_arg)
+{
+    (void)work_arg;
+    return quick_work(w, item);
+}
+
 static void timer_fired(void *arg, int status)
 {
     (void)arg;
@@ -326,7 +333,7 @@ static void child_refuses(void *arg)
     mo.limit = 1;
     mo.next = child_next;
     mo.pool = w->pool;
-    mo.work = quick_work;
+    mo.work = map_quick_work;
     df_map *map = NULL;
     CHILD_EXPECT_RC(df_map_start(w->loop, &mo, &map, &d), DF_EFORKED);
     CHILD_EXPECT(d == NULL && sem2 == NULL && lock2 == NULL &&

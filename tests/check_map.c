@@ -303,8 +303,9 @@ static df_result call_fn(void *item, void *arg)
 /* Pool work.  Gating makes completions come out of input order without
  * sleeping: with gate_block = B, the first item of each block of B waits
  * until the other B - 1 have finished. */
-static df_result work_fn(df_work *w, void *item)
+static df_result work_fn(df_work *w, void *item, void *work_arg)
 {
+    (void)work_arg;
     rig *r = ((titem *)item)->r;
     uint64_t v = ((titem *)item)->v;
     int now = atomic_fetch_add(&r->active, 1) + 1;
@@ -1366,8 +1367,9 @@ static df_result stream_call(void *item, void *arg)
     return df_ok(item, NULL);
 }
 
-static df_result stream_work(df_work *w, void *item)
+static df_result stream_work(df_work *w, void *item, void *work_arg)
 {
+    (void)work_arg;
     (void)w;
     return df_ok(item, NULL);
 }
@@ -1550,6 +1552,147 @@ END_TEST
 
 /* ---------------------------------------------------------------- suite */
 
+
+/* ------------------------------------------------- work_arg and df_map_run */
+
+/* The work's own argument reaches every pool thread, unchanged. */
+typedef struct sum_ctx {
+    atomic_uint_fast64_t sum;
+    atomic_uint calls;
+} sum_ctx;
+
+static df_result sum_work(df_work *w, void *item, void *work_arg)
+{
+    (void)w;
+    sum_ctx *c = work_arg;
+    atomic_fetch_add(&c->sum, (uint64_t)(uintptr_t)item);
+    atomic_fetch_add(&c->calls, 1);
+    return df_ok(item, NULL);
+}
+
+static df_result fail_seven(df_work *w, void *item, void *work_arg)
+{
+    (void)w;
+    (void)work_arg;
+    if ((uintptr_t)item == 7)
+        return df_err(df_failure_new(NULL, 1042, "item seven"));
+    return df_ok(item, NULL);
+}
+
+START_TEST(test_map_run_work_arg)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p;
+    df_pool_options po = DF_POOL_OPTIONS_INIT;
+    po.threads = 2;
+    TU_OK(df_pool_new(loop, &po, &p));
+    stream st = {0};
+    st.loop = loop;
+    st.n = 1000;
+    sum_ctx c;
+    atomic_init(&c.sum, 0);
+    atomic_init(&c.calls, 0);
+    df_map_options o = {0};
+    o.limit = 3;
+    o.next = stream_next;
+    o.next_arg = &st;
+    o.pool = p;
+    o.work = sum_work;
+    o.work_arg = &c;
+    o.on_result = stream_result;
+    o.arg = &st;
+    df_map_stats stats;
+    memset(&stats, 0xff, sizeof stats);
+    TU_OK(df_map_run(loop, &o, &stats));
+    ck_assert_uint_eq(atomic_load(&c.calls), 1000);
+    ck_assert_uint_eq(atomic_load(&c.sum), 1000 * 1001 / 2);
+    ck_assert_int_eq(st.rc, 0);
+    ck_assert_uint_eq(st.delivered, 1000);
+    ck_assert_uint_eq(stats.pulled, 1000);
+    ck_assert_uint_eq(stats.done, 1000);
+    ck_assert_uint_eq(stats.failed, 0);
+    ck_assert_uint_eq(stats.running, 0);
+    df_pool_free(p);
+    /* Everything the map made is gone: the loop can be freed. */
+    TU_OK(df_loop_free(loop));
+}
+END_TEST
+
+START_TEST(test_map_run_failure_code)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p;
+    TU_OK(df_pool_new(loop, NULL, &p));
+    stream st = {0};
+    st.n = 50;
+    df_map_options o = {0};
+    o.limit = 2;
+    o.flags = DF_MAP_STOP_ON_ERROR | DF_MAP_ORDERED;
+    o.next = stream_next;
+    o.next_arg = &st;
+    o.pool = p;
+    o.work = fail_seven;
+    df_map_stats stats;
+    TU_ERR(df_map_run(loop, &o, &stats), 1042);
+    ck_assert_uint_ge(stats.failed, 1);
+    ck_assert_uint_eq(stats.done, stats.pulled);
+    /* Bad options: nothing starts, the code comes back. */
+    o.limit = 0;
+    TU_ERR(df_map_run(loop, &o, NULL), DF_EINVAL);
+    TU_ERR(df_map_run(NULL, &o, NULL), DF_EINVAL);
+    df_pool_free(p);
+    TU_OK(df_loop_free(loop));
+}
+END_TEST
+
+/* A df_loop_stop() from on_result cancels the map; df_map_run still
+ * returns only once every pulled item has been delivered. */
+typedef struct stopper {
+    df_loop *loop;
+    uint64_t delivered;
+    int inner_rc;
+} stopper;
+
+static void stop_result(uint64_t index, void *item, df_result res, void *arg)
+{
+    stopper *s = arg;
+    (void)item;
+    s->delivered++;
+    df_result_clear(&res);
+    if (index == 10)
+        df_loop_stop(s->loop);
+    /* Not from the loop's own callbacks. */
+    df_map_options o = {0};
+    s->inner_rc = df_map_run(s->loop, &o, NULL);
+}
+
+START_TEST(test_map_run_stopped)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p;
+    TU_OK(df_pool_new(loop, NULL, &p));
+    stream st = {0};
+    st.n = UINT64_MAX; /* endless */
+    stopper sp = {loop, 0, 0};
+    df_map_options o = {0};
+    o.limit = 4;
+    o.next = stream_next;
+    o.next_arg = &st;
+    o.pool = p;
+    o.work = stream_work;
+    o.on_result = stop_result;
+    o.arg = &sp;
+    df_map_stats stats;
+    TU_ERR(df_map_run(loop, &o, &stats), DF_ECANCELLED);
+    ck_assert_int_eq(sp.inner_rc, DF_ESTATE);
+    ck_assert_uint_eq(stats.done, stats.pulled);
+    ck_assert_uint_eq(sp.delivered, stats.done);
+    ck_assert_uint_ge(stats.done, 11);
+    df_pool_free(p);
+    TU_OK(df_loop_free(loop));
+}
+END_TEST
+
 static Suite *map_suite(void)
 {
     Suite *s = suite_create("map");
@@ -1603,6 +1746,12 @@ static Suite *map_suite(void)
     tcase_add_test(tc, test_map_stats_and_done_value);
     tcase_add_test(tc, test_map_free_from_done);
     tcase_add_test(tc, test_map_no_on_result);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("run");
+    tcase_add_test(tc, test_map_run_work_arg);
+    tcase_add_test(tc, test_map_run_failure_code);
+    tcase_add_test(tc, test_map_run_stopped);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("stack");

@@ -1880,6 +1880,13 @@ static df_result work_value(df_work *w, void *arg)
     return df_ok(arg, NULL);
 }
 
+/* work_value as a map's work (the item is its argument). */
+static df_result map_work_value(df_work *w, void *item, void *work_arg)
+{
+    (void)work_arg;
+    return work_value(w, item);
+}
+
 START_TEST(test_misuse_sem_run_in_pool_other_loop)
 {
     df_loop *l2 = new_loop();
@@ -2246,13 +2253,14 @@ END_TEST
 
 START_TEST(test_misuse_pool_new_zero_threads)
 {
+    /* threads = 0 is no misuse: it asks for one thread per online CPU. */
     df_pool_options o = DF_POOL_OPTIONS_INIT;
     df_pool *p = NULL;
     o.threads = 0;
-    TU_ERR(df_pool_new(L, &o, &p), DF_EINVAL);
-    ck_assert_ptr_null(p);
-    TU_OK(df_loop_free(L)); /* nothing half-made is counted */
-    L = new_loop();
+    TU_OK(df_pool_new(L, &o, &p));
+    ck_assert_uint_ge(df_pool_threads(p), 1);
+    df_pool_free(p);
+    p = NULL;
     o.threads = 1;
     TU_OK(df_pool_new(L, &o, &p));
     ck_assert_uint_eq(df_pool_threads(p), 1);
@@ -2311,7 +2319,7 @@ START_TEST(test_misuse_pool_submit_after_shutdown)
     TU_ERR(df_pool_submit(p, work_value, NULL, &d), DF_ESHUTDOWN);
     ck_assert_ptr_null(d);
     ck_assert_uint_eq(df_loop_pending(L), 0);
-    ck_assert_uint_eq(df_pool_threads(p), 2);
+    ck_assert_uint_ge(df_pool_threads(p), 1);
     df_pool_free(p);
 }
 END_TEST
@@ -2678,14 +2686,14 @@ START_TEST(test_misuse_map_start_work_and_call)
     df_pool *p;
     TU_OK(df_pool_new(L, NULL, &p));
     o.pool = p;
-    o.work = work_value;
+    o.work = map_work_value;
     TU_ERR(df_map_start(L, &o, &m, &done), DF_EINVAL); /* and call */
     o.call = NULL;
     o.work = NULL;
     TU_ERR(df_map_start(L, &o, &m, &done), DF_EINVAL); /* pool, no work */
     o.pool = NULL;
     TU_ERR(df_map_start(L, &o, &m, &done), DF_EINVAL); /* nothing */
-    o.work = work_value;
+    o.work = map_work_value;
     TU_ERR(df_map_start(L, &o, &m, &done), DF_EINVAL); /* work, no pool */
     ck_assert_int_eq(c.next, 0);
     o.pool = p;
@@ -2749,7 +2757,7 @@ START_TEST(test_misuse_map_start_pool_other_loop)
     TU_OK(df_pool_new(l2, NULL, &p));
     o.call = NULL;
     o.pool = p;
-    o.work = work_value;
+    o.work = map_work_value;
     TU_ERR(df_map_start(L, &o, &m, &done), DF_EINVAL);
     ck_assert_int_eq(c.next, 0);
     df_pool_free(p);
@@ -2772,7 +2780,7 @@ START_TEST(test_misuse_map_pool_shut_down)
     TU_OK(df_pool_shutdown(p, DF_POOL_DRAIN));
     o.call = NULL;
     o.pool = p;
-    o.work = work_value;
+    o.work = map_work_value;
     TU_OK(df_map_start(L, &o, &m, &done));
     watch(done, &x);
     TU_OK(df_loop_run(L));

@@ -1006,8 +1006,9 @@ static int map_next(void *arg, void **item, df_free_fn *item_free)
     return 1;
 }
 
-static df_result map_work(df_work *w, void *arg)
+static df_result map_work(df_work *w, void *arg, void *work_arg)
 {
+    (void)work_arg;
     mval *item = arg;
     mmap *mm = item->owner;
     md *m = mm->m;

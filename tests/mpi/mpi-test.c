@@ -315,8 +315,9 @@ static int map_next_local(void *arg, void **item, df_free_fn *item_free)
     return 1;
 }
 
-static df_result local_work(df_work *w, void *item)
+static df_result local_work(df_work *w, void *item, void *work_arg)
 {
+    (void)work_arg;
     uint64_t value = 0;
     char msg[128];
     int rc = item_outcome((int64_t)(uintptr_t)item, MAP_ITERS, &value, msg,

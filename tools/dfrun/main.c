@@ -213,8 +213,9 @@ static int next_input(void *arg, void **item, df_free_fn *item_free)
     }
 }
 
-static df_result run_job(df_work *w, void *item)
+static df_result run_job(df_work *w, void *item, void *work_arg)
 {
+    (void)work_arg;
     struct dfr_job *j = item;
     (void)w;
     /* After a kill request nothing new starts. */
