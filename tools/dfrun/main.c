@@ -218,13 +218,15 @@ static df_result run_job(df_work *w, void *item)
 {
     struct dfr_job *j = item;
     (void)w;
+    if (j->tick)
+        return df_ok(NULL, NULL);
     /* After a kill request nothing new starts. */
-    if (!j->tick && !atomic_load(&j->sh->kill)) {
+    if (!atomic_load(&j->sh->kill))
         dfr_job_run(j);
-        /* Wake the input reader if it waits: this job's output should
-         * not wait for the next input.  A full pipe is readable already. */
-        (void)!write(j->sh->done_pipe[1], "d", 1);
-    }
+    /* Wake the input reader if it waits: this job's output should not
+     * wait for the next input.  A full pipe is readable already. */
+    atomic_fetch_add(&j->sh->finished, 1);
+    (void)!write(j->sh->done_pipe[1], "d", 1);
     return df_ok(NULL, NULL);
 }
 
@@ -240,6 +242,7 @@ static void job_done(uint64_t index, void *item, df_result r, void *arg)
         return;
     }
     a->delivered++;
+    a->sh.delivered++;
     if (!j->ran) {
         /* Not started: after a kill request, or refused by the pool. */
         a->not_run++;
