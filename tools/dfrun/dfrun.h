@@ -58,6 +58,8 @@ struct dfr_shared {
     int kill_pipe[2];       /* readable: terminate running jobs            */
     int done_pipe[2];       /* non-blocking; a byte per finished job,
                                read by the input reader                    */
+    atomic_uint_fast64_t finished; /* jobs the workers are done with       */
+    uint64_t delivered;     /* of which delivered (main thread only)       */
     atomic_bool stop;       /* same as stop_pipe, cheaper to test          */
     atomic_bool kill;       /* same as kill_pipe                           */
     atomic_uint failures;   /* jobs that failed for good (workers count)  */

@@ -20,6 +20,7 @@ struct dfr_reader {
     bool stdin_done;
     int wake_fd;            /* see dfr_reader_set_wake, or -1           */
     int tick_ms;
+    int backoff_ms;         /* see refill                               */
     char *partial;          /* the start of a line cut by a return of 2 */
     size_t partial_len;
     char buf[65536];
@@ -38,6 +39,7 @@ int dfr_reader_new(const struct dfr_options *o, struct dfr_shared *sh,
     r->stdin_done = !o->read_stdin;
     r->wake_fd = -1;
     r->tick_ms = -1;
+    r->backoff_ms = 1;
     r->partial = NULL;
     r->partial_len = 0;
     r->pos = r->end = 0;
@@ -66,7 +68,22 @@ static int refill(struct dfr_reader *r)
         struct pollfd p[3] = {{0, POLLIN, 0},
                               {r->sh->stop_pipe[0], POLLIN, 0},
                               {r->wake_fd, POLLIN, 0}};
-        int n = poll(p, 3, r->tick_ms);
+        /* A worker writes the wake pipe just before its work function
+         * returns, so the job's completion may reach the loop only after
+         * the tick made for it has been delivered.  While jobs have
+         * finished that the loop has not delivered, look again after 1,
+         * 2, 4... ms (at most a second: under -k they may be waiting for
+         * an earlier job), each time with a tick. */
+        int tmo = r->tick_ms;
+        if (r->wake_fd >= 0 &&
+            atomic_load(&r->sh->finished) > r->sh->delivered) {
+            if (tmo < 0 || r->backoff_ms < tmo)
+                tmo = r->backoff_ms;
+            r->backoff_ms = r->backoff_ms >= 512 ? 1000 : r->backoff_ms * 2;
+        } else {
+            r->backoff_ms = 1;
+        }
+        int n = poll(p, 3, tmo);
         if (n < 0) {
             if (errno == EINTR)
                 continue;

@@ -206,7 +206,10 @@ static bool split_plain(char *buf, char **argv, size_t max)
         if (*p != ' ' && !plain_char((unsigned char)*p))
             return false;
     size_t n = 0;
-    for (char *p = strtok(buf, " "); p; p = strtok(NULL, " ")) {
+    char *save = NULL;
+    /* strtok_r: several workers split commands at once. */
+    for (char *p = strtok_r(buf, " ", &save); p;
+         p = strtok_r(NULL, " ", &save)) {
         if (n + 1 >= max)
             return false;
         argv[n++] = p;

@@ -110,7 +110,7 @@ static void fmt_secs(char *buf, size_t n, double s)
     else if (s < 60)
         snprintf(buf, n, "%.0fs", s);
     else if (s < 3600)
-        snprintf(buf, n, "%.0fm%02.0fs", s / 60 - 0.5, (double)((long)s % 60));
+        snprintf(buf, n, "%ldm%02lds", (long)s / 60, (long)s % 60);
     else
         snprintf(buf, n, "%ldh%02ldm", (long)s / 3600, (long)s % 3600 / 60);
 }
@@ -133,12 +133,13 @@ static void progress_draw(struct app *a, bool final)
     if (a->input_ended && rate > 0)
         fmt_secs(eta, sizeof eta,
                  (double)(a->seq - a->skipped - a->delivered) / rate);
+    uint64_t running = st.running > a->ticks ? st.running - a->ticks : 0;
     char line[256];
     snprintf(line, sizeof line,
              "%s%s: %" PRIu64 " done, %" PRIu64 " failed, %" PRIu64
              " running, %.1f/s, ETA %s%s%s",
              a->progress_tty ? "\r" : "", dfr_progname, a->delivered,
-             a->failed, st.running > a->ticks ? st.running - a->ticks : 0, rate, final ? "0s" : eta,
+             a->failed, running, rate, final ? "0s" : eta,
              a->progress_tty ? "\033[K" : "",
              a->progress_tty && !final ? "" : "\n");
     say(line);
@@ -218,13 +219,15 @@ static df_result run_job(df_work *w, void *item, void *work_arg)
     (void)work_arg;
     struct dfr_job *j = item;
     (void)w;
+    if (j->tick)
+        return df_ok(NULL, NULL);
     /* After a kill request nothing new starts. */
-    if (!j->tick && !atomic_load(&j->sh->kill)) {
+    if (!atomic_load(&j->sh->kill))
         dfr_job_run(j);
-        /* Wake the input reader if it waits: this job's output should
-         * not wait for the next input.  A full pipe is readable already. */
-        (void)!write(j->sh->done_pipe[1], "d", 1);
-    }
+    /* Wake the input reader if it waits: this job's output should not
+     * wait for the next input.  A full pipe is readable already. */
+    atomic_fetch_add(&j->sh->finished, 1);
+    (void)!write(j->sh->done_pipe[1], "d", 1);
     return df_ok(NULL, NULL);
 }
 
@@ -240,6 +243,7 @@ static void job_done(uint64_t index, void *item, df_result r, void *arg)
         return;
     }
     a->delivered++;
+    a->sh.delivered++;
     if (!j->ran) {
         /* Not started: after a kill request, or refused by the pool. */
         a->not_run++;
