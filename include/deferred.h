@@ -773,8 +773,15 @@ typedef df_result (*df_map_work_fn)(df_work *w, void *item, void *work_arg);
 
 enum {
     DF_MAP_ORDERED = 1u << 0,       /* deliver in input order             */
-    DF_MAP_STOP_ON_ERROR = 1u << 1  /* first failure (in completion order)
+    DF_MAP_STOP_ON_ERROR = 1u << 1, /* first failure (in completion order)
                                        stops the map */
+    DF_MAP_NO_READAHEAD = 1u << 2   /* with a pool: pull an input only
+                                       while one of the `limit` tokens is
+                                       free, never ahead of them (for a
+                                       next that may block, or items that
+                                       must not be taken early); workers
+                                       then hand no token on to the map's
+                                       items */
 };
 
 typedef struct df_map_options {

@@ -24,7 +24,8 @@
  * to the next pulled item and runs it at once, with no round trip through
  * the loop thread, while pulling (next) stays on the loop thread.  So at
  * most `limit` items run, and `ahead` more may be pulled and wait
- * (map_ahead: max(limit, 64) with a pool, else 0).
+ * (map_ahead: max(limit, 64) with a pool, else 0; 0 also with
+ * DF_MAP_NO_READAHEAD, for a `next` that may block).
  *
  * Unordered mode has `limit + ahead` slots, kept on an intrusive free
  * list; a finished slot waits on a FIFO queue for the pump to deliver it,
@@ -113,12 +114,12 @@ struct df_map {
 /* How many items a map pulls ahead of its tokens: with a pool, `limit`,
  * and at least DF__MAP_AHEAD_MIN, so that with a small limit the workers
  * still find a run of pulled items to hand their tokens along before the
- * loop refills the line; none without a pool. */
+ * loop refills the line; none without a pool or when asked. */
 #define DF__MAP_AHEAD_MIN 64
 
 static uint64_t map_ahead(const df_map_options *o)
 {
-    if (o->pool == NULL)
+    if (o->pool == NULL || (o->flags & DF_MAP_NO_READAHEAD))
         return 0;
     return o->limit > DF__MAP_AHEAD_MIN ? o->limit : DF__MAP_AHEAD_MIN;
 }
@@ -499,7 +500,8 @@ static int check_options(const df_map_options *o)
 {
     if (o->limit == 0 || o->next == NULL)
         return DF_EINVAL;
-    if (o->flags & ~(unsigned)(DF_MAP_ORDERED | DF_MAP_STOP_ON_ERROR))
+    if (o->flags & ~(unsigned)(DF_MAP_ORDERED | DF_MAP_STOP_ON_ERROR |
+                               DF_MAP_NO_READAHEAD))
         return DF_EINVAL;
     if (o->pool != NULL) {
         if (o->work == NULL || o->call != NULL)

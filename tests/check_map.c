@@ -1693,6 +1693,66 @@ START_TEST(test_map_run_stopped)
 }
 END_TEST
 
+
+/* DF_MAP_NO_READAHEAD: with a pool, an input is pulled only while one of
+ * the limit's tokens is free; without it the map pulls ahead. */
+typedef struct ahead_probe {
+    uint64_t n, pulled, delivered, max_ahead;
+} ahead_probe;
+
+static int ahead_next(void *arg, void **item, df_free_fn *free_fn)
+{
+    ahead_probe *a = arg;
+    (void)free_fn;
+    if (a->pulled == a->n)
+        return 0;
+    a->pulled++;
+    if (a->pulled - a->delivered > a->max_ahead)
+        a->max_ahead = a->pulled - a->delivered;
+    *item = (void *)(uintptr_t)a->pulled;
+    return 1;
+}
+
+static void ahead_result(uint64_t index, void *item, df_result r, void *arg)
+{
+    ahead_probe *a = arg;
+    (void)index;
+    (void)item;
+    a->delivered++;
+    df_result_clear(&r);
+}
+
+static uint64_t ahead_run(df_loop *loop, df_pool *p, unsigned flags)
+{
+    ahead_probe a = {500, 0, 0, 0};
+    df_map_options o = {0};
+    o.limit = 2;
+    o.flags = flags;
+    o.next = ahead_next;
+    o.next_arg = &a;
+    o.pool = p;
+    o.work = stream_work;
+    o.on_result = ahead_result;
+    o.arg = &a;
+    TU_OK(df_map_run(loop, &o, NULL));
+    ck_assert_uint_eq(a.delivered, 500);
+    return a.max_ahead;
+}
+
+START_TEST(test_map_no_readahead)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p;
+    TU_OK(df_pool_new(loop, NULL, &p));
+    ck_assert_uint_le(ahead_run(loop, p, DF_MAP_NO_READAHEAD), 2);
+    ck_assert_uint_le(ahead_run(loop, p, DF_MAP_NO_READAHEAD |
+                                             DF_MAP_ORDERED), 2);
+    ck_assert_uint_gt(ahead_run(loop, p, 0), 2);
+    df_pool_free(p);
+    TU_OK(df_loop_free(loop));
+}
+END_TEST
+
 static Suite *map_suite(void)
 {
     Suite *s = suite_create("map");
@@ -1752,6 +1812,7 @@ static Suite *map_suite(void)
     tcase_add_test(tc, test_map_run_work_arg);
     tcase_add_test(tc, test_map_run_failure_code);
     tcase_add_test(tc, test_map_run_stopped);
+    tcase_add_test(tc, test_map_no_readahead);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("stack");

@@ -350,7 +350,9 @@ static int run(struct app *a)
     }
     df_map_options mo = {0};
     mo.limit = o->jobs;
-    mo.flags = o->keep_order ? DF_MAP_ORDERED : 0;
+    /* next_input blocks on standard input, and stopping (--halt, Ctrl-C)
+     * means pulling no more: no item may be pulled before it can start. */
+    mo.flags = DF_MAP_NO_READAHEAD | (o->keep_order ? DF_MAP_ORDERED : 0);
     mo.window = o->keep_order ? o->window : 0;
     mo.next = next_input;
     mo.next_arg = a;
