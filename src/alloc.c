@@ -87,6 +87,11 @@ df__slab *df__loop_slab(df_loop *loop, int which)
  * held beyond the live blocks is at most one chunk per slab plus the free
  * blocks of partly used chunks, and df_loop_free (which requires every
  * object gone) finds at most one chunk per slab.  Loop thread only.
+ *
+ * Blocks are 8-byte aligned (an 8-byte header, sizes rounded to 8), not
+ * 16 as malloc's: what lives in them (deferreds, pool jobs) holds
+ * pointers and 64-bit integers only, and a job-carrying block then costs
+ * what malloc would charge for it.
  */
 #define SLAB_BLOCKS DF__SLAB_BLOCKS
 
@@ -106,7 +111,7 @@ void df__chunk_free(df_loop *loop, df__slab *s, df__chunk *c)
 void df__slab_init(df__slab *s, size_t size)
 {
     s->partial = NULL;
-    s->size = DF__SLAB_HDR + ((size + 15u) & ~(size_t)15u);
+    s->size = DF__SLAB_HDR + ((size + 7u) & ~(size_t)7u);
     s->chunks = 0;
     s->empty = 0;
 }

@@ -137,7 +137,7 @@ typedef struct df__slab {
 enum { DF__SLAB_DEFERRED, DF__SLAB_DEFERRED_JOB, DF__SLABS };
 df__slab *df__loop_slab(df_loop *loop, int which);
 void df__slab_init(df__slab *s, size_t size);
-/* A block of s->size bytes (16-byte aligned), or NULL. */
+/* A block of s->size bytes (8-byte aligned), or NULL. */
 void *df__slab_get(df_loop *loop, df__slab *s);
 void df__slab_put(df_loop *loop, df__slab *s, void *p);
 /* The size of a deferred's block (deferred.c), with room for a job. */
@@ -162,8 +162,8 @@ void df__deferred_list_unmark(df_deferred *d);
 bool df__deferred_mark_timeout(df_deferred *d);
 void df__deferred_unmark_timeout(df_deferred *d);
 /* A cancellable deferred and a pool job in one block: *job points to
- * DF__JOB_SIZE bytes that live as long as the deferred and are also the
- * canceller's argument (pool.c checks the size). */
+ * DF__JOB_SIZE bytes, 8-byte aligned, that live as long as the deferred
+ * and are also the canceller's argument (pool.c checks the size). */
 #define DF__JOB_SIZE 168
 int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                          df_deferred **out, void **job);

@@ -86,7 +86,7 @@ void df__alloc_fini(df_loop *loop);
 /* The slabs' fast paths, inline for the files on the hot path (the design
  * is described in alloc.c). */
 #define DF__SLAB_BLOCKS 64
-#define DF__SLAB_HDR 16 /* keeps the blocks 16-byte aligned */
+#define DF__SLAB_HDR 8 /* blocks are 8-byte aligned (alloc.c) */
 
 #if defined(__SANITIZE_ADDRESS__)
 #define DF__ASAN 1
@@ -191,7 +191,17 @@ void df__inbox_fini(df_loop *loop);
 /* Moves everything posted so far to the end of loop->batch. */
 void df__inbox_collect(df_loop *loop);
 /* Takes the first entry of loop->batch, or NULL. */
-df__inbox_node *df__batch_pop(df_loop *loop);
+static inline df__inbox_node *df__batch_pop(df_loop *loop)
+{
+    df__inbox_node *n = loop->batch_head;
+    if (n != NULL) {
+        loop->batch_head = n->next;
+        if (loop->batch_head == NULL)
+            loop->batch_tail = &loop->batch_head;
+        n->next = NULL;
+    }
+    return n;
+}
 /* Announces that the loop may block: from now on a post writes to the
  * wake fd.  Returns true when nothing is queued, so that the loop may
  * block; false: it must not (and should disarm). */

@@ -111,17 +111,35 @@ int df_loop_get_stats(const df_loop *loop, df_loop_stats *out)
 }
 
 #ifdef DF_DEBUG
-/* Names on stderr what keeps df_loop_free from freeing the loop. */
+/* Names on stderr what keeps df_loop_free from freeing the loop, kind by
+ * kind, leaving out the kinds of which nothing is alive. */
 static void report_busy(const df_loop *loop)
 {
     df_loop_stats st;
     get_stats(loop, &st);
-    fprintf(stderr,
-            "libdeferred: df_loop_free: still alive: %zu deferred(s), "
-            "%zu semaphore(s)/lock(s)/queue(s), %zu pool(s), %zu map(s), "
-            "%zu timer(s), %zu job(s) in flight\n",
-            st.deferreds, st.sync_objects, st.pools, st.maps, st.timers,
-            st.jobs);
+    const struct {
+        size_t n;
+        const char *what;
+    } kinds[] = {
+        {st.deferreds, "deferred(s)"},
+        {st.sync_objects, "semaphore(s)/lock(s)/queue(s)"},
+        {st.pools, "pool(s)"},
+        {st.maps, "map(s)"},
+        {st.timers, "timer(s)"},
+        {st.jobs, "job(s) in flight"},
+    };
+    char line[256];
+    size_t len = 0;
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        if (kinds[i].n == 0 || len >= sizeof line)
+            continue;
+        int k = snprintf(line + len, sizeof line - len, "%s%zu %s",
+                         len > 0 ? ", " : "", kinds[i].n, kinds[i].what);
+        if (k > 0)
+            len += (size_t)k;
+    }
+    fprintf(stderr, "libdeferred: df_loop_free: still alive: %s\n",
+            len > 0 ? line : "nothing");
 }
 #endif
 
