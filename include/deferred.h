@@ -548,9 +548,14 @@ enum {
  * deferred cancels every member captured here and does nothing else (as
  * Twisted's DeferredList.cancel): the list fires when the members'
  * results make it fire, so a member paused by its owner, or whose cancel
- * completes later (a running pool job), keeps it unfired until then.  A
- * member listed twice is seen at each position in input order (with a
- * fire-on-one flag its first position is reported).  n == 0 fires at once
+ * completes later (a running pool job), keeps it unfired until then.
+ * The list's callback is added to each member in input order, one per
+ * position, and runs at once on a member that has fired (as Twisted
+ * does), so a member listed twice is seen at each of its positions in
+ * turn.  Every allocation is made before the first is added; only if a
+ * callback run meanwhile adds callbacks to a member listed later and
+ * memory then runs out does the list fail with DF_ENOMEM (the members not
+ * reached get no list callback).  n == 0 fires at once
  * with an empty result.  Releasing the list deferred is not cancelling it:
  * members are released, not cancelled.  Once the list has failed
  * (FIRE_ON_ONE_ERRBACK, gather) or was released unfired, the values it

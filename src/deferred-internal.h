@@ -152,10 +152,9 @@ void df__report_unhandled(df_loop *loop, df_failure *f);
  * canceller but does not fail the deferred itself; the producer fires it
  * (with DF_ECANCELLED) when the work has really stopped. */
 void df__deferred_set_cancel_waits(df_deferred *d);
-/* A mark df_list_new() uses to find members listed twice, set and cleared
- * within one call: sets it and says whether it was set already. */
-bool df__deferred_list_mark(df_deferred *d);
-void df__deferred_list_unmark(df_deferred *d);
+/* Makes room for `extra` more callback pairs, so that adding that many
+ * allocates nothing (df_list_new attaches without a way back). */
+int df__deferred_reserve(df_deferred *d, size_t extra);
 /* Marks that d has a timeout (df_deferred_set_timeout, loop.c); returns
  * false if it already had one.  unmark undoes a mark whose timeout could
  * not be set up after all. */

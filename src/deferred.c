@@ -52,8 +52,7 @@ enum {
     F_EXT = 1u << 6,           /* allocated with room for a pool job        */
     F_CHAIN_BASE = 1u << 7,    /* on the stack, pushed by a chain entry     */
     F_CHAIN_HELD = 1u << 8,    /* firing a chained deferred; holds a copy   */
-    F_LIST_MARK = 1u << 9,     /* df_list_new's duplicate detection         */
-    F_IN_CALLBACK = 1u << 10,  /* one of its callbacks is running           */
+    F_IN_CALLBACK = 1u << 9,   /* one of its callbacks is running           */
 };
 
 typedef struct entry {
@@ -713,16 +712,31 @@ int df_deferred_cancel(df_deferred *d)
     return 0;
 }
 
-bool df__deferred_list_mark(df_deferred *d)
+int df__deferred_reserve(df_deferred *d, size_t extra)
 {
-    bool was = (d->flags & F_LIST_MARK) != 0;
-    d->flags |= F_LIST_MARK;
-    return was;
-}
-
-void df__deferred_list_unmark(df_deferred *d)
-{
-    d->flags &= ~F_LIST_MARK;
+    size_t live = d->count - d->head;
+    /* append_entry() moves the live entries to the front before it grows,
+     * so room for live + extra entries is enough. */
+    if (extra <= d->cap && live <= d->cap - extra)
+        return 0;
+    if (extra > UINT32_MAX - live)
+        return DF_ENOMEM;
+    uint32_t cap = (uint32_t)(live + extra);
+    if (d->cap <= UINT32_MAX / 2 && cap < d->cap * 2)
+        cap = d->cap * 2;
+    entry *e;
+    if (d->entries == d->inline_entries) {
+        e = df__malloc(d->loop, cap * sizeof(entry));
+        if (e != NULL)
+            memcpy(e, d->inline_entries, d->count * sizeof(entry));
+    } else {
+        e = df__realloc(d->loop, d->entries, cap * sizeof(entry));
+    }
+    if (e == NULL)
+        return DF_ENOMEM;
+    d->entries = e;
+    d->cap = cap;
+    return 0;
 }
 
 void df__deferred_set_cancel_waits(df_deferred *d)

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /* Deferred lists and gather: aggregate the results of many deferreds. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "deferred-internal.h"
@@ -63,17 +64,17 @@
  *     that fails the list fails with the shared DF_ENOMEM failure instead.
  *     Everything else is allocated in df_list_new().
  *
- * Atomicity of df_list_new(): attaching a callback to a member may fail
- * (the core allocates chain links), and a callback attached to a member
- * that has fired runs at once, moving its value.  So every member is
- * paused while callbacks are attached and unpaused only once all of them
- * are in place, in input order.  A member listed twice is paused once, at
- * its first position (the core's list mark finds the repeats), so that
- * its callbacks run when that position is unpaused, first position first,
- * as Twisted's attach-and-run order gives.  If an attachment fails, the callbacks already attached
- * turn into pass-throughs that change nothing, the members are unpaused,
- * and DF_ENOMEM is returned; the block then lives until the last of those
- * pass-throughs has run.
+ * Atomicity of df_list_new(): Twisted attaches its callback to each
+ * member in input order, and a callback attached to a member that has
+ * fired runs at once (moving its value, perhaps firing the list or other
+ * members).  To do the same and still be all-or-nothing when memory runs
+ * out, every allocation comes first: the block, the list deferred and its
+ * sentinel, and room on each member for the list callbacks it will get
+ * (one per position, counted by sorting a copy of the array).  Attaching
+ * then allocates nothing, unless a callback run meanwhile adds callbacks
+ * to a member listed later and uses that room; if memory then runs out,
+ * the list fails with DF_ENOMEM (the members not reached get no list
+ * callback).
  */
 
 #define LIST_FLAGS                                                             \
@@ -90,7 +91,6 @@ struct list_slot {
     bool ok;
     /* Collector part (loop thread only). */
     bool done;           /* the list callback on this member has run */
-    bool paused;         /* paused by df_list_new() and not yet unpaused */
     df_deferred *member; /* reference, while members_held */
     struct df_list_result *owner; /* the block; the callback's argument */
 };
@@ -112,7 +112,6 @@ struct df_list_result {
     bool delivered;        /* the result went down the list's chain */
     bool members_held;     /* slot[i].member references still held */
     bool sentinel_pending; /* the sentinel has not run */
-    bool inert;            /* df_list_new() failed: callbacks pass through */
 
     struct list_slot slots[];
 };
@@ -230,10 +229,6 @@ static df_result list_member_done(df_result r, void *arg)
     list_enter(l);
     s->done = true;
     l->npending--;
-    if (l->inert) {
-        list_leave(l);
-        return r;
-    }
     if (l->collecting) {
         s->fired = true;
         s->ok = !failed;
@@ -292,14 +287,33 @@ static void list_cancel(df_deferred *d, void *arg)
     list_leave(l);
 }
 
-static void list_unpause_all(struct df_list_result *l)
+static int cmp_ptr(const void *a, const void *b)
 {
-    for (size_t i = 0; i < l->count; i++) {
-        if (l->slots[i].paused) {
-            l->slots[i].paused = false;
-            df_deferred_unpause(l->slots[i].member);
-        }
+    uintptr_t x = (uintptr_t)*(df_deferred *const *)a;
+    uintptr_t y = (uintptr_t)*(df_deferred *const *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Makes room on each member for the list callbacks it will get (one per
+ * position), so that attaching them allocates nothing. */
+static int reserve_members(df_loop *loop, df_deferred *const *members,
+                           size_t n)
+{
+    if (n == 0)
+        return 0;
+    df_deferred **sorted = df__malloc(loop, n * sizeof *sorted);
+    if (sorted == NULL)
+        return DF_ENOMEM;
+    memcpy(sorted, members, n * sizeof *sorted);
+    qsort(sorted, n, sizeof *sorted, cmp_ptr);
+    int rc = 0;
+    for (size_t i = 0, j; i < n && rc == 0; i = j) {
+        for (j = i + 1; j < n && sorted[j] == sorted[i]; j++)
+            ;
+        rc = df__deferred_reserve(sorted[i], j - i);
     }
+    df__free(loop, sorted);
+    return rc;
 }
 
 int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
@@ -327,6 +341,14 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     l = df__malloc(loop, sizeof *l + n * sizeof l->slots[0]);
     if (l == NULL)
         return DF_ENOMEM;
+    /* Every allocation happens before the first callback is attached (see
+     * the top of the file); room made on members that is not used is
+     * harmless. */
+    rc = reserve_members(loop, members, n);
+    if (rc != 0) {
+        df__free(loop, l);
+        return rc;
+    }
     memset(l, 0, sizeof *l + n * sizeof l->slots[0]);
     atomic_init(&l->refs, 2);
     l->alloc = *df__allocator(loop);
@@ -355,46 +377,33 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     l->sentinel_pending = true;
     l->members_held = true;
     l->busy = 1;
-
-    /* Pause every member so that no callback runs before all are
-     * attached (see the top of the file). */
-    for (i = 0; i < n && rc == 0; i++) {
-        struct list_slot *s = &l->slots[i];
-        s->owner = l;
-        s->member = df_deferred_ref(members[i]);
-        if (df__deferred_list_mark(s->member))
-            continue; /* a repeat: paused at its first position */
-        rc = df_deferred_pause(s->member);
-        s->paused = rc == 0;
+    for (i = 0; i < n; i++) {
+        l->slots[i].owner = l;
+        l->slots[i].member = df_deferred_ref(members[i]);
     }
-    for (i = 0; i < n && rc == 0; i++) {
-        rc = df_deferred_add_both(l->slots[i].member, list_member_done,
-                                  &l->slots[i]);
-        if (rc == 0)
-            l->npending++;
-    }
-    /* Before any callback can run (and make lists of its own). */
-    for (i = 0; i < n && l->slots[i].member != NULL; i++)
-        df__deferred_list_unmark(l->slots[i].member);
-    if (rc != 0) {
-        /* No list callback has run, the members being paused.  Make the
-         * attached callbacks pass-throughs and the list deferred inert:
-         * firing it runs the sentinel, which finds the collector stopped. */
-        l->inert = true;
-        l->collecting = false;
-        l->self = NULL;
-        df_list_result_free(l);
-        df_deferred_callback(self, NULL, NULL);
-        df_deferred_unref(self);
-        list_unpause_all(l);
-        list_leave(l);
-        return rc;
-    }
-
     *out = self;
     if (n == 0)
         list_fire(l, df_ok(l, df_list_result_free));
-    list_unpause_all(l);
+
+    /* Attach in input order, each callback running at once on a member
+     * that has fired, as Twisted does. */
+    for (i = 0; i < n; i++) {
+        struct list_slot *s = &l->slots[i];
+        l->npending++;
+        rc = df_deferred_add_both(s->member, list_member_done, s);
+        if (rc != 0) {
+            /* Only if callbacks run meanwhile used the room made above
+             * and memory then ran out: see the header. */
+            l->npending--;
+            for (; i < n; i++)
+                l->slots[i].done = true;
+            if (l->collecting)
+                list_fire(l, df_err(df_failure_new(
+                                 loop, rc, "df_list_new: cannot attach to a "
+                                           "member")));
+            break;
+        }
+    }
     list_leave(l);
     return 0;
 }

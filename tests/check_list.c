@@ -1847,6 +1847,127 @@ START_TEST(test_list_cancel_then_released_unfired)
 }
 END_TEST
 
+/* Attaching runs at once, in input order (Twisted): a member listed
+ * twice whose failure the first position consumes is a success at its
+ * second position, after the member listed between them has fired the
+ * list.  (Seed 21365 of the differential test found the general case.) */
+START_TEST(test_list_repeat_attached_in_turn)
+{
+    df_deferred *a = failed("a"), *b = succeeded(2);
+    df_deferred *m[3] = {a, b, a};
+    df_deferred *dl = NULL;
+
+    TU_OK(df_list_new(loop, m, 3,
+                      DF_LIST_FIRE_ON_ONE_CALLBACK | DF_LIST_CONSUME_ERRORS,
+                      &dl));
+    const df_list_result *r = success_result_of(dl);
+    ck_assert_int_eq(df_list_result_index(r), 1);
+    ck_assert_int_eq(entry_int(r, 1), 2);
+    df_deferred_unref(dl);
+    df_deferred_unref(a);
+    df_deferred_unref(b);
+    ck_assert_int_eq(nfreed, 1);
+}
+END_TEST
+
+/* A member's stalled chain, run when the list attaches to it, fires a
+ * member listed later: that member's own callbacks run at once, before
+ * the list fires, as in Twisted (they used to wait for its position). */
+static char order_log[8];
+static size_t order_n;
+
+static df_result log_char(df_result r, void *arg)
+{
+    order_log[order_n++] = *(const char *)arg;
+    return r;
+}
+
+static df_result fire_other(df_result r, void *arg)
+{
+    TU_OK(df_deferred_callback(arg, NULL, NULL));
+    return r;
+}
+
+static df_result wait_for_arg(df_result r, void *arg)
+{
+    df_result_clear(&r);
+    return df_wait(df_deferred_ref(arg));
+}
+
+START_TEST(test_list_attach_runs_stalled_chain_at_once)
+{
+    df_deferred *d0 = new_deferred(), *d1 = new_deferred(), *w = NULL;
+    df_deferred *m[2] = {d0, d1};
+    df_deferred *l2 = NULL, *dl = NULL;
+
+    order_n = 0;
+    TU_OK(df_succeed(loop, NULL, NULL, &w));
+    TU_OK(df_deferred_add_callback(w, wait_for_arg, d0));
+    TU_OK(df_deferred_pause(w));
+    TU_OK(df_deferred_add_callback(d0, fire_other, d1));
+    TU_OK(df_deferred_add_callback(d1, log_char, "1"));
+    TU_OK(df_list_new(loop, &d0, 1, 0, &l2));
+    TU_OK(df_deferred_add_callback(l2, log_char, "A"));
+    fire(d0, 3); /* d0 hands 3 to w, finds w paused and stops there */
+    ck_assert_uint_eq(order_n, 0);
+    /* Attaching to d0 runs its stalled chain: d1 fires, and its logger
+     * runs at once, then l2 fires (Twisted: "1A"). */
+    TU_OK(df_list_new(loop, m, 2, DF_LIST_FIRE_ON_ONE_CALLBACK, &dl));
+    ck_assert_uint_eq(order_n, 2);
+    ck_assert_int_eq(order_log[0], '1');
+    ck_assert_int_eq(order_log[1], 'A');
+    ck_assert_int_eq(df_list_result_index(success_result_of(dl)), 0);
+    TU_OK(df_deferred_unpause(w));
+    df_deferred_unref(dl);
+    df_deferred_unref(l2);
+    df_deferred_unref(d0);
+    df_deferred_unref(d1);
+    df_deferred_unref(w);
+    ck_assert_int_eq(nfreed, 1);
+}
+END_TEST
+
+/* Attaching allocates nothing, thanks to the room made first; only a
+ * callback run during construction that uses a later member's room, with
+ * memory then running out, can make an attachment fail: the list then
+ * fails with DF_ENOMEM and the member not reached keeps its own chain. */
+static df_result fill_and_starve(df_result r, void *arg)
+{
+    df_deferred *d1 = arg;
+    TU_OK(df_deferred_add_callback(d1, log_char, "x"));
+    TU_OK(df_deferred_add_callback(d1, log_char, "y"));
+    alloc_budget = 0;
+    return r;
+}
+
+START_TEST(test_list_attach_out_of_memory_fails_list)
+{
+    df_deferred *d0 = new_deferred(), *d1 = new_deferred(), *w = NULL;
+    df_deferred *m[2] = {d0, d1};
+    df_deferred *dl = NULL;
+
+    order_n = 0;
+    TU_OK(df_succeed(loop, NULL, NULL, &w));
+    TU_OK(df_deferred_add_callback(w, wait_for_arg, d0));
+    TU_OK(df_deferred_pause(w));
+    TU_OK(df_deferred_add_callback(d0, fill_and_starve, d1));
+    fire(d0, 3);
+    TU_OK(df_list_new(loop, m, 2, 0, &dl));
+    alloc_budget = -1;
+    df_failure *f = failure_result_of(dl, DF_ENOMEM);
+    df_failure_unref(f);
+    fire(d1, 4); /* its own callbacks run, no list callback */
+    ck_assert_uint_eq(order_n, 2);
+    TU_OK(df_deferred_unpause(w));
+    df_deferred_unref(dl);
+    df_deferred_unref(d0);
+    df_deferred_unref(d1);
+    df_deferred_unref(w);
+    ck_assert_int_eq(nfreed, 2);
+    ck_assert_int_eq(nunhandled, 0);
+}
+END_TEST
+
 static void add_fidelity_tests(Suite *s)
 {
     TCase *tc = tcase("twisted_fidelity");
@@ -1854,6 +1975,9 @@ static void add_fidelity_tests(Suite *s)
     tcase_add_test(tc, test_list_duplicate_member_first_error_position);
     tcase_add_test(tc, test_list_cancel_waits_for_paused_member);
     tcase_add_test(tc, test_list_cancel_then_released_unfired);
+    tcase_add_test(tc, test_list_repeat_attached_in_turn);
+    tcase_add_test(tc, test_list_attach_runs_stalled_chain_at_once);
+    tcase_add_test(tc, test_list_attach_out_of_memory_fails_list);
     suite_add_tcase(s, tc);
 }
 

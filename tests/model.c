@@ -1581,19 +1581,12 @@ static void op_list(md *m, bool gather)
     l->collecting = true;
     l->fired_index = -1;
     memcpy(l->members, ids, sizeof ids[0] * (size_t)got);
-    /* df_list_new: pause every member, attach, fire if empty, unpause in
-     * order (a fired member's callback runs at its unpause). */
-    for (int i = 0; i < got; i++)
-        m->defs[ids[i]]->paused++;
-    for (int i = 0; i < got; i++)
-        m_add_stage(m, m->defs[ids[i]], (stage){ST_LIST, false, lt->list, i});
+    /* df_list_new: fire if empty, then attach in input order, a fired
+     * member's callback running at once (as Twisted's DeferredList). */
     if (got == 0)
         m_list_fire(m, l, 0, digest_model(l));
-    for (int i = 0; i < got; i++) {
-        tdef *t = m->defs[ids[i]];
-        t->paused--;
-        m_run_chain(m, t);
-    }
+    for (int i = 0; i < got; i++)
+        m_add_stage(m, m->defs[ids[i]], (stage){ST_LIST, false, lt->list, i});
     attach(m, lt);
 }
 

@@ -33,29 +33,6 @@ DEPARTURES = {
         "from there.  (Through df_deferred_chain, or while d hands its "
         "result to a waiter, d runs no callback and both agree.)",
     ),
-    "list_duplicate_interleaving": (
-        "avoid",
-        "A member listed twice that has already fired: Twisted runs its "
-        "list callback for each position when construction reaches that "
-        "position; df_list_new attaches every callback to paused members "
-        "(so that it is all-or-nothing when memory runs out), and the "
-        "member's callbacks for all its positions run together, at its "
-        "first position.  This is observable only with CONSUME_ERRORS and "
-        "FIRE_ON_ONE_CALLBACK: a failure consumed at the first position "
-        "becomes a success at the second, which then fires the list before "
-        "a member listed between them.",
-    ),
-    "list_construction_order": (
-        "avoid",
-        "Same cause as list_duplicate_interleaving: df_list_new pauses "
-        "every member while it attaches its callbacks, then unpauses them "
-        "in input order.  When running a member's callbacks fires a member "
-        "listed after it (say a list that is itself a member), that later "
-        "member's callbacks run only when its own position is unpaused; "
-        "in Twisted they run at once, the later member having no list "
-        "callback yet.  The generator leaves out lists where a member may "
-        "fire a member listed after it.",
-    ),
     "cancel_fired_list_forwards": (
         "avoid",
         "Cancelling a list deferred that has fired and waits on an inner "

@@ -73,20 +73,6 @@ class Gen:
                 todo.append((m, o))
         return False
 
-    def reaches(self, src, dst):
-        """True if code run by src's callbacks may fire dst."""
-        seen = set()
-        todo = [src]
-        while todo:
-            n = todo.pop()
-            for m, _ in self.edges.get(n, ()):
-                if m == dst:
-                    return True
-                if m not in seen:
-                    seen.add(m)
-                    todo.append(m)
-        return False
-
     def wait_ok(self, k, j):
         return not self.reaches_other(("d", j), ("d", k))
 
@@ -216,17 +202,9 @@ class Gen:
         if n >= 2 and r.random() < 0.3:
             members[r.randrange(n)] = members[r.randrange(n)]  # duplicate
         flags = r.randrange(8)
-        if (flags & 5) == 5 and len(set(members)) < n:
-            self.avoid("list_duplicate_interleaving")
-            flags &= ~1
         if n == 0 and flags & 1:
             self.avoid("empty_list_fire_on_one_callback")
             flags &= ~1
-        if any(self.reaches(("d", members[i]), ("d", members[j]))
-               for i in range(n) for j in range(i + 1, n)
-               if members[i] != members[j]):
-            self.avoid("list_construction_order")
-            return
         k = self.nd
         for m in set(members):
             self.edge(("d", m), ("d", k), "other")
