@@ -465,6 +465,11 @@ static void test_sem(df_loop *loop, df_mpi_pool *pool)
     }
     CHECK(after.submitted - before.submitted == N, "submitted %" PRIu64,
           after.submitted - before.submitted);
+    /* This runs first on a fresh pool, so the pool's maximum is this
+     * test's: never above the semaphore's limit, and reached. */
+    CHECK(before.max_outstanding == 0, "not the first test");
+    CHECK(after.max_outstanding == LIMIT, "at most %" PRIu64 " in flight, "
+          "limit %d", after.max_outstanding, LIMIT);
     OK(df_sem_free(s));
     printf("mpi-test: sem_run: %d items through a semaphore of %d\n", N,
            LIMIT);
@@ -690,9 +695,9 @@ static void scenario_main(df_mpi *ctx)
     po.max_bytes = 1 << 20;
     OK(df_mpi_pool_new(ctx, loop, &po, &pool));
     CHECK(df_mpi_finalize(ctx) == DF_EBUSY, "finalize with a pool");
+    test_sem(loop, pool);
     test_idle(loop);
     test_map(loop, pool);
-    test_sem(loop, pool);
     test_cancel(loop, pool);
     test_bad(loop, pool, po.max_bytes);
     test_drain(loop, pool);
