@@ -16,6 +16,7 @@
 #   BENCH_LIMIT=16      items in flight (>= the credit of 4 ranks x 1 thread)
 #   BENCH_W20= BENCH_W1MS=  WORK_ITERS of the two CPU cases (default:
 #                       calibrated with bench-seq)
+#   BENCH_CASES=        a subset of "nowork 20us 1ms"
 #   BENCH_RAW=FILE      also append the raw lines to FILE
 #   MPIRUN=mpirun       the launcher; Open MPI's root variables are set here
 set -u
@@ -63,6 +64,10 @@ while test "$round" -le "$runs"; do
     for c in $cases; do
         name=${c%%:*}
         rest=${c#*:}
+        case " ${BENCH_CASES:-$name} " in
+        *" $name "*) ;;
+        *) continue ;;
+        esac
         n=${rest%%:*}
         w=${rest#*:}
         for impl in threads-1 threads-2 mpi-r1 mpi-r2 mpi-r4; do

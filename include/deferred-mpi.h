@@ -31,7 +31,9 @@ extern "C" {
  * Threads: df_mpi_init(), df_mpi_register(), df_mpi_worker_run() and
  * df_mpi_finalize() are called on the thread that initialised MPI.  The
  * pool's functions are loop-thread functions, like every libdeferred
- * object.  On the master a progress thread owns every MPI call while the
+ * object: from another thread they return DF_EWRONG_THREAD (after the
+ * DF_EINVAL checks of their arguments).  df_mpi_task_* are for the work
+ * function, on the worker's pool thread that runs it.  On the master a progress thread owns every MPI call while the
  * pool exists; it sleeps on a condition variable while nothing is in
  * flight and polls MPI with a backoff (8 us doubling to 256 us) while
  * replies are awaited.  The loop thread never calls MPI after

@@ -101,6 +101,7 @@ struct df_mpi_pool {
     bool shutting, stop_sent, finished, thread_started;
     df_deferred *done;        /* shutdown's deferred; our reference */
     size_t truncate_next;     /* test hook */
+    pthread_t owner;          /* the loop thread (made the pool) */
 
     /* Shared, under mu. */
     pthread_mutex_t mu;
@@ -114,6 +115,12 @@ struct df_mpi_pool {
 };
 
 static void deliver(void *arg, int status);
+
+/* The pool belongs to the thread that made it (the loop's). */
+static bool wrong_thread(const df_mpi_pool *p)
+{
+    return !pthread_equal(pthread_self(), p->owner);
+}
 
 /* ------------------------------------------------------- progress thread */
 
@@ -633,6 +640,8 @@ int df_mpi_submit(df_mpi_pool *p, const char *name, const void *in,
     size_t name_len = strlen(name);
     if (name_len == 0 || name_len > DF_MPI__MAX_NAME)
         return DF_EINVAL;
+    if (wrong_thread(p))
+        return DF_EWRONG_THREAD;
     if (p->shutting)
         return DF_ESHUTDOWN;
     if (len > p->max_bytes)
@@ -771,6 +780,7 @@ int df_mpi_pool_new(df_mpi *ctx, df_loop *loop,
             MPI_Abort(ctx->comm, 1);
         }
         p->thread_started = true;
+        p->owner = pthread_self();
         ctx->pools++;
         *out = p;
     } else if (p != NULL) {
@@ -787,6 +797,8 @@ int df_mpi_pool_shutdown(df_mpi_pool *p, int mode, df_deferred **done)
     if (p == NULL || done == NULL ||
         (mode != DF_POOL_DRAIN && mode != DF_POOL_CANCEL))
         return DF_EINVAL;
+    if (wrong_thread(p))
+        return DF_EWRONG_THREAD;
     if (p->shutting)
         return DF_ESTATE;
     int rc = df_deferred_new(p->loop, &p->done);
@@ -820,6 +832,8 @@ int df_mpi_pool_free(df_mpi_pool *p)
 {
     if (p == NULL)
         return 0;
+    if (wrong_thread(p))
+        return DF_EWRONG_THREAD;
     if (!p->finished)
         return DF_EBUSY;
     if (p->keep != NULL)
@@ -840,6 +854,8 @@ int df_mpi_pool_get_stats(const df_mpi_pool *p, df_mpi_pool_stats *out)
 {
     if (p == NULL || out == NULL)
         return DF_EINVAL;
+    if (wrong_thread(p))
+        return DF_EWRONG_THREAD;
     *out = p->st;
     return 0;
 }
@@ -878,6 +894,8 @@ int df_mpi_sem_run(df_sem *s, df_mpi_pool *p, const char *name,
     if (s == NULL || p == NULL || name == NULL || out == NULL ||
         (in == NULL && len > 0))
         return DF_EINVAL;
+    if (wrong_thread(p))
+        return DF_EWRONG_THREAD;
     if (p->shutting)
         return DF_ESHUTDOWN;
     sem_call *c = calloc(1, sizeof *c);
@@ -958,6 +976,8 @@ int df_mpi_map_start(df_mpi_pool *p, const char *name,
     size_t name_len = strlen(name);
     if (name_len == 0 || name_len > DF_MPI__MAX_NAME)
         return DF_EINVAL;
+    if (wrong_thread(p))
+        return DF_EWRONG_THREAD;
     map_wrap *w = calloc(1, sizeof *w);
     if (w == NULL)
         return DF_ENOMEM;

@@ -6,6 +6,7 @@
 
 #include <inttypes.h>
 #include <mpi.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -466,6 +467,11 @@ static void test_sem(df_loop *loop, df_mpi_pool *pool)
     }
     CHECK(after.submitted - before.submitted == N, "submitted %" PRIu64,
           after.submitted - before.submitted);
+    /* This runs first on a fresh pool, so the pool's maximum is this
+     * test's: never above the semaphore's limit, and reached. */
+    CHECK(before.max_outstanding == 0, "not the first test");
+    CHECK(after.max_outstanding == LIMIT, "at most %" PRIu64 " in flight, "
+          "limit %d", after.max_outstanding, LIMIT);
     OK(df_sem_free(s));
     printf("mpi-test: sem_run: %d items through a semaphore of %d\n", N,
            LIMIT);
@@ -617,6 +623,35 @@ static void test_bad(df_loop *loop, df_mpi_pool *pool, size_t max_bytes)
 
 /* ------------------------------------------------------- idle, shutdown */
 
+static void *submit_elsewhere(void *arg)
+{
+    df_mpi_pool *pool = arg;
+    df_deferred *d = NULL;
+    df_mpi_pool_stats st;
+    static int rc[3];
+    rc[0] = df_mpi_submit(pool, "echo", "x", 1, &d);
+    rc[1] = df_mpi_pool_get_stats(pool, &st);
+    rc[2] = df_mpi_pool_free(pool);
+    return rc;
+}
+
+/* Another thread is refused, and nothing changes. */
+static void test_wrong_thread(df_mpi_pool *pool)
+{
+    df_mpi_pool_stats before, after;
+    OK(df_mpi_pool_get_stats(pool, &before));
+    pthread_t t;
+    void *res;
+    OK(pthread_create(&t, NULL, submit_elsewhere, pool));
+    OK(pthread_join(t, &res));
+    int *rc = res;
+    for (int k = 0; k < 3; k++)
+        CHECK(rc[k] == DF_EWRONG_THREAD, "call %d from another thread: %s",
+              k, df_mpi_err_name(rc[k]));
+    OK(df_mpi_pool_get_stats(pool, &after));
+    CHECK(after.submitted == before.submitted, "submitted changed");
+}
+
 static void test_idle(df_loop *loop)
 {
     double c0 = cpu_seconds(), w0 = wall_seconds();
@@ -691,11 +726,12 @@ static void scenario_main(df_mpi *ctx)
     po.max_bytes = 1 << 20;
     OK(df_mpi_pool_new(ctx, loop, &po, &pool));
     CHECK(df_mpi_finalize(ctx) == DF_EBUSY, "finalize with a pool");
+    test_sem(loop, pool);
     test_idle(loop);
     test_map(loop, pool);
-    test_sem(loop, pool);
     test_cancel(loop, pool);
     test_bad(loop, pool, po.max_bytes);
+    test_wrong_thread(pool);
     test_drain(loop, pool);
     OK(df_mpi_pool_free(pool));
     OK(df_loop_free(loop));
