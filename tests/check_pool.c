@@ -537,6 +537,9 @@ START_TEST(test_pool_timeout_running)
     blocker_init(&b, true);
     df_deferred *d;
     TU_OK(df_pool_submit(p, blocking_work, &b, &d));
+    /* The timeout must find the job running, not still queued: on a
+     * loaded machine a worker can take longer than 10 ms to start it. */
+    tu_gate_wait(&b.started);
     TU_OK(df_deferred_set_timeout(d, 10 * MS));
     TU_OK(df_loop_run(loop));
     ck_assert(atomic_load(&b.saw_cancel));
