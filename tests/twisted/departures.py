@@ -52,10 +52,13 @@ DEPARTURES = {
         "acquire by hand makes Twisted's release() raise.",
     ),
     "pause_sem_run": (
-        "pending",
-        "Issue 15 item 10 (helper core): pausing a df_sem_run deferred "
-        "that waits for its token does not hold back the function as "
-        "Twisted does.  Pausing run deferreds is left out until then.",
+        "avoid",
+        "Pausing the deferred of a df_sem_run that waits for its token "
+        "holds back the delivery of fn's result, not the call of fn: fn "
+        "runs when the token is handed over (Twisted would not call fn "
+        "until unpaused and keep the token meanwhile).  That deferred "
+        "carries the run's result, not the acquisition, and a paused "
+        "consumer should not keep a token from everyone else.",
     ),
     "sem_release_recursion": (
         "avoid",
