@@ -29,11 +29,15 @@
 #     (no valgrind), divided by M2 - M1, minus the harness's own 9 bytes per
 #     item (an 8-byte value and a 1-byte "seen" flag; see RESULTS.md).
 #
+# Run it on a plain build (no --enable-debug: the counts are those of the
+# build's flags; no sanitizers: they do not run under valgrind).
 # Instruction counts do not depend on the machine's load, so they are the
 # figures to trust on a shared machine.  Valgrind runs one thread at a time,
 # so the batching of completions differs from a native run: the counts say
-# how much work a program does per item, not how fast it runs.  They vary
-# by a few instructions between runs (thread interleaving under valgrind).
+# how much work a program does per item, not how fast it runs.  Where the
+# work per item depends on how completions batch (most peers, and the map
+# at a small LIMIT), repeated runs differ by up to about 10% (oneTBB's
+# spinning workers more), hence the median of BENCH_COST_REPEAT runs.
 #
 # Environment:
 #   BENCH_COST_LIMITS="64 2"   LIMIT values (one table row per program each)
@@ -42,6 +46,8 @@
 #   BENCH_COST_N2=40000
 #   BENCH_COST_M1=1000000      the two maxrss item counts
 #   BENCH_COST_M2=2000000
+#   BENCH_COST_REPEAT=3        callgrind runs per item count; the median
+#                              of each count is used (see below)
 #   BENCH_COST_MEM=yes         "no": skip the maxrss runs
 #   BENCH_IMPLS=               space-separated subset of the names below
 #                              (seq is always run, for the harness columns)
@@ -66,11 +72,12 @@ n2=${BENCH_COST_N2:-40000}
 m1=${BENCH_COST_M1:-1000000}
 m2=${BENCH_COST_M2:-2000000}
 do_mem=${BENCH_COST_MEM:-yes}
+repeat=${BENCH_COST_REPEAT:-3}
 run_timeout=${BENCH_TIMEOUT:-600}
 valgrind=${VALGRIND:-valgrind}
 harness_bytes=9
 
-for v in "$threads" "$n1" "$n2" "$m1" "$m2" $limits; do
+for v in "$repeat" "$threads" "$n1" "$n2" "$m1" "$m2" $limits; do
     case $v in
     '' | *[!0-9]*)
         echo "bench-cost: not a positive integer: '$v'" >&2
@@ -169,6 +176,25 @@ harness_loop() {
     awk '/^totals:/ { t += $2 } END { printf "%.0f\n", t }' "$tmp/cg/out"
 }
 
+# callgrind_median PROG N LIMIT: callgrind BENCH_COST_REPEAT times; prints
+# the median of each of the two columns, or nothing if a run failed.
+callgrind_median() {
+    : >"$tmp/runs"
+    k=0
+    while [ "$k" -lt "$repeat" ]; do
+        callgrind "$@" >>"$tmp/runs" || return 1
+        k=$((k + 1))
+    done
+    for col in 1 2; do
+        sort -n -k "$col,$col" "$tmp/runs" |
+            awk -v c="$col" '{ v[NR] = $c }
+                END { m = (NR % 2) ? v[(NR + 1) / 2] \
+                                   : (v[NR / 2] + v[NR / 2 + 1]) / 2
+                      printf "%.0f\n", m }'
+    done | tr '\n' ' ' | sed 's/ $//'
+    echo
+}
+
 # maxrss PROG N LIMIT: prints maxrss_kb of a native run.
 maxrss() {
     line=$($tmo "$bindir/$1" "$2" "$3" "$threads" 0 2>"$tmp/err")
@@ -195,7 +221,8 @@ fi
 
 echo "# bench-cost: source ${commit:-unknown}, $(date -u '+%Y-%m-%d %H:%M UTC')," \
      "$($valgrind --version 2>/dev/null)"
-echo "# callgrind slopes over N=$n1..$n2, maxrss over N=$m1..$m2;" \
+echo "# callgrind slopes over N=$n1..$n2 (median of $repeat runs each)," \
+     "maxrss over N=$m1..$m2;" \
      "THREADS=$threads, no work per item"
 [ -z "$skipped" ] || echo "# not built, skipped:$skipped"
 start=$(date +%s)
@@ -215,9 +242,9 @@ for l in $limits; do
     for entry in $impls; do
         name=${entry%%:*}
         prog=${entry#*:}
-        a1=$(callgrind "$prog" "$n1" "$l") || a1=
+        a1=$(callgrind_median "$prog" "$n1" "$l") || a1=
         a2=
-        [ -z "$a1" ] || a2=$(callgrind "$prog" "$n2" "$l") || a2=
+        [ -z "$a1" ] || a2=$(callgrind_median "$prog" "$n2" "$l") || a2=
         r1= r2=
         if [ "$do_mem" != no ]; then
             r1=$(maxrss "$prog" "$m1" "$l") || r1=
@@ -271,7 +298,8 @@ END {
 
 cat <<EOF
 
-Instructions: callgrind, (I(N=$n2) - I(N=$n1)) / $((n2 - n1)), user space;
+Instructions: callgrind, (I(N=$n2) - I(N=$n1)) / $((n2 - n1)), user space,
+each I the median of $repeat runs;
 "all threads" sums every thread, "loop thread" is valgrind thread 1 (the
 thread that runs the loop or waits for the results).  "Over harness":
 minus bench-seq's slope (all threads), minus the loop-side harness
@@ -280,8 +308,8 @@ Bytes: (maxrss(N=$m2) - maxrss(N=$m1)) / $((m2 - m1)) minus the harness's
 $harness_bytes bytes per item, native runs.
 tbb has no loop thread: its serial stages run on the workers while the
 main thread (thread 1) waits; its workers spin a while before they sleep,
-and under valgrind that spinning is counted, so its figures move by a few
-percent from run to run.  $((n2 - n1)) items, THREADS=$threads, no work.
+and under valgrind that spinning is counted, so its figures move by up to
+a third from run to run.  $((n2 - n1)) items, THREADS=$threads, no work.
 EOF
 echo
 echo "# total $(( $(date +%s) - start )) s"
