@@ -68,7 +68,7 @@ extern "C" {
  * calls on it that return a code return DF_EFORKED and change nothing
  * (arguments are checked first: a NULL still gives DF_EINVAL), void
  * calls on it (df_deferred_unref, df_pool_free, df_queue_free...) do
- * nothing, and its memory and eventfd are never reclaimed in the child
+ * nothing, and its memory and wake fd are never reclaimed in the child
  * (the fd is close-on-exec).  Nothing hangs: no call waits for the
  * parent's threads or takes a lock they may hold.  Nothing is lost: work
  * submitted before the fork runs and completes in the parent, which fork
@@ -353,14 +353,16 @@ DF_EXPORT int df_loop_run_until(df_loop *loop, df_deferred *d);
  * in progress.  Loop thread. */
 DF_EXPORT int df_loop_stop(df_loop *loop);
 
-/* For driving the loop from another event loop: a file descriptor that
- * becomes readable when cross-thread calls or completions are waiting.
- * Timers do not make it readable: always poll with the timeout
- * df_loop_timeout_ms() gives.  The fd belongs to the loop; do not close or
- * read it.  DF_EINVAL for NULL. */
+/* For driving the loop from another event loop: a file descriptor (an
+ * eventfd, or a pipe's read end where there is none; never 0, 1 or 2)
+ * that becomes readable when completions or cross-thread calls are
+ * waiting.  Timers do not make it readable: always poll with the timeout
+ * df_loop_timeout_ms() gives.  The fd belongs to the loop; do not close
+ * or read it.  DF_EINVAL for NULL. */
 DF_EXPORT int df_loop_fd(const df_loop *loop);
 /* Milliseconds until the loop next needs a look: the next timer (0 if
- * due now), or -1 if nothing: pass it to poll(2).  Errors (DF_EINVAL, DF_EWRONG_THREAD,
+ * due now, or if a budgeted dispatch left work), or -1 if nothing: pass
+ * it to poll(2).  Errors (DF_EINVAL, DF_EWRONG_THREAD,
  * DF_EFORKED) are negative too, and poll(2) would wait forever on them:
  * only -1 means "no timeout". */
 DF_EXPORT int df_loop_timeout_ms(const df_loop *loop);

@@ -196,8 +196,9 @@ struct df__inbox_node {
     df__inbox_node *next;
     df__inbox_fn run;
 };
-/* Appends `n` to the inbox (FIFO per producer) and wakes the loop; wake-ups
- * coalesce.  Any thread; takes only the inbox lock (a leaf lock). */
+/* Appends `n` to the inbox (in posting order) and wakes the loop if it
+ * may be sleeping; a post to an awake loop makes no system call.  Any
+ * thread; lock-free (inbox.c). */
 void df__loop_post(df_loop *loop, df__inbox_node *n);
 /* Runs, in inbox order, every entry already posted for which match(n, arg)
  * is true; leaves the others queued in their order.  Returns how many ran.

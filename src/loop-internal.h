@@ -183,7 +183,7 @@ static inline void df__slab_put_inline(df_loop *loop, df__slab *s, void *p)
 }
 
 /* inbox.c, all loop thread. */
-/* Creates the wake fd and the inbox lock; returns 0 or a negative code. */
+/* Creates the wake fd and the call lock; returns 0 or a negative code. */
 int df__inbox_init(df_loop *loop);
 /* Runs the cross-thread calls still queued with DF_ECANCELLED, frees the
  * call nodes, closes the fd (df_loop_free). */
