@@ -169,7 +169,8 @@ static int next_input(void *arg, void **item, df_free_fn *item_free)
              * map pulls until an input comes or the input ends, so hand
              * it an empty item that lets the loop print them (the public
              * API has no "nothing yet, call me again" answer for next).
-             * At most one per wake-up, so this never spins. */
+             * One per wake-up or back-off step (input.c), so this never
+             * spins. */
             struct dfr_job *t = calloc(1, sizeof *t);
             if (t == NULL)
                 continue;
