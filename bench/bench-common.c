@@ -3,6 +3,7 @@
 #include "bench-common.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +58,18 @@ void bench_parse_args(int argc, char **argv, const char *impl,
     if (!parse_u64(argv[4], 0, 1000000000, &v))
         usage(impl, "WORK_ITERS must be an integer in 0 .. 10^9");
     a->work_iters = (unsigned)v;
+    /* The result line is the program's only output: with stdout closed,
+     * fail at once, before a library (libuv) can take descriptor 1 for
+     * itself and trip over it.  Closed 0 and 2 get /dev/null for the same
+     * reason. */
+    if (fcntl(1, F_GETFD) == -1) {
+        fprintf(stderr, "bench-%s: standard output is closed\n", impl);
+        exit(4);
+    }
+    for (int fd = 0; fd <= 2; fd += 2)
+        if (fcntl(fd, F_GETFD) == -1 &&
+            open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY) != fd)
+            exit(4);
 }
 
 uint64_t bench_now_ns(void)
@@ -172,6 +185,12 @@ int bench_report(const char *impl, const struct bench_args *a,
            "check=%s\n",
            impl, a->n, a->limit, a->threads, a->work_iters, s, rate, ns,
            bench_maxrss_kb(), ok ? "ok" : "BAD");
-    fflush(stdout);
+    /* A result line that could not be written is a failed run (a closed
+     * stdout, a full disk), not a silent success. */
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "bench: writing the result line: %s\n",
+                strerror(errno));
+        return 4;
+    }
     return failed ? 3 : ok ? 0 : 1;
 }

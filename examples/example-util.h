@@ -5,6 +5,7 @@
 #define DF_EXAMPLE_UTIL_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,27 @@ static inline char *example_name(char *argv0, char *fallback)
     if (strncmp(name, "lt-", 3) == 0 && name[3] != '\0')
         name += 3;
     return name[0] != '\0' ? name : fallback;
+}
+
+/* Opens /dev/null on any of descriptors 0, 1 and 2 that is closed, so
+ * that no descriptor a library opens later lands there (libuv asserts
+ * that its own descriptors are above 2, and output to a closed stdout
+ * must fail, not reach one of them).  Returns 0, or -1 if one could not
+ * be opened. */
+static inline int example_keep_stdio(void)
+{
+    for (int fd = 0; fd <= 2; fd++) {
+        if (fcntl(fd, F_GETFD) != -1)
+            continue;
+        int n = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+        if (n < 0)
+            return -1;
+        if (n != fd) { /* a lower one was closed too and is taken now */
+            close(n);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 /* Flushes and closes stdout, so that output that could not be written (a

@@ -14,7 +14,9 @@
  * the gather) is used exactly as under df_loop_run(). */
 #include <deferred.h>
 
+#include <fcntl.h>
 #include <getopt.h>
+#include <stdbool.h>
 #include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -204,6 +206,20 @@ int main(int argc, char **argv)
     }
 
     a.status = EXIT_SUCCESS;
+    /* With stdout closed, libuv's first descriptor would become fd 1 and
+     * it aborts on an assertion when it closes it; the writes to stdout
+     * would also go to libuv's descriptor.  Fill 0-2 with /dev/null, and
+     * remember whether stdout was closed, which is an output error. */
+    bool stdout_closed = fcntl(1, F_GETFD) == -1;
+    if (example_keep_stdio() != 0) {
+        fprintf(stderr, "%s: cannot open /dev/null\n", prog);
+        return EXIT_FAILURE;
+    }
+    if (stdout_closed) {
+        fprintf(stderr, "%s: writing output: standard output is closed\n",
+                prog);
+        return EXIT_FAILURE;
+    }
     if ((rc = uv_loop_init(&uv)) != 0)
         return uv_fail("uv_loop_init", rc);
     if ((rc = df_loop_new(NULL, &a.loop)) != 0)
