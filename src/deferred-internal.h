@@ -155,6 +155,11 @@ void df__deferred_set_cancel_waits(df_deferred *d);
 /* Makes room for `extra` more callback pairs, so that adding that many
  * allocates nothing (df_list_new attaches without a way back). */
 int df__deferred_reserve(df_deferred *d, size_t extra);
+/* A scratch mark for one scan over a set of deferreds (df_list_new finds
+ * repeated members with it): mark returns whether d was marked already;
+ * the scanner unmarks every deferred it marked before it returns. */
+bool df__deferred_scan_mark(df_deferred *d);
+void df__deferred_scan_unmark(df_deferred *d);
 /* Marks that d has a timeout (df_deferred_set_timeout, loop.c); returns
  * false if it already had one.  unmark undoes a mark whose timeout could
  * not be set up after all. */

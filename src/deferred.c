@@ -53,6 +53,7 @@ enum {
     F_CHAIN_BASE = 1u << 7,    /* on the stack, pushed by a chain entry     */
     F_CHAIN_HELD = 1u << 8,    /* firing a chained deferred; holds a copy   */
     F_IN_CALLBACK = 1u << 9,   /* one of its callbacks is running           */
+    F_SCAN_MARK = 1u << 10,    /* df__deferred_scan_mark (df_list_new)      */
 };
 
 typedef struct entry {
@@ -737,6 +738,18 @@ int df__deferred_reserve(df_deferred *d, size_t extra)
     d->entries = e;
     d->cap = cap;
     return 0;
+}
+
+bool df__deferred_scan_mark(df_deferred *d)
+{
+    bool was = (d->flags & F_SCAN_MARK) != 0;
+    d->flags |= F_SCAN_MARK;
+    return was;
+}
+
+void df__deferred_scan_unmark(df_deferred *d)
+{
+    d->flags &= ~(uint32_t)F_SCAN_MARK;
 }
 
 void df__deferred_set_cancel_waits(df_deferred *d)

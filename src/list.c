@@ -301,6 +301,21 @@ static int reserve_members(df_loop *loop, df_deferred *const *members,
 {
     if (n == 0)
         return 0;
+    /* The common case, every member once, in O(n): a scratch mark finds
+     * repeats; only then are the members sorted to count them. */
+    bool repeats = false;
+    for (size_t i = 0; i < n; i++)
+        repeats |= df__deferred_scan_mark(members[i]);
+    for (size_t i = 0; i < n; i++)
+        df__deferred_scan_unmark(members[i]);
+    if (!repeats) {
+        for (size_t i = 0; i < n; i++) {
+            int rc = df__deferred_reserve(members[i], 1);
+            if (rc != 0)
+                return rc;
+        }
+        return 0;
+    }
     df_deferred **sorted = df__malloc(loop, n * sizeof *sorted);
     if (sorted == NULL)
         return DF_ENOMEM;
