@@ -227,16 +227,11 @@ df_loop *df__pool_loop(const df_pool *p);
 /* The semaphore's one waiting line and its pool jobs: sem-internal.h and
  * pool-internal.h. */
 
-/* inbox.c.  Posting costs no system call while the loop is awake, so the
- * "lazy" post (once a post that did not wake the loop, for gated jobs) is
- * now the plain one, and df__loop_lazy_add does nothing.  Both stay for
- * pool.c until it stops calling them. */
-#define DF__LAZY_MS 1
-void df__loop_post_lazy(df_loop *loop, df__inbox_node *n);
-void df__loop_lazy_add(df_loop *loop, long delta);
 /* The two halves of df__loop_post: append `n`, then make the wake fd
- * readable if the loop may be sleeping.  Any thread.  (Exposed so that
- * tests can split a post in two and widen the window between them.) */
+ * readable if the loop may be sleeping.  Any thread.  A producer may
+ * append several entries and wake once (pool.c batches handed-on
+ * completions so); tests split a post in two to widen the window between
+ * them. */
 void df__loop_append(df_loop *loop, df__inbox_node *n);
 void df__loop_wake(df_loop *loop);
 

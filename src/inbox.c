@@ -206,20 +206,6 @@ void df__loop_post(df_loop *loop, df__inbox_node *n)
     df__loop_wake(loop);
 }
 
-/* Posting is cheap enough now that the lazy post is the plain one: while
- * the loop is awake a post costs no system call. */
-void df__loop_post_lazy(df_loop *loop, df__inbox_node *n)
-{
-    df__loop_post(loop, n);
-}
-
-/* Nothing to count any more: a lazy post wakes the loop when it sleeps. */
-void df__loop_lazy_add(df_loop *loop, long delta)
-{
-    DF__UNUSED(loop);
-    DF__UNUSED(delta);
-}
-
 /* ------------------------------------------------------------- loop side */
 
 void df__inbox_collect(df_loop *loop)
