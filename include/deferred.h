@@ -731,10 +731,7 @@ DF_EXPORT df_loop *df_work_loop(const df_work *w);
 /* Semaphore run-in-pool: acquire a token, submit work, release the token
  * only once the worker has returned.  The job waits in the semaphore's one
  * line (see above); a worker that finishes a job of this semaphore may
- * start it directly.  The completions of such a run of jobs reach the loop
- * in batches: the worker wakes the loop at most every 32 of them and at
- * the end of the run, so a result may wait that many items to be
- * delivered (the map's items likewise).  Cancelling *out while waiting for the token removes
+ * start it directly.  Cancelling *out while waiting for the token removes
  * the waiter; once submitted, it cancels the job as df_pool_submit says,
  * and the token comes back only when the worker is done, before *out
  * fires.  *out fails with DF_ESHUTDOWN if the pool was shut down (or
