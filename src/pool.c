@@ -200,9 +200,6 @@ static void flush_clients(df__ilink *told)
 
 /* ---------------------------------------------------------------- workers */
 
-/* See worker_main. */
-#define DF__POOL_WAKE_BATCH 32
-
 static void *worker_main(void *arg)
 {
     df_pool *p = arg;
@@ -223,15 +220,6 @@ static void *worker_main(void *arg)
         p->busy++;
         pthread_mutex_unlock(&p->mu);
 
-        /* A run of jobs handed on from worker to worker posts its
-         * completions without waking the loop, and wakes it every
-         * DF__POOL_WAKE_BATCH completions and at the end of the run: the
-         * loop then takes them in batches instead of waking for each (a
-         * wake-up costs the worker a system call per item while the loop
-         * sleeps between items).  A result waits at most that many items
-         * for its delivery; the wake at the end of every run means none is
-         * left behind (inbox.c: an append is seen by the next wake). */
-        unsigned unwoken = 0;
         while (j != NULL) {
             j->result = j->work(&j->w, j->arg);
             df__job *next = NULL;
@@ -240,12 +228,7 @@ static void *worker_main(void *arg)
                 next = j->ops->next(j);
             j->handed = next != NULL;
             /* The job now belongs to the loop: not touched after this. */
-            if (next != NULL && ++unwoken < DF__POOL_WAKE_BATCH) {
-                df__loop_append(p->loop, &j->node);
-            } else {
-                df__loop_post(p->loop, &j->node);
-                unwoken = 0;
-            }
+            df__loop_post(p->loop, &j->node);
             j = next;
         }
 
