@@ -228,10 +228,8 @@ df_loop *df__pool_loop(const df_pool *p);
  * pool-internal.h. */
 
 /* The two halves of df__loop_post: append `n`, then make the wake fd
- * readable if the loop may be sleeping.  Any thread.  A producer may
- * append several entries and wake once (pool.c batches handed-on
- * completions so); tests split a post in two to widen the window between
- * them. */
+ * readable if the loop may be sleeping.  Any thread.  (Exposed so that
+ * tests can split a post in two and widen the window between them.) */
 void df__loop_append(df_loop *loop, df__inbox_node *n);
 void df__loop_wake(df_loop *loop);
 
