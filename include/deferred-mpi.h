@@ -33,10 +33,14 @@ extern "C" {
  * pool's functions are loop-thread functions, like every libdeferred
  * object: from another thread they return DF_EWRONG_THREAD (after the
  * DF_EINVAL checks of their arguments).  df_mpi_task_* are for the work
- * function, on the worker's pool thread that runs it.  On the master a progress thread owns every MPI call while the
- * pool exists; it sleeps on a condition variable while nothing is in
- * flight and polls MPI with a backoff (8 us doubling to 256 us) while
- * replies are awaited.  The loop thread never calls MPI after
+ * function, on the worker's pool thread that runs it.  On the master a
+ * progress thread owns every MPI call while the pool exists; it sleeps on
+ * a condition variable while nothing is in flight and polls MPI while
+ * replies are awaited: with a backoff (8 us doubling to 256 us) while
+ * some worker has free credit, and, while every worker is at full credit,
+ * at a pace of half the time the workers' queued items still cover
+ * (derived from the items' measured run times; at most 2 ms).  The loop
+ * thread never calls MPI after
  * df_mpi_pool_new() returns and sleeps in the loop as usual.  MPI must
  * therefore provide MPI_THREAD_SERIALIZED or better (df_mpi_init()
  * requests MPI_THREAD_SERIALIZED and checks).
@@ -207,9 +211,14 @@ typedef struct df_mpi_worker_options {
  * DF_ENOMEM; each with one line on stderr (DF_ESTATE too when the master
  * called df_mpi_finalize() without making a pool).  Rank 0: DF_MPI_EROLE.
  * Once
- * per context.  While waiting for messages it polls MPI with a backoff
- * (at most 256 us asleep) and sleeps in poll(2) on its loop, which wakes
- * it as soon as an item finishes. */
+ * per context.  Between looks at MPI it sleeps in poll(2) on its loop,
+ * which wakes it as soon as an item finishes: for a backoff of 8 us
+ * doubling to 256 us while a thread is idle; for a quarter of an item's
+ * mean run time (256 us to 2 ms) while every thread is busy; for 2 ms
+ * while items wait in its own queue.  So a cancel reaches an item on a
+ * worker at most about 2 ms after the master sent it (plus the transfer,
+ * plus the work function's next df_mpi_task_cancelled() check when it
+ * runs). */
 DF_EXPORT int df_mpi_worker_run(df_mpi *ctx,
                                 const df_mpi_worker_options *opts);
 
@@ -268,7 +277,8 @@ DF_EXPORT int df_mpi_pool_new(df_mpi *ctx, df_loop *loop,
  * fails at once with DF_ECANCELLED; one on a worker is cancelled there
  * (df_mpi_task_cancelled() turns true) and *out fails with DF_ECANCELLED
  * only once the worker has replied, its output dropped; until then *out
- * is paused (df_deferred_called() is true, its callbacks wait).
+ * is paused (df_deferred_called() is true, its callbacks wait).  The
+ * worker sees the cancel within about 2 ms (df_mpi_worker_run()).
  * DF_ESHUTDOWN after df_mpi_pool_shutdown().  Loop thread.
  */
 DF_EXPORT int df_mpi_submit(df_mpi_pool *p, const char *name, const void *in,

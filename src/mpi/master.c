@@ -24,10 +24,26 @@
  * through the inbox, with one df_loop_call_from_thread per batch (posted
  * when the inbox goes from empty to non-empty).  With nothing in flight it
  * waits on `cv` with no timeout, so an idle pool costs no CPU; with
- * replies awaited it polls MPI, sleeping on `cv` between polls for a
- * backoff that doubles from 8 us to 256 us and goes back to 0 as soon as
- * anything happens (an Open MPI blocking receive would spin a core).  A
- * new order wakes it at once.
+ * replies awaited it polls MPI (an Open MPI blocking receive would spin a
+ * core), sleeping on `cv` between polls.  A new order wakes it at once.
+ * How long it sleeps is the pace the loop thread sets (`pace_ns`):
+ *   - while some rank has free credit (nothing waits on the master), a
+ *     reply may let the user submit the next item at once: a backoff that
+ *     doubles from 8 us to 256 us and goes back to 0 as soon as anything
+ *     happens;
+ *   - while every rank is at full credit, a reply matters only to refill
+ *     its rank, and a rank r with credit c_r and t_r threads still holds
+ *     c_r - 1 items when it replies: its threads stay busy for about
+ *     (c_r - t_r) * S_r / t_r after the reply, S_r being the mean run time
+ *     of its items (each reply carries the item's run time).  The thread
+ *     then sleeps half the smallest such margin over the ranks, fixed
+ *     (no doubling), when that is above 256 us, and at most
+ *     DF_MPI__LONG_SLEEP_US (2 ms): a few wake-ups per reply instead of a
+ *     backoff restarted at 8 us after each.  With the default credit
+ *     (2 x threads) the margin is one item's run time.
+ * Sleeps and wake-ups are costly here (context switches, hypervisor
+ * exits), and the ranks compete with the master for the same cores when
+ * the job is oversubscribed: bench/RESULTS.md has the measurements.
  *
  * An item's life (loop thread):
  *
@@ -102,6 +118,9 @@ struct df_mpi_pool {
     df_deferred *done;        /* shutdown's deferred; our reference */
     size_t truncate_next;     /* test hook */
     pthread_t owner;          /* the loop thread (made the pool) */
+    unsigned *threads;        /* [rank] pool threads, 0 for rank 0 */
+    uint64_t *mean_run_ns;    /* [rank] running mean of item run times */
+    uint64_t pace_set;        /* the last pace_ns published */
 
     /* Shared, under mu. */
     pthread_mutex_t mu;
@@ -111,6 +130,7 @@ struct df_mpi_pool {
     bool posted;              /* a deliver call is queued on the loop */
     bool stop_req;            /* send STOP to every worker, then end */
     bool exited;              /* the progress thread has finished */
+    uint64_t pace_ns;         /* the sleep while saturated, 0: backoff */
     pthread_t thread;
 };
 
@@ -270,12 +290,22 @@ static void *progress_main(void *arg)
             /* Idle: nothing can arrive that we wait for. */
             pthread_cond_wait(&p->cv, &p->mu);
         } else {
-            backoff = backoff ? 2 * backoff : BACKOFF_MIN_US;
-            if (backoff > BACKOFF_MAX_US)
-                backoff = BACKOFF_MAX_US;
+            long ns;
+            if (p->pace_ns > 0 && sending == NULL) {
+                /* Saturated: see the comment at the top. */
+                ns = (long)p->pace_ns;
+                backoff = 0;
+            } else {
+                /* A send in progress may need polling to complete (a
+                 * large message), or a reply may be wanted at once. */
+                backoff = backoff ? 2 * backoff : BACKOFF_MIN_US;
+                if (backoff > BACKOFF_MAX_US)
+                    backoff = BACKOFF_MAX_US;
+                ns = (long)backoff * 1000;
+            }
             struct timespec ts;
             clock_gettime(CLOCK_MONOTONIC, &ts);
-            add_ns(&ts, (long)backoff * 1000);
+            add_ns(&ts, ns);
             pthread_cond_timedwait(&p->cv, &p->mu, &ts);
         }
     }
@@ -441,6 +471,41 @@ static void schedule(df_mpi_pool *p)
     }
 }
 
+/* Publishes the progress thread's pace (see the comment at the top):
+ * nonzero only while every rank is at full credit and each rank's margin
+ * is known.  O(ranks), once per batch of replies and per submit that
+ * changes the saturation; the lock is taken only when the pace changes
+ * (rounded to 64 us, so a steady stream rarely changes it). */
+static void update_pace(df_mpi_pool *p)
+{
+    uint64_t pace = 0;
+    if (p->st.sent == p->st.credit) {
+        uint64_t margin = UINT64_MAX;
+        for (int r = 1; r < p->size && margin > 0; r++) {
+            unsigned t = p->threads[r] ? p->threads[r] : 1;
+            if (p->credit[r] <= t || p->mean_run_ns[r] == 0) {
+                margin = 0; /* no item waits there, or S_r unknown */
+                break;
+            }
+            uint64_t m = (uint64_t)(p->credit[r] - t) * p->mean_run_ns[r] / t;
+            if (m < margin)
+                margin = m;
+        }
+        pace = margin / 2;
+        pace -= pace % 64000;
+        if (pace <= (uint64_t)BACKOFF_MAX_US * 1000)
+            pace = 0;
+        else if (pace > (uint64_t)DF_MPI__LONG_SLEEP_US * 1000)
+            pace = (uint64_t)DF_MPI__LONG_SLEEP_US * 1000;
+    }
+    if (pace != p->pace_set) {
+        p->pace_set = pace;
+        pthread_mutex_lock(&p->mu);
+        p->pace_ns = pace;
+        pthread_mutex_unlock(&p->mu);
+    }
+}
+
 static void maybe_stop(df_mpi_pool *p)
 {
     if (!p->shutting || p->stop_sent || p->st.outstanding > 0)
@@ -534,11 +599,17 @@ static void deliver(void *arg, int status)
         }
         p->used[it->rank]--;
         p->st.sent--;
+        if (h.run_ns > 0) {
+            /* A running mean over about the last 8 items of the rank. */
+            uint64_t *m = &p->mean_run_ns[it->rank];
+            *m = *m == 0 ? h.run_ns : *m - *m / 8 + h.run_ns / 8;
+        }
         it->rank = 0; /* answered; never matched again (slot goes next) */
         *tailp = im;
         tailp = &im->next;
     }
     schedule(p);
+    update_pace(p);
     while (ready != NULL) {
         inmsg *im = ready;
         ready = im->next;
@@ -700,6 +771,7 @@ int df_mpi_submit(df_mpi_pool *p, const char *name, const void *in,
     p->qtail = it;
     p->st.queued++;
     schedule(p);
+    update_pace(p);
     update_keepalive(p);
     *out = d;
     return 0;
@@ -744,7 +816,10 @@ int df_mpi_pool_new(df_mpi *ctx, df_loop *loop,
     if (p != NULL) {
         p->credit = calloc((size_t)ctx->size, sizeof *p->credit);
         p->used = calloc((size_t)ctx->size, sizeof *p->used);
-        if (p->credit == NULL || p->used == NULL)
+        p->threads = calloc((size_t)ctx->size, sizeof *p->threads);
+        p->mean_run_ns = calloc((size_t)ctx->size, sizeof *p->mean_run_ns);
+        if (p->credit == NULL || p->used == NULL || p->threads == NULL ||
+            p->mean_run_ns == NULL)
             status = DF_ENOMEM;
     }
     /* The workers wait for this exchange: take part whatever happened. */
@@ -765,6 +840,8 @@ int df_mpi_pool_new(df_mpi *ctx, df_loop *loop,
             uint64_t c = rows[r * DF_MPI__ROW_N + DF_MPI__ROW_CREDIT];
             p->credit[r] = c > 1000000 ? 1000000 : (unsigned)c;
             p->st.credit += p->credit[r];
+            uint64_t t = rows[r * DF_MPI__ROW_N + DF_MPI__ROW_THREADS];
+            p->threads[r] = t > 4096 ? 4096 : (unsigned)t;
         }
         pthread_mutex_init(&p->mu, NULL);
         pthread_condattr_t ca;
@@ -786,6 +863,8 @@ int df_mpi_pool_new(df_mpi *ctx, df_loop *loop,
     } else if (p != NULL) {
         free(p->credit);
         free(p->used);
+        free(p->threads);
+        free(p->mean_run_ns);
         free(p);
     }
     free(rows);
@@ -846,6 +925,8 @@ int df_mpi_pool_free(df_mpi_pool *p)
     free(p->free_slots);
     free(p->credit);
     free(p->used);
+    free(p->threads);
+    free(p->mean_run_ns);
     free(p);
     return 0;
 }

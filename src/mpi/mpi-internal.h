@@ -28,12 +28,15 @@ typedef struct df_mpi__req_hdr {
 } df_mpi__req_hdr;
 
 /* REP: this header, then msg_len bytes of failure message (code != 0),
- * then out_len bytes of output (code == 0). */
+ * then out_len bytes of output (code == 0).  run_ns is how long the work
+ * function ran (wall time on its pool thread), 0 for an item that did not
+ * run: the master paces its polling by it (see master.c). */
 typedef struct df_mpi__rep_hdr {
     uint64_t id;
     int32_t code;
     uint32_t msg_len;
     uint64_t out_len;
+    uint64_t run_ns;
 } df_mpi__rep_hdr;
 
 /* The id a worker puts on the reply to a message it could not parse. */
@@ -61,7 +64,14 @@ struct df_mpi {
 
 /* Start-up exchange, one row per rank. */
 enum { DF_MPI__ROW_HASH, DF_MPI__ROW_CREDIT, DF_MPI__ROW_MAX,
-       DF_MPI__ROW_FLAGS, DF_MPI__ROW_STATUS, DF_MPI__ROW_N };
+       DF_MPI__ROW_FLAGS, DF_MPI__ROW_STATUS, DF_MPI__ROW_THREADS,
+       DF_MPI__ROW_N };
+
+/* The longest the worker's main thread sleeps without looking at MPI, and
+ * the longest the master's progress thread sleeps between polls while
+ * replies are awaited: a cancel reaches a worker's item at most about this
+ * late (plus the transfer).  See worker.c and master.c. */
+#define DF_MPI__LONG_SLEEP_US 2000
 
 /* The status of a rank that joins the exchange from df_mpi_finalize. */
 #define DF_MPI__LEAVING DF_ESHUTDOWN

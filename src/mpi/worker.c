@@ -19,11 +19,25 @@
  *   - dispatching the loop: a finished item's callback sends its reply
  *     (MPI_Send: the master's progress thread always receives, and the
  *     master never blocks in a send to a worker, so this cannot deadlock);
- * and, when neither had anything, sleeps in ppoll(2) on the loop's fd for
- * a backoff that doubles from 8 us to 256 us: a finished item wakes it at
- * once, a message from the master waits at most the backoff.  The
- * thread's timer slack is 1 us meanwhile (Linux: 50 us by default, which
- * would stretch the short sleeps), restored on return.  Every item
+ * and, when neither had anything, sleeps in ppoll(2) on the loop's fd: a
+ * finished item wakes it at once, a message from the master waits at most
+ * the sleep.  How long it sleeps depends on what it holds (`nactive`, the
+ * items received and not yet answered, against `threads`):
+ *   - nactive < threads: a pool thread is idle and the next item may be
+ *     on its way: a backoff that doubles from 8 us to 256 us;
+ *   - nactive == threads: every thread is busy and none waits; the next
+ *     item is wanted before one of them finishes, which wakes us anyway:
+ *     a quarter of the mean run time of an item (measured here), at least
+ *     256 us and at most DF_MPI__LONG_SLEEP_US;
+ *   - nactive > threads: an item is queued locally, so nothing urgent can
+ *     come from the master but a cancel: DF_MPI__LONG_SLEEP_US (2 ms), the
+ *     documented bound on how late a cancel is seen.
+ * Every sleep and wake-up is costly (a context switch, and under a
+ * hypervisor an exit), and it takes a core from the items: the short
+ * backoff of the first case, kept up for every item, cost the main thread
+ * of a worker 55-65% of a core on 1 ms items (bench/RESULTS.md).
+ * The thread's timer slack is 1 us meanwhile (Linux: 50 us by default,
+ * which would stretch the short sleeps), restored on return.  Every item
  * the master sends is answered exactly once, cancelled or not.
  *
  * Item states: received -> queued in the pool -> running -> done (reply
@@ -50,6 +64,7 @@ struct df_mpi_task {
     df_work *w;
     unsigned char *out;
     size_t out_len;
+    uint64_t run_ns;    /* how long the work function ran */
     int code;
     char *text;         /* failure message, or NULL */
     bool too_big;
@@ -61,6 +76,9 @@ struct worker {
     df_pool *pool;
     size_t max_bytes;
     df_mpi_task *active;    /* items received and not yet answered */
+    size_t nactive;         /* their number */
+    unsigned threads;       /* the pool's threads */
+    uint64_t mean_run_ns;   /* running mean of the items' run time */
     df_mpi_task *graveyard; /* answered, to be freed */
     bool stop;
     int error;              /* first MPI failure */
@@ -162,9 +180,11 @@ static void fatal_mpi(worker *wk, const char *what, int rc)
     MPI_Abort(wk->ctx->comm, 1);
 }
 
-/* Sends one reply: code 0 with `out`, else code and message. */
+/* Sends one reply: code 0 with `out`, else code and message; run_ns is
+ * the item's run time (0: it did not run). */
 static void send_reply(worker *wk, uint64_t id, int code, const char *text,
-                       const unsigned char *out, size_t out_len)
+                       const unsigned char *out, size_t out_len,
+                       uint64_t run_ns)
 {
     size_t msg_len = 0;
     if (code != 0) {
@@ -179,14 +199,14 @@ static void send_reply(worker *wk, uint64_t id, int code, const char *text,
     unsigned char *buf = malloc(n);
     if (buf == NULL) {
         /* Answer anyway, without message or output. */
-        df_mpi__rep_hdr h = {id, DF_ENOMEM, 0, 0};
+        df_mpi__rep_hdr h = {id, DF_ENOMEM, 0, 0, run_ns};
         int rc = MPI_Send(&h, sizeof h, MPI_BYTE, 0, DF_MPI__TAG_REP,
                           wk->ctx->comm);
         if (rc != MPI_SUCCESS)
             fatal_mpi(wk, "MPI_Send", rc);
         return;
     }
-    df_mpi__rep_hdr h = {id, code, (uint32_t)msg_len, out_len};
+    df_mpi__rep_hdr h = {id, code, (uint32_t)msg_len, out_len, run_ns};
     memcpy(buf, &h, sizeof h);
     if (msg_len > 0)
         memcpy(buf + sizeof h, text, msg_len);
@@ -201,12 +221,23 @@ static void send_reply(worker *wk, uint64_t id, int code, const char *text,
 
 /* --------------------------------------------------------------- items */
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 /* Pool thread. */
 static df_result run_task(df_work *w, void *arg)
 {
     df_mpi_task *t = arg;
     t->w = w;
+    uint64_t t0 = now_ns();
     int code = t->e->fn(t, t->in, t->in_len, t->e->arg);
+    t->run_ns = now_ns() - t0;
+    if (t->run_ns == 0)
+        t->run_ns = 1; /* it ran */
     if (t->too_big)
         code = DF_MPI_ETOOBIG;
     t->code = code;
@@ -238,12 +269,23 @@ static df_result task_done(df_result r, void *arg)
 {
     df_mpi_task *t = arg;
     worker *wk = t->wk;
+    /* A cancelled job may have run (t->run_ns set) or not (0). */
     if (r.failure != NULL)
         send_reply(wk, t->id, df_failure_code(r.failure),
-                   df_failure_message(r.failure), NULL, 0);
+                   df_failure_message(r.failure), NULL, 0, t->run_ns);
     else
-        send_reply(wk, t->id, t->code, t->text, t->out, t->out_len);
+        send_reply(wk, t->id, t->code, t->text, t->out, t->out_len,
+                   t->run_ns);
+    if (t->run_ns > 0) {
+        /* A running mean over about the last 8 items. */
+        if (wk->mean_run_ns == 0)
+            wk->mean_run_ns = t->run_ns;
+        else
+            wk->mean_run_ns = wk->mean_run_ns - wk->mean_run_ns / 8 +
+                              t->run_ns / 8;
+    }
     unlink_task(&wk->active, t);
+    wk->nactive--;
     push_task(&wk->graveyard, t);
     df_result_clear(&r);
     return r;
@@ -279,7 +321,7 @@ static void refuse(worker *wk, uint64_t id, int code, const char *fmt, ...)
     vsnprintf(text, sizeof text, fmt, ap);
     va_end(ap);
     fprintf(stderr, "df_mpi: worker rank %d: %s\n", wk->ctx->rank, text);
-    send_reply(wk, id, code, text, NULL, 0);
+    send_reply(wk, id, code, text, NULL, 0, 0);
 }
 
 static void on_request(worker *wk, unsigned char *msg, size_t n)
@@ -320,7 +362,7 @@ static void on_request(worker *wk, unsigned char *msg, size_t n)
     df_mpi_task *t = calloc(1, sizeof *t);
     if (t == NULL) {
         send_reply(wk, h.id, DF_ENOMEM, "out of memory on the worker", NULL,
-                   0);
+                   0, 0);
         free(msg);
         return;
     }
@@ -333,17 +375,20 @@ static void on_request(worker *wk, unsigned char *msg, size_t n)
     int rc = df_pool_submit(wk->pool, run_task, t, &t->d);
     if (rc != 0) {
         send_reply(wk, h.id, rc, "the worker's pool refused the item", NULL,
-                   0);
+                   0, 0);
         free_task(t);
         return;
     }
     push_task(&wk->active, t);
+    wk->nactive++;
     rc = df_deferred_add_both(t->d, task_done, t);
     if (rc != 0) {
         /* Cannot happen with a fresh deferred; answer without waiting. */
         unlink_task(&wk->active, t);
+        wk->nactive--;
         df_deferred_cancel(t->d);
-        send_reply(wk, h.id, rc, "the worker cannot watch the item", NULL, 0);
+        send_reply(wk, h.id, rc, "the worker cannot watch the item", NULL, 0,
+                   0);
         push_task(&wk->graveyard, t);
     }
 }
@@ -426,7 +471,7 @@ int df_mpi_worker_run(df_mpi *ctx, const df_mpi_worker_options *opts)
     df_mpi_worker_options o = DF_MPI_WORKER_OPTIONS_INIT;
     if (opts != NULL)
         o = *opts;
-    worker wk = {.ctx = ctx};
+    worker wk = {.ctx = ctx, .threads = o.threads};
     int status = 0;
     if (o.threads == 0 || o.threads > 4096) {
         fprintf(stderr, "df_mpi: worker rank %d: threads must be 1..4096\n",
@@ -443,6 +488,7 @@ int df_mpi_worker_run(df_mpi *ctx, const df_mpi_worker_options *opts)
     }
     uint64_t row[DF_MPI__ROW_N] = {0};
     row[DF_MPI__ROW_CREDIT] = credit;
+    row[DF_MPI__ROW_THREADS] = o.threads;
     row[DF_MPI__ROW_STATUS] = (uint64_t)(int64_t)status;
     uint64_t *rows = NULL;
     int rc = df_mpi__start(ctx, row, &rows);
@@ -452,10 +498,15 @@ int df_mpi_worker_run(df_mpi *ctx, const df_mpi_worker_options *opts)
         prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
         int fd = df_loop_fd(wk.loop);
         unsigned backoff = 0;
+        bool quiet = false; /* the last sleep ended with nothing to run */
         while (!wk.stop) {
             bool any = receive(&wk);
             unsigned ran = 0;
-            df_loop_dispatch(wk.loop, 0, &ran);
+            /* Reading the loop's fd costs a system call: skip it when
+             * the sleep just timed out with no timer and nothing new. */
+            if (any || !quiet)
+                df_loop_dispatch(wk.loop, 0, &ran);
+            quiet = false;
             bury(&wk);
             if (wk.stop)
                 break;
@@ -463,15 +514,31 @@ int df_mpi_worker_run(df_mpi *ctx, const df_mpi_worker_options *opts)
                 backoff = 0;
                 continue;
             }
-            backoff = backoff ? 2 * backoff : BACKOFF_MIN_US;
-            if (backoff > BACKOFF_MAX_US)
-                backoff = BACKOFF_MAX_US;
-            struct pollfd pfd = {fd, POLLIN, 0};
-            struct timespec ts = {0, (long)backoff * 1000};
             int tmo = df_loop_timeout_ms(wk.loop);
             if (tmo == 0)
                 continue;
-            ppoll(&pfd, 1, &ts, NULL);
+            uint64_t us;
+            if (wk.nactive < wk.threads) {
+                backoff = backoff ? 2 * backoff : BACKOFF_MIN_US;
+                if (backoff > BACKOFF_MAX_US)
+                    backoff = BACKOFF_MAX_US;
+                us = backoff;
+            } else if (wk.nactive == wk.threads) {
+                us = wk.mean_run_ns / 4000;
+                if (us < BACKOFF_MAX_US)
+                    us = BACKOFF_MAX_US;
+                if (us > DF_MPI__LONG_SLEEP_US)
+                    us = DF_MPI__LONG_SLEEP_US;
+            } else {
+                us = DF_MPI__LONG_SLEEP_US;
+            }
+            if (tmo > 0 && (uint64_t)tmo * 1000 < us)
+                us = (uint64_t)tmo * 1000;
+            struct pollfd pfd = {fd, POLLIN, 0};
+            struct timespec ts = {(time_t)(us / 1000000),
+                                  (long)(us % 1000000) * 1000};
+            int n = ppoll(&pfd, 1, &ts, NULL);
+            quiet = n == 0 && tmo < 0;
         }
         /* The master stops a pool only once every item was answered, so
          * nothing is active here; should anything be, it is cancelled

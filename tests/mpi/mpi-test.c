@@ -562,6 +562,59 @@ static void test_cancel(df_loop *loop, df_mpi_pool *pool)
            credit);
 }
 
+/* A worker that holds more items than threads sleeps up to
+ * DF_MPI__LONG_SLEEP_US (2 ms) between looks at MPI, since only a cancel
+ * can be urgent then: a cancel of an item queued on the worker must still
+ * come back at once, not when a running item ends ("slow" runs 20 s). */
+static void test_cancel_queued(df_loop *loop, df_mpi_pool *pool)
+{
+    df_mpi_pool_stats st;
+    OK(df_mpi_pool_get_stats(pool, &st));
+    unsigned credit = st.credit;
+    enum { MAXS = 64 };
+    static outcome slow[MAXS];
+    memset(slow, 0, sizeof slow);
+    CHECK(credit >= 2 && credit <= MAXS, "credit %u", credit);
+    if (credit < 2 || credit > MAXS)
+        return;
+    df_deferred *sd[MAXS];
+    for (unsigned k = 0; k < credit; k++) {
+        OK(df_mpi_submit(pool, "slow", NULL, 0, &sd[k]));
+        df_deferred_ref(sd[k]);
+        watch(sd[k], &slow[k]);
+    }
+    /* Each worker has 2 threads and a credit of 4: the last item sent to
+     * a rank is the last it received, queued behind two running ones.
+     * The last one submitted is such an item on its rank.  Let every
+     * worker settle into its long sleep first. */
+    sleep_loop(loop, 100000000);
+    unsigned last = credit - 1;
+    double t0 = wall_seconds();
+    df_deferred_cancel(sd[last]);
+    while (slow[last].fired == 0 && wall_seconds() - t0 < 10.0)
+        sleep_loop(loop, 1000000);
+    double dt = wall_seconds() - t0;
+    CHECK(slow[last].fired == 1 && slow[last].code == DF_ECANCELLED,
+          "queued slow: fired %d code %d", slow[last].fired,
+          slow[last].code);
+    /* 2 ms is the documented bound; a loaded machine adds its own delays,
+     * but nothing near the 20 s of a running item. */
+    CHECK(dt < 1.0, "the cancel of a queued item took %.3f s", dt);
+    for (unsigned k = 0; k < last; k++)
+        CHECK(slow[k].fired == 0, "slow %u fired with no cancel", k);
+    for (unsigned k = 0; k < credit; k++) {
+        if (k != last)
+            df_deferred_cancel(sd[k]);
+        df_deferred_unref(sd[k]);
+    }
+    df_loop_run(loop);
+    for (unsigned k = 0; k < credit; k++)
+        CHECK(slow[k].fired == 1 && slow[k].code == DF_ECANCELLED,
+              "slow %u: fired %d code %d", k, slow[k].fired, slow[k].code);
+    printf("mpi-test: cancel of an item queued on a sleeping worker came "
+           "back after %.1f ms\n", dt * 1e3);
+}
+
 /* --------------------------------------------------------- bad inputs */
 
 static void test_bad(df_loop *loop, df_mpi_pool *pool, size_t max_bytes)
@@ -730,6 +783,7 @@ static void scenario_main(df_mpi *ctx)
     test_idle(loop);
     test_map(loop, pool);
     test_cancel(loop, pool);
+    test_cancel_queued(loop, pool);
     test_bad(loop, pool, po.max_bytes);
     test_wrong_thread(pool);
     test_drain(loop, pool);
