@@ -38,7 +38,7 @@ extern "C" {
  * a condition variable while nothing is in flight and polls MPI while
  * replies are awaited: with a backoff (8 us doubling to 256 us) while
  * some worker has free credit, and, while every worker is at full credit,
- * at a pace of half the time the workers' queued items still cover
+ * at a pace of a quarter of the time the workers' queued items still cover
  * (derived from the items' measured run times; at most 2 ms).  The loop
  * thread never calls MPI after
  * df_mpi_pool_new() returns and sleeps in the loop as usual.  MPI must

@@ -36,11 +36,15 @@
  *     c_r - 1 items when it replies: its threads stay busy for about
  *     (c_r - t_r) * S_r / t_r after the reply, S_r being the mean run time
  *     of its items (each reply carries the item's run time).  The thread
- *     then sleeps half the smallest such margin over the ranks, fixed
- *     (no doubling), when that is above 256 us, and at most
- *     DF_MPI__LONG_SLEEP_US (2 ms): a few wake-ups per reply instead of a
- *     backoff restarted at 8 us after each.  With the default credit
- *     (2 x threads) the margin is one item's run time.
+ *     then sleeps a quarter of the smallest such margin over the ranks,
+ *     fixed (no doubling), when that is at least 64 us, and at most
+ *     DF_MPI__LONG_SLEEP_US (2 ms): one or two wake-ups per reply instead
+ *     of a backoff restarted at 8 us after each (6 to 7 on 1 ms items).
+ *     The other three quarters are for the hops that follow (the loop
+ *     thread, the send, the worker's receive), each of which waits for a
+ *     core on a busy machine: with half the margin, the workers ran dry
+ *     under load.  With the default credit (2 x threads) the margin is
+ *     one item's run time.
  * Sleeps and wake-ups are costly here (context switches, hypervisor
  * exits), and the ranks compete with the master for the same cores when
  * the job is oversubscribed: bench/RESULTS.md has the measurements.
@@ -62,6 +66,7 @@
 
 #define BACKOFF_MIN_US 8
 #define BACKOFF_MAX_US 256
+#define PACE_MIN_US 64
 
 enum { OP_REQ, OP_CANCEL };
 
@@ -475,7 +480,7 @@ static void schedule(df_mpi_pool *p)
  * nonzero only while every rank is at full credit and each rank's margin
  * is known.  O(ranks), once per batch of replies and per submit that
  * changes the saturation; the lock is taken only when the pace changes
- * (rounded to 64 us, so a steady stream rarely changes it). */
+ * (rounded to 16 us, so a steady stream rarely changes it). */
 static void update_pace(df_mpi_pool *p)
 {
     uint64_t pace = 0;
@@ -491,9 +496,9 @@ static void update_pace(df_mpi_pool *p)
             if (m < margin)
                 margin = m;
         }
-        pace = margin / 2;
-        pace -= pace % 64000;
-        if (pace <= (uint64_t)BACKOFF_MAX_US * 1000)
+        pace = margin / 4;
+        pace -= pace % 16000;
+        if (pace < (uint64_t)PACE_MIN_US * 1000)
             pace = 0;
         else if (pace > (uint64_t)DF_MPI__LONG_SLEEP_US * 1000)
             pace = (uint64_t)DF_MPI__LONG_SLEEP_US * 1000;
