@@ -6,6 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <time.h>
 
 #include <deferred-mpi.h>
 
@@ -26,9 +29,77 @@
  * value, and the pool's own count of items in flight never above LIMIT.
  * A second line, "mpi-master cpu_ns_per_item=X", gives the master's CPU
  * time (all its threads) per item.
+ *
+ * With BENCH_MPI_CPU=1 in the environment each worker rank also prints
+ *
+ *     mpi-worker rank=R items=K main_cpu_ns_per_item=X pool_cpu_ns_per_item=Y
+ *         main_switches_per_item=Z
+ *
+ * the CPU time of its main thread (receiving, replying, sleeping and
+ * waking) and of its pool thread(s) per item it ran, from its first item
+ * to its last (so the start-up exchange and MPI_Finalize stay out), read
+ * with pthread_getcpuclockid() in the work function: two more system calls
+ * per item, so leave it off for timings of short items; and the main
+ * thread's context switches (voluntary and not) per item, from its first
+ * item to the end of df_mpi_worker_run().  The master then adds a line
+ * "mpi-master switches_per_item=S" (all its threads, timed phase).
  */
 
 static unsigned iters; /* the same on every rank: from argv */
+
+/* BENCH_MPI_CPU=1: per-item CPU of a worker rank's threads (see above).
+ * Written by the pool thread(s) under cpu_mu, read after they are gone. */
+static bool cpu_on;
+static pthread_t main_thread;
+static pthread_mutex_t cpu_mu = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t cpu_items, main0, main1, pool_cpu;
+static pid_t main_tid;
+static long main_sw0;
+
+/* Context switches of thread `tid` of this process, from /proc. */
+static long thread_switches(pid_t tid)
+{
+    char path[64], line[128];
+    snprintf(path, sizeof path, "/proc/self/task/%d/status", (int)tid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return 0;
+    long n = 0, v;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (sscanf(line, "voluntary_ctxt_switches: %ld", &v) == 1 ||
+            sscanf(line, "nonvoluntary_ctxt_switches: %ld", &v) == 1)
+            n += v;
+    fclose(f);
+    return n;
+}
+
+static uint64_t thread_cpu_ns(pthread_t t)
+{
+    clockid_t c;
+    struct timespec ts;
+    if (pthread_getcpuclockid(t, &c) != 0 || clock_gettime(c, &ts) != 0)
+        return 0;
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Pool thread: after each item, the main thread's CPU so far and this
+ * item's share of the pool thread's (from its first item on). */
+static void cpu_sample(void)
+{
+    static _Thread_local uint64_t last;
+    uint64_t me = thread_cpu_ns(pthread_self());
+    uint64_t m = thread_cpu_ns(main_thread);
+    pthread_mutex_lock(&cpu_mu);
+    if (cpu_items++ == 0) {
+        main0 = m;
+        main_sw0 = thread_switches(main_tid);
+    }
+    main1 = m;
+    if (last != 0)
+        pool_cpu += me - last;
+    last = me;
+    pthread_mutex_unlock(&cpu_mu);
+}
 
 static int bench_fn(df_mpi_task *t, const void *in, size_t len, void *arg)
 {
@@ -41,6 +112,8 @@ static int bench_fn(df_mpi_task *t, const void *in, size_t len, void *arg)
     if (out == NULL)
         return DF_ENOMEM;
     df_mpi_encode_i64(&v, 1, out);
+    if (cpu_on)
+        cpu_sample();
     return 0;
 }
 
@@ -84,6 +157,14 @@ static void on_result(uint64_t index, void *item, df_result r, void *arg)
     df_result_clear(&r);
 }
 
+/* Context switches of this process (every thread), voluntary or not. */
+static long switches(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_nvcsw + ru.ru_nivcsw;
+}
+
 /* CPU time of this process (every thread), in ns. */
 static uint64_t cpu_ns(void)
 {
@@ -115,11 +196,13 @@ static int master(df_mpi *ctx, bench *b)
     o.arg = b;
     df_map *map = NULL;
     df_deferred *done = NULL;
+    long s0 = switches();
     uint64_t t0 = bench_now_ns(), c0 = cpu_ns();
     rc = df_mpi_map_start(pool, "bench", &o, &map, &done);
     if (rc == 0)
         rc = df_loop_run_until(loop, done);
     uint64_t elapsed = bench_now_ns() - t0, cpu = cpu_ns() - c0;
+    long sw = switches() - s0;
     if (done != NULL)
         df_deferred_unref(done);
     if (map != NULL)
@@ -147,6 +230,9 @@ static int master(df_mpi *ctx, bench *b)
      * Open MPI's) per item: a second line, after the harness's. */
     printf("mpi-master cpu_ns_per_item=%.0f\n",
            (double)cpu / (double)b->args.n);
+    if (cpu_on)
+        printf("mpi-master switches_per_item=%.1f\n",
+               (double)sw / (double)b->args.n);
     fflush(stdout);
     bench_results_free(&b->results);
     return status;
@@ -167,6 +253,8 @@ int main(int argc, char **argv)
     iters = b.args.work_iters;
     df_mpi_register(ctx, "bench", bench_fn, NULL);
     int status;
+    cpu_on = getenv("BENCH_MPI_CPU") != NULL &&
+             strcmp(getenv("BENCH_MPI_CPU"), "1") == 0;
     if (df_mpi_is_master(ctx)) {
         status = master(ctx, &b);
     } else {
@@ -175,7 +263,20 @@ int main(int argc, char **argv)
         const char *credit = getenv("BENCH_MPI_CREDIT");
         if (credit != NULL)
             wo.credit = (unsigned)strtoul(credit, NULL, 10);
+        main_thread = pthread_self();
+        main_tid = (pid_t)syscall(SYS_gettid);
         status = df_mpi_worker_run(ctx, &wo) == 0 ? 0 : 3;
+        if (cpu_on && cpu_items > 1) {
+            /* Intervals between the first and the last item's end. */
+            long sw = thread_switches(main_tid) - main_sw0;
+            printf("mpi-worker rank=%d items=%llu main_cpu_ns_per_item=%.0f "
+                   "pool_cpu_ns_per_item=%.0f main_switches_per_item=%.1f\n",
+                   df_mpi_rank(ctx), (unsigned long long)cpu_items,
+                   (double)(main1 - main0) / (double)(cpu_items - 1),
+                   (double)pool_cpu / (double)(cpu_items - 1),
+                   (double)sw / (double)(cpu_items - 1));
+            fflush(stdout);
+        }
     }
     df_mpi_finalize(ctx);
     return status;
