@@ -56,9 +56,12 @@ struct dfr_shared {
     int devnull;            /* open on /dev/null: every child's stdin      */
     int stop_pipe[2];       /* readable: launch no more jobs               */
     int kill_pipe[2];       /* readable: terminate running jobs            */
-    int done_pipe[2];       /* non-blocking; a byte per finished job,
-                               read by the input reader                    */
+    int done_pipe[2];       /* non-blocking; a byte per job finished
+                               while the input reader waits in poll        */
     atomic_uint_fast64_t finished; /* jobs the workers are done with       */
+    atomic_uint_fast64_t running;  /* jobs being run by workers now        */
+    atomic_bool reader_waiting;    /* the reader is (about to be) in poll,
+                                      wanting a byte in done_pipe          */
     uint64_t delivered;     /* of which delivered (main thread only)       */
     atomic_bool stop;       /* same as stop_pipe, cheaper to test          */
     atomic_bool kill;       /* same as kill_pipe                           */
