@@ -7,6 +7,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <sys/types.h>
 
@@ -54,6 +55,7 @@ struct dfr_shared {
     char *templ;            /* the command words joined by spaces, or NULL */
     bool templ_has_repl;    /* templ holds a replacement string            */
     int devnull;            /* open on /dev/null: every child's stdin      */
+    posix_spawnattr_t spawn_attr; /* every job's, see dfr_slots_init     */
     int stop_pipe[2];       /* readable: launch no more jobs               */
     int kill_pipe[2];       /* readable: terminate running jobs            */
     int done_pipe[2];       /* non-blocking; a byte per job finished
@@ -115,6 +117,12 @@ struct dfr_str {
 int dfr_str_add(struct dfr_str *s, const char *p, size_t n);
 int dfr_str_add_quoted(struct dfr_str *s, const char *p, size_t n);
 
+/* The spawn attributes in sh (own process group, signals reset) and the
+ * per-thread spawn state of job.c: init once on the main thread after
+ * sh->devnull is open and before any job runs (0 or -errno); fini once
+ * the pool threads have exited. */
+int dfr_slots_init(struct dfr_shared *sh);
+void dfr_slots_fini(struct dfr_shared *sh);
 /* Runs the job to completion, with retries (job.c).  Pool thread. */
 void dfr_job_run(struct dfr_job *j);
 /* Writes the job's captured output to fd 1; 0 or -errno. */

@@ -43,6 +43,7 @@ struct app {
     uint64_t skipped;             /* of which skipped by --resume      */
     uint64_t delivered, failed, not_run;
     uint64_t ticks;               /* empty items in flight (next_input) */
+    bool slots;                   /* dfr_slots_init done               */
     bool input_ended;
     bool read_error;
     bool output_error;
@@ -330,6 +331,12 @@ static int setup(struct app *a, int argc, char **argv)
         fprintf(stderr, "%s: %s\n", dfr_progname, strerror(errno));
         return -1;
     }
+    int rc = dfr_slots_init(sh);
+    if (rc != 0) {
+        fprintf(stderr, "%s: %s\n", dfr_progname, strerror(-rc));
+        return -1;
+    }
+    a->slots = true;
     if (dfr_reader_new(o, sh, &a->reader) != 0)
         return -ENOMEM;
     a->progress_tty = isatty(2);
@@ -428,6 +435,10 @@ static int cleanup(struct app *a)
     a->joblog = NULL;
     free(a->sh.templ);
     a->sh.templ = NULL;
+    /* After run(): the pool threads, which own the slots, are gone. */
+    if (a->slots)
+        dfr_slots_fini(&a->sh);
+    a->slots = false;
     return rc;
 }
 
