@@ -531,7 +531,10 @@ static void run_once(struct dfr_job *j)
         if (n <= 0)
             continue;
         if (i_out >= 0 && fds[i_out].revents) {
-            ssize_t r = read(out, buf, sizeof buf);
+            /* POLLHUP without POLLIN: no writer and nothing left to read,
+             * so end of file without a read. */
+            ssize_t r = fds[i_out].revents & POLLIN
+                            ? read(out, buf, sizeof buf) : 0;
             if (r > 0) {
                 out_add(j, buf, (size_t)r);
             } else if (r == 0 || (errno != EINTR && errno != EAGAIN)) {
