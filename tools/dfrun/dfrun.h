@@ -7,6 +7,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <sys/types.h>
 
@@ -54,11 +55,15 @@ struct dfr_shared {
     char *templ;            /* the command words joined by spaces, or NULL */
     bool templ_has_repl;    /* templ holds a replacement string            */
     int devnull;            /* open on /dev/null: every child's stdin      */
+    posix_spawnattr_t spawn_attr; /* every job's, see dfr_slots_init     */
     int stop_pipe[2];       /* readable: launch no more jobs               */
     int kill_pipe[2];       /* readable: terminate running jobs            */
-    int done_pipe[2];       /* non-blocking; a byte per finished job,
-                               read by the input reader                    */
+    int done_pipe[2];       /* non-blocking; a byte per job finished
+                               while the input reader waits in poll        */
     atomic_uint_fast64_t finished; /* jobs the workers are done with       */
+    atomic_uint_fast64_t running;  /* jobs being run by workers now        */
+    atomic_bool reader_waiting;    /* the reader is (about to be) in poll,
+                                      wanting a byte in done_pipe          */
     uint64_t delivered;     /* of which delivered (main thread only)       */
     atomic_bool stop;       /* same as stop_pipe, cheaper to test          */
     atomic_bool kill;       /* same as kill_pipe                           */
@@ -112,6 +117,12 @@ struct dfr_str {
 int dfr_str_add(struct dfr_str *s, const char *p, size_t n);
 int dfr_str_add_quoted(struct dfr_str *s, const char *p, size_t n);
 
+/* The spawn attributes in sh (own process group, signals reset) and the
+ * per-thread spawn state of job.c: init once on the main thread after
+ * sh->devnull is open and before any job runs (0 or -errno); fini once
+ * the pool threads have exited. */
+int dfr_slots_init(struct dfr_shared *sh);
+void dfr_slots_fini(struct dfr_shared *sh);
 /* Runs the job to completion, with retries (job.c).  Pool thread. */
 void dfr_job_run(struct dfr_job *j);
 /* Writes the job's captured output to fd 1; 0 or -errno. */

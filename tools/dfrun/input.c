@@ -21,6 +21,7 @@ struct dfr_reader {
     int wake_fd;            /* see dfr_reader_set_wake, or -1           */
     int tick_ms;
     int backoff_ms;         /* see refill                               */
+    uint64_t seen_finished; /* sh->finished when last returned 2        */
     char *partial;          /* the start of a line cut by a return of 2 */
     size_t partial_len;
     char buf[65536];
@@ -40,6 +41,7 @@ int dfr_reader_new(const struct dfr_options *o, struct dfr_shared *sh,
     r->wake_fd = -1;
     r->tick_ms = -1;
     r->backoff_ms = 1;
+    r->seen_finished = 0;
     r->partial = NULL;
     r->partial_len = 0;
     r->pos = r->end = 0;
@@ -75,7 +77,21 @@ static int refill(struct dfr_reader *r)
          * 2, 4... ms (at most a second: under -k they may be waiting for
          * an earlier job), each time with a tick. */
         int tmo = r->tick_ms;
-        if (r->wake_fd >= 0 &&
+        /* Workers write the wake pipe only while reader_waiting is set
+         * (main.c, run_job); a job that finished before it was set is
+         * seen here instead, as a change of `finished`: then only look
+         * whether standard input is readable (it comes first). */
+        if (r->wake_fd >= 0) {
+            atomic_store(&r->sh->reader_waiting, true);
+            uint64_t f = atomic_load(&r->sh->finished);
+            if (f != r->seen_finished) {
+                r->seen_finished = f;
+                tmo = 0;
+            }
+        }
+        if (tmo == 0) {
+            /* Looked at above. */
+        } else if (r->wake_fd >= 0 &&
             atomic_load(&r->sh->finished) > r->sh->delivered) {
             if (tmo < 0 || r->backoff_ms < tmo)
                 tmo = r->backoff_ms;
@@ -84,6 +100,8 @@ static int refill(struct dfr_reader *r)
             r->backoff_ms = 1;
         }
         int n = poll(p, 3, tmo);
+        if (r->wake_fd >= 0)
+            atomic_store(&r->sh->reader_waiting, false);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -97,6 +115,7 @@ static int refill(struct dfr_reader *r)
             char sink[256];
             while (read(r->wake_fd, sink, sizeof sink) > 0)
                 ;
+            r->seen_finished = atomic_load(&r->sh->finished);
             return 2;
         }
         ssize_t got = read(0, r->buf, sizeof r->buf);

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
@@ -323,19 +324,35 @@ static int pidfd_open_(pid_t pid)
 #endif
 }
 
-static int spawn(struct dfr_job *j, int out_fd, pid_t *pid)
-{
-    const struct dfr_shared *sh = j->sh;
+/* What a worker thread keeps from one job to the next: the spawn file
+ * actions (stdin from /dev/null, stdout and stderr to out_fd), built once,
+ * since glibc checks each fd of adddup2 against the fd limit with a system
+ * call, and the fd number they name.  Each job's pipe write end is put on
+ * out_fd with dup3 before the spawn, and /dev/null after it, so that the
+ * pipe still reaches end of file once the job and its children are gone.
+ * Made on first use by each pool thread, freed by slot_free when that
+ * thread exits (dfr_slots_init's key). */
+struct dfr_slot {
+    int out_fd;
     posix_spawn_file_actions_t fa;
-    posix_spawnattr_t at;
-    sigset_t none, dfl;
-    int rc;
+};
 
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, sh->devnull, 0);
-    posix_spawn_file_actions_adddup2(&fa, out_fd, 1);
-    posix_spawn_file_actions_adddup2(&fa, out_fd, 2);
-    posix_spawnattr_init(&at);
+static pthread_key_t slot_key;
+
+static void slot_free(void *p)
+{
+    struct dfr_slot *sl = p;
+    posix_spawn_file_actions_destroy(&sl->fa);
+    close(sl->out_fd);
+    free(sl);
+}
+
+int dfr_slots_init(struct dfr_shared *sh)
+{
+    int rc = pthread_key_create(&slot_key, slot_free);
+    if (rc != 0)
+        return -rc;
+    sigset_t none, dfl;
     sigemptyset(&none);
     sigemptyset(&dfl);
     int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGUSR1,
@@ -344,17 +361,59 @@ static int spawn(struct dfr_job *j, int out_fd, pid_t *pid)
         sigaddset(&dfl, sigs[i]);
     /* Its own process group, so that a kill reaches the job's children
      * too and the terminal's Ctrl-C reaches only dfrun. */
-    posix_spawnattr_setpgroup(&at, 0);
-    posix_spawnattr_setsigmask(&at, &none);
-    posix_spawnattr_setsigdefault(&at, &dfl);
-    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETPGROUP |
-                                      POSIX_SPAWN_SETSIGMASK |
-                                      POSIX_SPAWN_SETSIGDEF);
+    posix_spawnattr_init(&sh->spawn_attr);
+    posix_spawnattr_setpgroup(&sh->spawn_attr, 0);
+    posix_spawnattr_setsigmask(&sh->spawn_attr, &none);
+    posix_spawnattr_setsigdefault(&sh->spawn_attr, &dfl);
+    posix_spawnattr_setflags(&sh->spawn_attr, POSIX_SPAWN_SETPGROUP |
+                                                  POSIX_SPAWN_SETSIGMASK |
+                                                  POSIX_SPAWN_SETSIGDEF);
+    return 0;
+}
+
+void dfr_slots_fini(struct dfr_shared *sh)
+{
+    posix_spawnattr_destroy(&sh->spawn_attr);
+    pthread_key_delete(slot_key);
+}
+
+/* This thread's slot, made on first use; NULL when out of fds or memory. */
+static struct dfr_slot *slot_get(const struct dfr_shared *sh)
+{
+    struct dfr_slot *sl = pthread_getspecific(slot_key);
+    if (sl != NULL)
+        return sl;
+    sl = malloc(sizeof *sl);
+    if (sl == NULL)
+        return NULL;
+    sl->out_fd = fcntl(sh->devnull, F_DUPFD_CLOEXEC, 3);
+    if (sl->out_fd < 0) {
+        free(sl);
+        return NULL;
+    }
+    posix_spawn_file_actions_init(&sl->fa);
+    if (posix_spawn_file_actions_adddup2(&sl->fa, sh->devnull, 0) != 0 ||
+        posix_spawn_file_actions_adddup2(&sl->fa, sl->out_fd, 1) != 0 ||
+        posix_spawn_file_actions_adddup2(&sl->fa, sl->out_fd, 2) != 0 ||
+        pthread_setspecific(slot_key, sl) != 0) {
+        slot_free(sl);
+        return NULL;
+    }
+    return sl;
+}
+
+/* Spawns the job with its output on the slot's out_fd. */
+static int spawn(struct dfr_job *j, const struct dfr_slot *sl, pid_t *pid)
+{
+    const struct dfr_shared *sh = j->sh;
+    const posix_spawn_file_actions_t *fa = &sl->fa;
+    const posix_spawnattr_t *at = &sh->spawn_attr;
+    int rc;
 
     char *argv[64];
     char *copy = strdup(j->cmd);
     if (copy != NULL && split_plain(copy, argv, 64)) {
-        rc = posix_spawnp(pid, argv[0], &fa, &at, argv, environ);
+        rc = posix_spawnp(pid, argv[0], fa, at, argv, environ);
         if (rc == ENOENT)
             out_note(j, "%s: %s: command not found%s\n", argv[0], "");
         else if (rc != 0)
@@ -363,15 +422,13 @@ static int spawn(struct dfr_job *j, int out_fd, pid_t *pid)
             rc = rc == ENOENT ? 127 : 126;
     } else {
         char *sh_argv[] = {"sh", "-c", j->cmd, NULL};
-        rc = posix_spawn(pid, "/bin/sh", &fa, &at, sh_argv, environ);
+        rc = posix_spawn(pid, "/bin/sh", fa, at, sh_argv, environ);
         if (rc != 0) {
             out_note(j, "%s: cannot start /bin/sh: %s%s\n", strerror(rc), "");
             rc = 127;
         }
     }
     free(copy);
-    posix_spawnattr_destroy(&at);
-    posix_spawn_file_actions_destroy(&fa);
     return rc;
 }
 
@@ -396,13 +453,23 @@ static void run_once(struct dfr_job *j)
     j->sig = 0;
     j->start = dfr_wall();
     uint64_t t0 = dfr_now_ns();
-    if (pipe2(p, O_CLOEXEC) != 0) {
+    struct dfr_slot *sl = slot_get(sh);
+    if (sl == NULL || pipe2(p, O_CLOEXEC) != 0) {
         out_note(j, "%s: pipe: %s%s\n", strerror(errno), "");
         j->exitval = 127;
         j->duration = 0;
         return;
     }
-    int rc = spawn(j, p[1], &pid);
+    int rc;
+    if (dup3(p[1], sl->out_fd, O_CLOEXEC) < 0) {
+        out_note(j, "%s: dup3: %s%s\n", strerror(errno), "");
+        rc = 127;
+    } else {
+        rc = spawn(j, sl, &pid);
+        /* Our copies of the write end go, so that the pipe ends when the
+         * job's last process closes it. */
+        dup3(sh->devnull, sl->out_fd, O_CLOEXEC);
+    }
     close(p[1]);
     if (rc != 0) {
         close(p[0]);
@@ -464,7 +531,10 @@ static void run_once(struct dfr_job *j)
         if (n <= 0)
             continue;
         if (i_out >= 0 && fds[i_out].revents) {
-            ssize_t r = read(out, buf, sizeof buf);
+            /* POLLHUP without POLLIN: no writer and nothing left to read,
+             * so end of file without a read. */
+            ssize_t r = fds[i_out].revents & POLLIN
+                            ? read(out, buf, sizeof buf) : 0;
             if (r > 0) {
                 out_add(j, buf, (size_t)r);
             } else if (r == 0 || (errno != EINTR && errno != EAGAIN)) {

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -42,6 +43,7 @@ struct app {
     uint64_t skipped;             /* of which skipped by --resume      */
     uint64_t delivered, failed, not_run;
     uint64_t ticks;               /* empty items in flight (next_input) */
+    bool slots;                   /* dfr_slots_init done               */
     bool input_ended;
     bool read_error;
     bool output_error;
@@ -124,16 +126,15 @@ static void progress_clear(struct app *a)
 
 static void progress_draw(struct app *a, bool final)
 {
-    df_map_stats st = {0};
-    if (a->map != NULL)
-        df_map_get_stats(a->map, &st);
     double secs = (double)(dfr_now_ns() - a->t0) / 1e9;
     double rate = secs > 0 ? (double)a->delivered / secs : 0;
     char eta[32] = "?";
     if (a->input_ended && rate > 0)
         fmt_secs(eta, sizeof eta,
                  (double)(a->seq - a->skipped - a->delivered) / rate);
-    uint64_t running = st.running > a->ticks ? st.running - a->ticks : 0;
+    /* Jobs running now; the map's own count also holds the items pulled
+     * ahead that wait for a worker, and the ticks. */
+    uint64_t running = atomic_load(&a->sh.running);
     char line[256];
     snprintf(line, sizeof line,
              "%s%s: %" PRIu64 " done, %" PRIu64 " failed, %" PRIu64
@@ -220,15 +221,25 @@ static df_result run_job(df_work *w, void *item, void *work_arg)
     (void)work_arg;
     struct dfr_job *j = item;
     (void)w;
+    struct dfr_shared *sh = j->sh;
     if (j->tick)
         return df_ok(NULL, NULL);
-    /* After a kill request nothing new starts. */
-    if (!atomic_load(&j->sh->kill))
+    /* After a stop request nothing new starts; the items that were
+     * queued for a worker (see run()) come back not run. */
+    if (!atomic_load(&sh->stop)) {
+        atomic_fetch_add(&sh->running, 1);
         dfr_job_run(j);
-    /* Wake the input reader if it waits: this job's output should not
-     * wait for the next input.  A full pipe is readable already. */
-    atomic_fetch_add(&j->sh->finished, 1);
-    (void)!write(j->sh->done_pipe[1], "d", 1);
+        atomic_fetch_sub(&sh->running, 1);
+    }
+    /* Wake the input reader if it waits in poll: this job's output should
+     * not wait for the next input.  The reader raises reader_waiting,
+     * then reads `finished`; a worker adds to `finished`, then reads
+     * reader_waiting (both sequentially consistent): either the reader
+     * sees this job or the worker sees the reader, and writes.  A full
+     * pipe is readable already. */
+    atomic_fetch_add(&sh->finished, 1);
+    if (atomic_load(&sh->reader_waiting))
+        (void)!write(sh->done_pipe[1], "d", 1);
     return df_ok(NULL, NULL);
 }
 
@@ -320,6 +331,12 @@ static int setup(struct app *a, int argc, char **argv)
         fprintf(stderr, "%s: %s\n", dfr_progname, strerror(errno));
         return -1;
     }
+    int rc = dfr_slots_init(sh);
+    if (rc != 0) {
+        fprintf(stderr, "%s: %s\n", dfr_progname, strerror(-rc));
+        return -1;
+    }
+    a->slots = true;
     if (dfr_reader_new(o, sh, &a->reader) != 0)
         return -ENOMEM;
     a->progress_tty = isatty(2);
@@ -350,9 +367,17 @@ static int run(struct app *a)
         return lib_fail("df_pool_new", rc);
     }
     df_map_options mo = {0};
-    mo.limit = o->jobs;
-    /* next_input blocks on standard input, and stopping (--halt, Ctrl-C)
-     * means pulling no more: no item may be pulled before it can start. */
+    /* The pool has -j threads, and each job holds its thread until the
+     * child is reaped, so at most -j jobs run at once.  The map keeps up
+     * to -j more items queued in the pool, so that a worker whose job
+     * ends starts the next one at once, on its own thread, instead of
+     * waiting for the loop thread to deliver, pull and submit (that
+     * round trip was most of the gap between two jobs at -j 1).  No
+     * read-ahead beyond that (DF_MAP_NO_READAHEAD): next_input may block
+     * on standard input, and a stop (--halt, Ctrl-C) must leave few
+     * inputs read but not run (run_job skips those; they count as not
+     * run, as after a kill). */
+    mo.limit = o->jobs > UINT_MAX / 2 ? UINT_MAX : o->jobs * 2;
     mo.flags = DF_MAP_NO_READAHEAD | (o->keep_order ? DF_MAP_ORDERED : 0);
     mo.window = o->keep_order ? o->window : 0;
     mo.next = next_input;
@@ -410,6 +435,10 @@ static int cleanup(struct app *a)
     a->joblog = NULL;
     free(a->sh.templ);
     a->sh.templ = NULL;
+    /* After run(): the pool threads, which own the slots, are gone. */
+    if (a->slots)
+        dfr_slots_fini(&a->sh);
+    a->slots = false;
     return rc;
 }
 
