@@ -167,10 +167,17 @@ bool df__deferred_mark_timeout(df_deferred *d);
 void df__deferred_unmark_timeout(df_deferred *d);
 /* A cancellable deferred and a pool job in one block: *job points to
  * DF__JOB_SIZE bytes, 8-byte aligned, that live as long as the deferred
- * and are also the canceller's argument (pool.c checks the size). */
-#define DF__JOB_SIZE 168
+ * and are also the canceller's argument (pool.c and sem.c check the
+ * size).  The job starts DF__JOB_OFFSET bytes into the block (deferred.c
+ * checks it), so the job finds its deferred without keeping a pointer. */
+#define DF__JOB_SIZE 128
+#define DF__JOB_OFFSET 120
 int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                          df_deferred **out, void **job);
+static inline df_deferred *df__job_deferred(void *job)
+{
+    return (df_deferred *)(void *)((char *)job - DF__JOB_OFFSET);
+}
 
 /* ---------------------------------------------------------------- failure */
 /* The shared static out-of-memory failure. */

@@ -62,7 +62,12 @@ typedef struct entry {
     void *arg;
 } entry;
 
+/* Callback pairs a deferred holds without an allocation of its own: two
+ * for a plain deferred, one for a block with room for a pool job (its one
+ * common pair is the application's, or a list's member callback), so that
+ * the job starts right after that one entry. */
 #define INLINE_ENTRIES 2
+#define INLINE_ENTRIES_JOB 1
 
 struct df_deferred {
     df_loop *loop;
@@ -80,8 +85,16 @@ struct df_deferred {
     df_canceller_fn canceller;
     void *canceller_arg;
     entry *entries;           /* == inline_entries or heap */
-    entry inline_entries[INLINE_ENTRIES];
+    entry inline_entries[INLINE_ENTRIES]; /* last: a job block keeps
+                                             INLINE_ENTRIES_JOB of them */
 };
+
+/* Where a block made with room for a pool job starts that room: right
+ * after its INLINE_ENTRIES_JOB inline entries. */
+#define EXT_OFFSET                                                             \
+    (offsetof(df_deferred, inline_entries) + INLINE_ENTRIES_JOB * sizeof(entry))
+_Static_assert(EXT_OFFSET == DF__JOB_OFFSET, "fix DF__JOB_OFFSET");
+_Static_assert(EXT_OFFSET % 8 == 0, "a job needs 8-byte alignment");
 
 static df_result continue_mark(df_result r, void *arg)
 {
@@ -330,9 +343,6 @@ static void run_callbacks(df_deferred *self)
 
 /* -------------------------------------------------------------- lifecycle */
 
-/* Where a block made with room for a pool job starts that room. */
-#define EXT_OFFSET ((sizeof(df_deferred) + 15u) & ~(size_t)15u)
-
 size_t df__deferred_block_size(bool job)
 {
     return job ? EXT_OFFSET + DF__JOB_SIZE : sizeof(df_deferred);
@@ -367,7 +377,7 @@ static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
     d->loop = loop;
     d->refs = 1;
     d->entries = d->inline_entries;
-    d->cap = INLINE_ENTRIES;
+    d->cap = ext ? INLINE_ENTRIES_JOB : INLINE_ENTRIES;
     *out = d;
     return 0;
 }

@@ -83,16 +83,19 @@
 #define GATHER_FLAGS (DF_LIST_CONSUME_ERRORS | DF_LIST_CANCEL_REMAINING)
 
 struct list_slot {
-    /* Result part: written only while collecting, read by the accessors. */
-    void *value;
-    df_free_fn free;
-    df_failure *failure; /* owned reference */
+    /* Result part: written only while collecting, read by the accessors.
+     * `ok` says which member of the union is valid (40 bytes a slot). */
+    union {
+        void *value;         /* ok */
+        df_failure *failure; /* !ok: owned reference */
+    };
+    df_free_fn free;         /* ok: the value's destructor */
+    df_deferred *member; /* reference, while members_held */
+    struct df_list_result *owner; /* the block; the callback's argument */
     bool fired;          /* recorded before the list fired */
     bool ok;
     /* Collector part (loop thread only). */
     bool done;           /* the list callback on this member has run */
-    df_deferred *member; /* reference, while members_held */
-    struct df_list_result *owner; /* the block; the callback's argument */
 };
 
 struct df_list_result {

@@ -42,8 +42,12 @@ typedef struct df__job_ops {
  * queue", and what matters then is only whether the worker has posted. */
 
 struct df__job {
-    df__inbox_node node;      /* the inbox entry once work() has returned */
-    df__ilink link;           /* the pool's queue (pool->mu)              */
+    /* A queued job is on the pool's queue; a posted one in the inbox; never
+     * both at once, so the two links share their bytes. */
+    union {
+        df__ilink link;           /* the pool's queue (pool->mu)          */
+        df__inbox_node node;      /* the inbox entry once posted          */
+    };
     df_pool *pool;
     const df__job_ops *ops;
     df_work_fn work;
