@@ -148,6 +148,29 @@ size_t df__deferred_block_size(bool job);
 void df__report_unhandled(df_loop *loop, df_failure *f);
 
 /* --------------------------------------------------------------- deferred */
+/* The first members of struct df_deferred (deferred.c checks the layout),
+ * so that the library's hot paths take and drop references inline. */
+typedef struct df__deferred_head {
+    df_loop *loop;
+    uint32_t refs;
+} df__deferred_head;
+/* The last reference is gone (deferred.c). */
+void df__deferred_release(df_deferred *d);
+/* df_deferred_ref and df_deferred_unref without the thread check, for
+ * library code that runs on d's loop thread already (it has checked, or
+ * runs inside a callback of that loop); d is not NULL. */
+static inline df_deferred *df__deferred_ref(df_deferred *d)
+{
+    ((df__deferred_head *)(void *)d)->refs++;
+    return d;
+}
+static inline void df__deferred_unref(df_deferred *d)
+{
+    df__deferred_head *h = (df__deferred_head *)(void *)d;
+    assert(h->refs > 0);
+    if (--h->refs == 0)
+        df__deferred_release(d);
+}
 /* Pool jobs: df_deferred_cancel() on a deferred with this flag set calls the
  * canceller but does not fail the deferred itself; the producer fires it
  * (with DF_ECANCELLED) when the work has really stopped. */

@@ -170,7 +170,7 @@ static void list_leave(struct df_list_result *l)
             df_deferred *m = l->slots[i].member;
             l->slots[i].member = NULL;
             if (m != NULL)
-                df_deferred_unref(m);
+                df__deferred_unref(m); /* on the loop thread (callback) */
         }
     }
     l->busy = 0;
@@ -367,7 +367,8 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
         df__free(loop, l);
         return rc;
     }
-    memset(l, 0, sizeof *l + n * sizeof l->slots[0]);
+    /* The header only: the slots are written in full below. */
+    memset(l, 0, sizeof *l);
     atomic_init(&l->refs, 2);
     l->alloc = *df__allocator(loop);
     l->count = n;
@@ -396,8 +397,14 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     l->members_held = true;
     l->busy = 1;
     for (i = 0; i < n; i++) {
-        l->slots[i].owner = l;
-        l->slots[i].member = df_deferred_ref(members[i]);
+        struct list_slot *s = &l->slots[i];
+        s->value = NULL;
+        s->free = NULL;
+        s->member = df__deferred_ref(members[i]);
+        s->owner = l;
+        s->fired = false;
+        s->ok = false;
+        s->done = false;
     }
     *out = self;
     if (n == 0)

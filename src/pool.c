@@ -388,7 +388,7 @@ static void fail_cancelled(df_loop *loop, df_deferred *d)
     df_deferred_unref(d);
 }
 
-df_result df__job_result(df__job *j, int status)
+df_result df__job_result_slow(df__job *j, int status)
 {
     df_loop *loop = j->pool->loop;
     df_result r = j->result;
@@ -414,7 +414,7 @@ static void plain_done(df__job *j, int status)
     df_result r = df__job_result(j, status);
     if (df_deferred_resolve(d, r) != 0)
         df_result_clear(&r);
-    df_deferred_unref(d); /* may free the block, and the job with it */
+    df__deferred_unref(d); /* may free the block, and the job with it */
 }
 
 static const df__job_ops plain_ops = {NULL, plain_done};
@@ -446,7 +446,7 @@ int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
     df__job_init(&pj->job, p, &plain_ops, work, arg);
     df__deferred_set_cancel_waits(d);
     assert(df__job_deferred(pj) == d);
-    *out = df_deferred_ref(d); /* the first reference is the job's */
+    *out = df__deferred_ref(d); /* the first reference is the job's */
     df__pool_start(p, &pj->job);
     return 0;
 }

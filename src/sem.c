@@ -770,7 +770,7 @@ static void rip_finish(df__sem_job *sj, df_result r)
     df_deferred *d = df__job_deferred(st);
     if (df_deferred_resolve(d, r) != 0)
         df_result_clear(&r);
-    df_deferred_unref(d); /* may free the block */
+    df__deferred_unref(d); /* may free the block */
 }
 
 static void rip_cancel(df_deferred *d, void *arg)
@@ -807,7 +807,7 @@ int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
         df_deferred_unref(d); /* unfired and never seen: reports nothing */
         return rc;
     }
-    *out = df_deferred_ref(d);
+    *out = df__deferred_ref(d);
     return 0;
 }
 
