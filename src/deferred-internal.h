@@ -175,6 +175,9 @@ static inline void df__deferred_unref(df_deferred *d)
  * canceller but does not fail the deferred itself; the producer fires it
  * (with DF_ECANCELLED) when the work has really stopped. */
 void df__deferred_set_cancel_waits(df_deferred *d);
+/* df_deferred_add_both for library code on d's loop thread (fn is not
+ * NULL): the same, without the argument and thread checks. */
+int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg);
 /* Makes room for `extra` more callback pairs, so that adding that many
  * allocates nothing (df_list_new attaches without a way back). */
 int df__deferred_reserve(df_deferred *d, size_t extra);

@@ -704,6 +704,14 @@ int df_deferred_add_callbacks(df_deferred *d, df_callback_fn cb,
     return 0;
 }
 
+int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg)
+{
+    int rc = append_entry(d, fn, fn, arg);
+    if (rc == 0 && (d->flags & F_CALLED))
+        run_callbacks(d);
+    return rc;
+}
+
 int df_deferred_add_callback(df_deferred *d, df_callback_fn cb, void *arg)
 {
     if (cb == NULL)

@@ -415,7 +415,7 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     for (i = 0; i < n; i++) {
         struct list_slot *s = &l->slots[i];
         l->npending++;
-        rc = df_deferred_add_both(s->member, list_member_done, s);
+        rc = df__deferred_add_both(s->member, list_member_done, s);
         if (rc != 0) {
             /* Only if callbacks run meanwhile used the room made above
              * and memory then ran out: see the header. */
