@@ -175,6 +175,9 @@ static inline void df__deferred_unref(df_deferred *d)
  * canceller but does not fail the deferred itself; the producer fires it
  * (with DF_ECANCELLED) when the work has really stopped. */
 void df__deferred_set_cancel_waits(df_deferred *d);
+/* df_deferred_resolve for library code on d's loop thread (r.wait is
+ * NULL): the same, without the argument and thread checks. */
+int df__deferred_resolve(df_deferred *d, df_result r);
 /* df_deferred_add_both for library code on d's loop thread (fn is not
  * NULL): the same, without the argument and thread checks. */
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg);

@@ -536,6 +536,14 @@ static void unlink_continuation(df_deferred *inner, df_deferred *outer)
  */
 static DF__NOINLINE void deferred_release(df_deferred *d)
 {
+    /* The common end: fired, chain run, nothing owned, nothing waited on.
+     * The loop below would only give the block back. */
+    if (d->chained_to == NULL && (d->flags & F_CALLED) &&
+        d->head == d->count && d->failure == NULL && d->value_free == NULL &&
+        d->entries == d->inline_entries) {
+        block_put(d);
+        return;
+    }
     while (d != NULL) {
         assert(d->refs == 0);
         df_deferred *next = d->chained_to;
@@ -605,6 +613,12 @@ int df_deferred_resolve(df_deferred *d, df_result r)
     if (d == NULL || r.wait != NULL)
         return DF_EINVAL;
     DF__CHECK_THREAD(d->loop);
+    return df__deferred_resolve(d, r);
+}
+
+int df__deferred_resolve(df_deferred *d, df_result r)
+{
+    assert(r.wait == NULL && df__on_loop_thread(d->loop));
     if (d->flags & F_CALLED) {
         if (d->flags & F_SUPPRESS) {
             /* Cancelled earlier: the producer's late result is dropped, as

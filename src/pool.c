@@ -412,7 +412,7 @@ static void plain_done(df__job *j, int status)
     plain_job *pj = DF__CONTAINER_OF(j, plain_job, job);
     df_deferred *d = df__job_deferred(pj);
     df_result r = df__job_result(j, status);
-    if (df_deferred_resolve(d, r) != 0)
+    if (df__deferred_resolve(d, r) != 0)
         df_result_clear(&r);
     df__deferred_unref(d); /* may free the block, and the job with it */
 }

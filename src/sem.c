@@ -768,7 +768,7 @@ static void rip_finish(df__sem_job *sj, df_result r)
 {
     rip *st = DF__CONTAINER_OF(sj, rip, sj);
     df_deferred *d = df__job_deferred(st);
-    if (df_deferred_resolve(d, r) != 0)
+    if (df__deferred_resolve(d, r) != 0)
         df_result_clear(&r);
     df__deferred_unref(d); /* may free the block */
 }
