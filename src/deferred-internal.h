@@ -148,10 +148,39 @@ size_t df__deferred_block_size(bool job);
 void df__report_unhandled(df_loop *loop, df_failure *f);
 
 /* --------------------------------------------------------------- deferred */
+/* The first members of struct df_deferred (deferred.c checks the layout),
+ * so that the library's hot paths take and drop references inline. */
+typedef struct df__deferred_head {
+    df_loop *loop;
+    uint32_t refs;
+} df__deferred_head;
+/* The last reference is gone (deferred.c). */
+void df__deferred_release(df_deferred *d);
+/* df_deferred_ref and df_deferred_unref without the thread check, for
+ * library code that runs on d's loop thread already (it has checked, or
+ * runs inside a callback of that loop); d is not NULL. */
+static inline df_deferred *df__deferred_ref(df_deferred *d)
+{
+    ((df__deferred_head *)(void *)d)->refs++;
+    return d;
+}
+static inline void df__deferred_unref(df_deferred *d)
+{
+    df__deferred_head *h = (df__deferred_head *)(void *)d;
+    assert(h->refs > 0);
+    if (--h->refs == 0)
+        df__deferred_release(d);
+}
 /* Pool jobs: df_deferred_cancel() on a deferred with this flag set calls the
  * canceller but does not fail the deferred itself; the producer fires it
  * (with DF_ECANCELLED) when the work has really stopped. */
 void df__deferred_set_cancel_waits(df_deferred *d);
+/* df_deferred_resolve for library code on d's loop thread (r.wait is
+ * NULL): the same, without the argument and thread checks. */
+int df__deferred_resolve(df_deferred *d, df_result r);
+/* df_deferred_add_both for library code on d's loop thread (fn is not
+ * NULL): the same, without the argument and thread checks. */
+int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg);
 /* Makes room for `extra` more callback pairs, so that adding that many
  * allocates nothing (df_list_new attaches without a way back). */
 int df__deferred_reserve(df_deferred *d, size_t extra);
@@ -167,10 +196,17 @@ bool df__deferred_mark_timeout(df_deferred *d);
 void df__deferred_unmark_timeout(df_deferred *d);
 /* A cancellable deferred and a pool job in one block: *job points to
  * DF__JOB_SIZE bytes, 8-byte aligned, that live as long as the deferred
- * and are also the canceller's argument (pool.c checks the size). */
-#define DF__JOB_SIZE 168
+ * and are also the canceller's argument (pool.c and sem.c check the
+ * size).  The job starts DF__JOB_OFFSET bytes into the block (deferred.c
+ * checks it), so the job finds its deferred without keeping a pointer. */
+#define DF__JOB_SIZE 128
+#define DF__JOB_OFFSET 120
 int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                          df_deferred **out, void **job);
+static inline df_deferred *df__job_deferred(void *job)
+{
+    return (df_deferred *)(void *)((char *)job - DF__JOB_OFFSET);
+}
 
 /* ---------------------------------------------------------------- failure */
 /* The shared static out-of-memory failure. */

@@ -62,7 +62,12 @@ typedef struct entry {
     void *arg;
 } entry;
 
+/* Callback pairs a deferred holds without an allocation of its own: two
+ * for a plain deferred, one for a block with room for a pool job (its one
+ * common pair is the application's, or a list's member callback), so that
+ * the job starts right after that one entry. */
 #define INLINE_ENTRIES 2
+#define INLINE_ENTRIES_JOB 1
 
 struct df_deferred {
     df_loop *loop;
@@ -80,8 +85,21 @@ struct df_deferred {
     df_canceller_fn canceller;
     void *canceller_arg;
     entry *entries;           /* == inline_entries or heap */
-    entry inline_entries[INLINE_ENTRIES];
+    entry inline_entries[INLINE_ENTRIES]; /* last: a job block keeps
+                                             INLINE_ENTRIES_JOB of them */
 };
+
+/* Where a block made with room for a pool job starts that room: right
+ * after its INLINE_ENTRIES_JOB inline entries. */
+#define EXT_OFFSET                                                             \
+    (offsetof(df_deferred, inline_entries) + INLINE_ENTRIES_JOB * sizeof(entry))
+_Static_assert(EXT_OFFSET == DF__JOB_OFFSET, "fix DF__JOB_OFFSET");
+_Static_assert(offsetof(df_deferred, loop) ==
+                       offsetof(df__deferred_head, loop) &&
+                   offsetof(df_deferred, refs) ==
+                       offsetof(df__deferred_head, refs),
+               "df__deferred_head must match struct df_deferred");
+_Static_assert(EXT_OFFSET % 8 == 0, "a job needs 8-byte alignment");
 
 static df_result continue_mark(df_result r, void *arg)
 {
@@ -226,7 +244,11 @@ static bool wait_for(df_deferred *cur, df_deferred *inner)
     return true;
 }
 
-static void run_callbacks(df_deferred *self)
+/* Runs self's chain.  resume: self's first callback has just run in
+ * run_single(), and this goes on from there exactly as the loop below
+ * would have after that callback (whose pause takes effect only at the
+ * next turn of the outer loop, not before the next entry). */
+static void run_callbacks_from(df_deferred *self, bool resume)
 {
     if (self->flags & F_IN_RUN)
         return; /* the run already under way will see the new entries */
@@ -241,7 +263,9 @@ static void run_callbacks(df_deferred *self)
             df_result_clear(&held);
             cur->flags &= ~F_CHAIN_HELD;
         }
-        if (cur->paused) {
+        bool skip_pause = resume;
+        resume = false;
+        if (cur->paused && !skip_pause) {
             /* Nothing more can happen until it is unpaused; the deferreds
              * below it wait for it, so they stop too (as in Twisted), down
              * to the one a chain entry pushed: the chaining deferred below
@@ -328,10 +352,52 @@ static void run_callbacks(df_deferred *self)
     }
 }
 
-/* -------------------------------------------------------------- lifecycle */
+static void run_callbacks(df_deferred *self)
+{
+    run_callbacks_from(self, false);
+}
 
-/* Where a block made with room for a pool job starts that room. */
-#define EXT_OFFSET ((sizeof(df_deferred) + 15u) & ~(size_t)15u)
+/*
+ * The common chain, one ordinary pair (an application's callbacks, or a
+ * list's member callback), run without the explicit stack: the same steps
+ * as the first turn of run_callbacks() for a deferred alone on its stack,
+ * with F_IN_RUN set while the callback runs so that anything it adds, and
+ * any run it asks for, waits for us as it would for run_callbacks().  The
+ * caller holds a reference.  Returns SINGLE_DONE, SINGLE_NOT (nothing ran:
+ * the chain is not that simple) or SINGLE_MORE (the callback added
+ * entries: run_callbacks_from(d, true) goes on with them).
+ */
+enum { SINGLE_DONE, SINGLE_NOT, SINGLE_MORE };
+
+static inline int run_single(df_deferred *d)
+{
+    if ((d->flags & F_IN_RUN) || d->paused || d->count - d->head != 1)
+        return SINGLE_NOT;
+    entry e = d->entries[d->head];
+    if (e.cb == continue_mark || e.cb == chain_mark)
+        return SINGLE_NOT;
+    d->head++;
+    df_callback_fn fn = d->failure != NULL ? e.eb : e.cb;
+    if (fn != NULL) {
+        d->flags |= F_IN_RUN | F_IN_CALLBACK;
+        df_result out = fn(take_result(d), e.arg);
+        d->flags &= ~(uint32_t)(F_IN_RUN | F_IN_CALLBACK);
+        if (out.wait != NULL) {
+            df_deferred *inner = out.wait;
+            if (out.failure != NULL || out.free != NULL) {
+                out.wait = NULL;
+                df_result_clear(&out);
+            }
+            if (wait_for(d, inner))
+                return SINGLE_DONE; /* it waits: the rest runs later */
+        } else {
+            put_result(d, out);
+        }
+    }
+    return d->head < d->count ? SINGLE_MORE : SINGLE_DONE;
+}
+
+/* -------------------------------------------------------------- lifecycle */
 
 size_t df__deferred_block_size(bool job)
 {
@@ -361,13 +427,23 @@ static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
     if (d == NULL)
         return DF_ENOMEM;
     loop->deferreds++;
-    memset(d, 0, offsetof(df_deferred, inline_entries));
-    if (ext)
-        d->flags = F_EXT;
+    /* Every member before the inline entries, written once (a call to
+     * memset costs more than these stores). */
     d->loop = loop;
     d->refs = 1;
+    d->flags = ext ? F_EXT : 0;
+    d->paused = 0;
+    d->head = 0;
+    d->count = 0;
+    d->cap = ext ? INLINE_ENTRIES_JOB : INLINE_ENTRIES;
+    d->value = NULL;
+    d->value_free = NULL;
+    d->failure = NULL;
+    d->chained_to = NULL;
+    d->stack_next = NULL;
+    d->canceller = NULL;
+    d->canceller_arg = NULL;
     d->entries = d->inline_entries;
-    d->cap = INLINE_ENTRIES;
     *out = d;
     return 0;
 }
@@ -460,6 +536,14 @@ static void unlink_continuation(df_deferred *inner, df_deferred *outer)
  */
 static DF__NOINLINE void deferred_release(df_deferred *d)
 {
+    /* The common end: fired, chain run, nothing owned, nothing waited on.
+     * The loop below would only give the block back. */
+    if (d->chained_to == NULL && (d->flags & F_CALLED) &&
+        d->head == d->count && d->failure == NULL && d->value_free == NULL &&
+        d->entries == d->inline_entries) {
+        block_put(d);
+        return;
+    }
     while (d != NULL) {
         assert(d->refs == 0);
         df_deferred *next = d->chained_to;
@@ -512,6 +596,11 @@ static DF__NOINLINE void deferred_release(df_deferred *d)
     }
 }
 
+void df__deferred_release(df_deferred *d)
+{
+    deferred_release(d);
+}
+
 df_loop *df_deferred_loop(const df_deferred *d)
 {
     return d != NULL ? d->loop : NULL;
@@ -524,6 +613,12 @@ int df_deferred_resolve(df_deferred *d, df_result r)
     if (d == NULL || r.wait != NULL)
         return DF_EINVAL;
     DF__CHECK_THREAD(d->loop);
+    return df__deferred_resolve(d, r);
+}
+
+int df__deferred_resolve(df_deferred *d, df_result r)
+{
+    assert(r.wait == NULL && df__on_loop_thread(d->loop));
     if (d->flags & F_CALLED) {
         if (d->flags & F_SUPPRESS) {
             /* Cancelled earlier: the producer's late result is dropped, as
@@ -537,7 +632,9 @@ int df_deferred_resolve(df_deferred *d, df_result r)
     put_result(d, r);
     d->flags |= F_CALLED;
     d->refs++; /* callbacks may drop the caller's reference */
-    run_callbacks(d);
+    int single = run_single(d);
+    if (single != SINGLE_DONE)
+        run_callbacks_from(d, single == SINGLE_MORE);
     unref_checked(d);
     return 0;
 }
@@ -619,6 +716,14 @@ int df_deferred_add_callbacks(df_deferred *d, df_callback_fn cb,
     if (d->flags & F_CALLED)
         run_callbacks(d);
     return 0;
+}
+
+int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg)
+{
+    int rc = append_entry(d, fn, fn, arg);
+    if (rc == 0 && (d->flags & F_CALLED))
+        run_callbacks(d);
+    return rc;
 }
 
 int df_deferred_add_callback(df_deferred *d, df_callback_fn cb, void *arg)

@@ -83,16 +83,19 @@
 #define GATHER_FLAGS (DF_LIST_CONSUME_ERRORS | DF_LIST_CANCEL_REMAINING)
 
 struct list_slot {
-    /* Result part: written only while collecting, read by the accessors. */
-    void *value;
-    df_free_fn free;
-    df_failure *failure; /* owned reference */
+    /* Result part: written only while collecting, read by the accessors.
+     * `ok` says which member of the union is valid (40 bytes a slot). */
+    union {
+        void *value;         /* ok */
+        df_failure *failure; /* !ok: owned reference */
+    };
+    df_free_fn free;         /* ok: the value's destructor */
+    df_deferred *member; /* reference, while members_held */
+    struct df_list_result *owner; /* the block; the callback's argument */
     bool fired;          /* recorded before the list fired */
     bool ok;
     /* Collector part (loop thread only). */
     bool done;           /* the list callback on this member has run */
-    df_deferred *member; /* reference, while members_held */
-    struct df_list_result *owner; /* the block; the callback's argument */
 };
 
 struct df_list_result {
@@ -167,7 +170,7 @@ static void list_leave(struct df_list_result *l)
             df_deferred *m = l->slots[i].member;
             l->slots[i].member = NULL;
             if (m != NULL)
-                df_deferred_unref(m);
+                df__deferred_unref(m); /* on the loop thread (callback) */
         }
     }
     l->busy = 0;
@@ -364,7 +367,8 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
         df__free(loop, l);
         return rc;
     }
-    memset(l, 0, sizeof *l + n * sizeof l->slots[0]);
+    /* The header only: the slots are written in full below. */
+    memset(l, 0, sizeof *l);
     atomic_init(&l->refs, 2);
     l->alloc = *df__allocator(loop);
     l->count = n;
@@ -393,8 +397,14 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     l->members_held = true;
     l->busy = 1;
     for (i = 0; i < n; i++) {
-        l->slots[i].owner = l;
-        l->slots[i].member = df_deferred_ref(members[i]);
+        struct list_slot *s = &l->slots[i];
+        s->value = NULL;
+        s->free = NULL;
+        s->member = df__deferred_ref(members[i]);
+        s->owner = l;
+        s->fired = false;
+        s->ok = false;
+        s->done = false;
     }
     *out = self;
     if (n == 0)
@@ -405,7 +415,7 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     for (i = 0; i < n; i++) {
         struct list_slot *s = &l->slots[i];
         l->npending++;
-        rc = df_deferred_add_both(s->member, list_member_done, s);
+        rc = df__deferred_add_both(s->member, list_member_done, s);
         if (rc != 0) {
             /* Only if callbacks run meanwhile used the room made above
              * and memory then ran out: see the header. */

@@ -42,8 +42,12 @@ typedef struct df__job_ops {
  * queue", and what matters then is only whether the worker has posted. */
 
 struct df__job {
-    df__inbox_node node;      /* the inbox entry once work() has returned */
-    df__ilink link;           /* the pool's queue (pool->mu)              */
+    /* A queued job is on the pool's queue; a posted one in the inbox; never
+     * both at once, so the two links share their bytes. */
+    union {
+        df__ilink link;           /* the pool's queue (pool->mu)          */
+        df__inbox_node node;      /* the inbox entry once posted          */
+    };
     df_pool *pool;
     const df__job_ops *ops;
     df_work_fn work;
@@ -67,7 +71,19 @@ bool df__job_unqueue(df__job *j);
 /* Loop thread, in done(): the job's final result, taken from it: work's
  * result, or DF_ECANCELLED if status says so or the job was cancelled
  * while it ran, or DF_EINVAL if work returned df_wait(). */
-df_result df__job_result(df__job *j, int status);
+df_result df__job_result_slow(df__job *j, int status);
+static inline df_result df__job_result(df__job *j, int status)
+{
+    /* The common case inline: work ran, was not cancelled, returned no
+     * df_wait(). */
+    if (status == 0 && j->result.wait == NULL &&
+        !atomic_load_explicit(&j->w.cancelled, memory_order_relaxed)) {
+        df_result r = j->result;
+        j->result = df_ok(NULL, NULL);
+        return r;
+    }
+    return df__job_result_slow(j, status);
+}
 /* Loop thread.  True while p is open to new work from the application. */
 bool df__pool_open(const df_pool *p);
 /* Loop thread.  True while p takes jobs: open, or draining (a drain runs

@@ -68,9 +68,7 @@ static void job_posted(df_loop *loop, df__inbox_node *n, int status);
 void df__job_init(df__job *j, df_pool *p, const df__job_ops *ops,
                   df_work_fn work, void *arg)
 {
-    j->node.next = NULL;
-    j->node.run = job_posted;
-    df__ilink_init(&j->link);
+    df__ilink_init(&j->link); /* node.run is set when it is posted */
     j->pool = p;
     j->ops = ops;
     j->work = work;
@@ -228,6 +226,7 @@ static void *worker_main(void *arg)
                 next = j->ops->next(j);
             j->handed = next != NULL;
             /* The job now belongs to the loop: not touched after this. */
+            j->node.run = job_posted;
             df__loop_post(p->loop, &j->node);
             j = next;
         }
@@ -375,8 +374,8 @@ df_loop *df__pool_loop(const df_pool *p)
 /* A df_pool_submit job lives in its deferred's block (no allocation of
  * its own); the deferred is the canceller's argument's owner. */
 typedef struct plain_job {
-    df__job job;
-    df_deferred *d; /* the job's own reference */
+    df__job job; /* its deferred holds a reference for the job (the
+                  * deferred is df__job_deferred(job)) */
 } plain_job;
 
 _Static_assert(sizeof(plain_job) <= DF__JOB_SIZE, "raise DF__JOB_SIZE");
@@ -389,7 +388,7 @@ static void fail_cancelled(df_loop *loop, df_deferred *d)
     df_deferred_unref(d);
 }
 
-df_result df__job_result(df__job *j, int status)
+df_result df__job_result_slow(df__job *j, int status)
 {
     df_loop *loop = j->pool->loop;
     df_result r = j->result;
@@ -411,11 +410,11 @@ df_result df__job_result(df__job *j, int status)
 static void plain_done(df__job *j, int status)
 {
     plain_job *pj = DF__CONTAINER_OF(j, plain_job, job);
-    df_deferred *d = pj->d;
+    df_deferred *d = df__job_deferred(pj);
     df_result r = df__job_result(j, status);
-    if (df_deferred_resolve(d, r) != 0)
+    if (df__deferred_resolve(d, r) != 0)
         df_result_clear(&r);
-    df_deferred_unref(d); /* may free the block, and the job with it */
+    df__deferred_unref(d); /* may free the block, and the job with it */
 }
 
 static const df__job_ops plain_ops = {NULL, plain_done};
@@ -428,7 +427,7 @@ static void plain_cancel(df_deferred *d, void *arg)
     DF__UNUSED(d);
     plain_job *pj = arg;
     if (df__job_unqueue(&pj->job))
-        fail_cancelled(pj->job.pool->loop, pj->d);
+        fail_cancelled(pj->job.pool->loop, df__job_deferred(pj));
 }
 
 int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
@@ -446,8 +445,8 @@ int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
     plain_job *pj = mem;
     df__job_init(&pj->job, p, &plain_ops, work, arg);
     df__deferred_set_cancel_waits(d);
-    pj->d = d;
-    *out = df_deferred_ref(d);
+    assert(df__job_deferred(pj) == d);
+    *out = df__deferred_ref(d); /* the first reference is the job's */
     df__pool_start(p, &pj->job);
     return 0;
 }

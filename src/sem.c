@@ -758,8 +758,8 @@ size_t df_sem_waiting(const df_sem *s)
 
 /* df_sem_run_in_pool's job lives in its deferred's block. */
 typedef struct rip {
-    df__sem_job sj;
-    df_deferred *d; /* the job's own reference */
+    df__sem_job sj; /* its deferred, df__job_deferred(rip), holds a
+                     * reference for the job */
 } rip;
 
 _Static_assert(sizeof(rip) <= DF__JOB_SIZE, "raise DF__JOB_SIZE");
@@ -767,10 +767,10 @@ _Static_assert(sizeof(rip) <= DF__JOB_SIZE, "raise DF__JOB_SIZE");
 static void rip_finish(df__sem_job *sj, df_result r)
 {
     rip *st = DF__CONTAINER_OF(sj, rip, sj);
-    df_deferred *d = st->d;
-    if (df_deferred_resolve(d, r) != 0)
+    df_deferred *d = df__job_deferred(st);
+    if (df__deferred_resolve(d, r) != 0)
         df_result_clear(&r);
-    df_deferred_unref(d); /* may free the block */
+    df__deferred_unref(d); /* may free the block */
 }
 
 static void rip_cancel(df_deferred *d, void *arg)
@@ -801,13 +801,13 @@ int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
     /* Cancelling *out never fails it behind our back: the job fires it
      * once the token is back (see df__sem_job_cancel). */
     df__deferred_set_cancel_waits(d);
-    st->d = d;
+    assert(df__job_deferred(st) == d);
     rc = df__sem_job_run(s, p, &st->sj, work, arg, rip_finish);
     if (rc != 0) {
         df_deferred_unref(d); /* unfired and never seen: reports nothing */
         return rc;
     }
-    *out = df_deferred_ref(d);
+    *out = df__deferred_ref(d);
     return 0;
 }
 
