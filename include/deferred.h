@@ -325,6 +325,9 @@ typedef struct df_loop_stats {
     size_t weak_timers;  /* of those, timers made weak by df_timer_unref */
     size_t jobs;         /* pool jobs whose completion is not dispatched */
     size_t calls;        /* cross-thread calls not yet run               */
+    uint64_t wakeups;    /* times df_loop_run(_until) came back from
+                            waiting for work (woken, timed out or
+                            interrupted): a counter, not a count alive */
 } df_loop_stats;
 
 /* Fills *out with the counts of what is alive on the loop, for instance
@@ -731,7 +734,10 @@ DF_EXPORT df_loop *df_work_loop(const df_work *w);
 /* Semaphore run-in-pool: acquire a token, submit work, release the token
  * only once the worker has returned.  The job waits in the semaphore's one
  * line (see above); a worker that finishes a job of this semaphore may
- * start it directly.  Cancelling *out while waiting for the token removes
+ * start it directly.  While such completions stream in, the loop takes
+ * them in batches, sleeping at most 200 us between them instead of being
+ * woken for each: a result may reach the loop up to about 200 us after
+ * its work returned (the map's items likewise).  Cancelling *out while waiting for the token removes
  * the waiter; once submitted, it cancels the job as df_pool_submit says,
  * and the token comes back only when the worker is done, before *out
  * fires.  *out fails with DF_ESHUTDOWN if the pool was shut down (or

@@ -32,7 +32,7 @@
  * else.  The inbox itself takes no lock, and a pool's mutex is never held
  * while posting, so the pool and the loop have no lock order between them.
  * Everything in struct df_loop (loop-internal.h) belongs to the loop
- * thread except `inbox`, `call_free`, the atomics `sleeping` and `calls`,
+ * thread except `inbox`, `call_free`, the atomics `sleep` and `calls`,
  * and the wake fd, which any thread may write to.
  *
  * The inbox
@@ -49,32 +49,67 @@
  *
  * Wake-ups
  * --------
- * `sleeping` is true while the loop may block or has handed control to an
- * external poller, false while it is known to be awake.  A producer pushes,
- * then reads `sleeping`; only if it is true and the producer is the one
- * that flips it to false does it write to the wake fd.  So while the loop
- * is awake a post costs one atomic load and no system call, and one sleep
- * costs at most one write, however many entries arrive meanwhile.
+ * `sleep` says what the loop is doing: DF__AWAKE while it is known to be
+ * awake, DF__SLEEP_INF while it may block with no bound (or has handed
+ * control to an external poller), DF__SLEEP_TIMED while it may block for
+ * at most DF__WAKE_DEFER_NS (or until an earlier timer).  A producer pushes,
+ * then reads `sleep`:
+ *   - DF__AWAKE: nothing more to do, no system call;
+ *   - DF__SLEEP_INF: if it is the one that flips `sleep` to DF__AWAKE, it
+ *     writes to the wake fd (df__loop_post, df__loop_wake);
+ *   - DF__SLEEP_TIMED: the same, except that df__loop_post_batched (a pool
+ *     worker posting a job whose token it hands on to the job it runs
+ *     next) may leave its entry unannounced: the timed sleep ends by
+ *     itself.  It wakes the loop anyway once DF__WAKE_BATCH of its entries
+ *     are unannounced, and a worker that goes idle posts with
+ *     df__loop_post, which always wakes a sleeping loop.
+ * So while the loop is awake a post costs one atomic load and no system
+ * call, one sleep costs at most one write however many entries arrive
+ * meanwhile, and a stream of completions faster than the loop sleeps costs
+ * the workers one write per DF__WAKE_BATCH completions at most, instead of
+ * one per completion (the loop wakes by its timeout instead).
  *
- * The loop sets `sleeping` (arm) and then looks at the inbox; it blocks
- * only if the inbox and the batch are empty.  After it wakes it clears the
- * flag (disarm) and drains the fd if poll(2) said it was readable.
+ * The loop chooses (loop.c, loop_run): DF__SLEEP_TIMED only when the turn
+ * since its last sleep ran inbox entries and pool jobs are still due, that
+ * is, while completions are streaming in; otherwise DF__SLEEP_INF.  A timed
+ * sleep that finds nothing when it ends therefore makes the next sleep
+ * unbounded: a long or blocked job costs an idle loop at most one timed
+ * wake-up, never a periodic poll (tests/check_pool,
+ * test_pool_long_job_few_wakeups).
+ *
+ * Why no entry waits longer than DF__WAKE_DEFER_NS unannounced.  A worker
+ * whose next job blocks until the loop has seen the previous results
+ * (tests/check_map's gated tests; an earlier version that deferred
+ * wake-ups with no bound in time deadlocked there) must not wait for a
+ * wake-up that only its own next post would send.  An entry is left
+ * unannounced only when its producer read DF__SLEEP_TIMED after its push.
+ * Then the loop's look (below) either sees the entry, or blocks for at most
+ * DF__WAKE_DEFER_NS and collects the inbox when it wakes, before it can
+ * block again.
+ *
+ * The loop stores its choice (arm) and then looks at the inbox; it blocks
+ * only if the inbox and the batch are empty.  After it wakes it stores
+ * DF__AWAKE (disarm) and drains the fd if poll(2) said it was readable.
  *
  * Why no wake-up is lost.  The push and the load on the producer's side,
  * the store and the look on the loop's side, are sequentially consistent,
  * so they fall in one total order.  If the push comes before the look, the
  * look sees the entry and the loop does not block.  Otherwise the arm came
- * before the push, hence before the producer's load, which then reads
- * true, unless `sleeping` was flipped back in between: by another
+ * before the push, hence before the producer's load, which then reads the
+ * armed state (DF__SLEEP_INF or DF__SLEEP_TIMED, the last store before it
+ * in that order), unless `sleep` was flipped back in between: by another
  * producer, which writes (that write comes after the arm, and the loop
  * does not drain between the arm and the poll, so the poll returns), or
  * by the loop, which only does so after its poll returned, and collects
  * the inbox after that, so it sees the entry before it can block again.
- * A write that lands after the loop woke for another reason leaves the fd
- * readable: the next poll returns at once and drains it; that costs one
- * spurious turn, never a lost entry, and never a fd that stays readable
- * (each disarm that follows a readable poll drains).
- *
+ * A producer that reads DF__SLEEP_INF flips and writes; one that reads
+ * DF__SLEEP_TIMED and defers relies on the timeout, which the loop always
+ * sets when it arms DF__SLEEP_TIMED.  A write that lands after the loop
+ * woke for another reason leaves the fd readable: the next poll returns at
+ * once and drains it; that costs one spurious turn, never a lost entry,
+ * and never a fd that stays readable (each disarm that follows a readable
+ * poll drains).
+
  * A producer that won the flip and is slow to write delays the wake-up
  * until it writes; it cannot lose it.  A producer cancelled between the
  * two would, so the write runs with cancellation disabled (the flip and
@@ -82,7 +117,7 @@
  *
  * An external poller (df_loop_fd, df_loop_dispatch) is handled the same
  * way: a dispatch disarms and drains at its start; at its end the loop
- * arms, and if anything is queued (a budget left entries, or one was
+ * arms DF__SLEEP_INF (the poller's timeout is not ours to bound), and if anything is queued (a budget left entries, or one was
  * pushed meanwhile) it makes the fd readable itself (force wake), so that
  * the poller calls again.
  *
@@ -177,16 +212,24 @@ static void fd_drain(df_loop *loop)
 
 /* --------------------------------------------------------------- posting */
 
-void df__loop_wake(df_loop *loop)
+/* Flips `sleep` to DF__AWAKE and writes to the fd if it was not awake
+ * already and this thread is the one that flipped it. */
+static void wake_if_asleep(df_loop *loop)
 {
-    if (!atomic_load_explicit(&loop->sleeping, memory_order_seq_cst) ||
-        !atomic_exchange_explicit(&loop->sleeping, false,
-                                  memory_order_seq_cst))
-        return;
+    if (atomic_exchange_explicit(&loop->sleep, DF__AWAKE,
+                                 memory_order_seq_cst) == DF__AWAKE)
+        return; /* awake, or another producer flipped it and writes */
     int cancel_state;
     pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel_state);
     fd_write(loop);
     pthread_setcancelstate(cancel_state, NULL);
+}
+
+void df__loop_wake(df_loop *loop)
+{
+    if (atomic_load_explicit(&loop->sleep, memory_order_seq_cst) !=
+        DF__AWAKE)
+        wake_if_asleep(loop);
 }
 
 void df__loop_append(df_loop *loop, df__inbox_node *n)
@@ -204,6 +247,21 @@ void df__loop_post(df_loop *loop, df__inbox_node *n)
 {
     df__loop_append(loop, n);
     df__loop_wake(loop);
+}
+
+void df__loop_post_batched(df_loop *loop, df__inbox_node *n,
+                           unsigned *unwoken)
+{
+    df__loop_append(loop, n);
+    int s = atomic_load_explicit(&loop->sleep, memory_order_seq_cst);
+    if (s == DF__AWAKE) {
+        *unwoken = 0; /* the loop looks at the inbox before it sleeps */
+        return;
+    }
+    if (s == DF__SLEEP_TIMED && ++*unwoken < DF__WAKE_BATCH)
+        return; /* the timed sleep ends by itself (see the top) */
+    *unwoken = 0;
+    wake_if_asleep(loop);
 }
 
 /* ------------------------------------------------------------- loop side */
@@ -238,24 +296,26 @@ void df__inbox_collect(df_loop *loop)
     loop->batch_tail = &last->next;
 }
 
-bool df__inbox_arm(df_loop *loop)
+bool df__inbox_arm(df_loop *loop, bool timed)
 {
-    atomic_store_explicit(&loop->sleeping, true, memory_order_seq_cst);
+    atomic_store_explicit(&loop->sleep,
+                          timed ? DF__SLEEP_TIMED : DF__SLEEP_INF,
+                          memory_order_seq_cst);
     return loop->batch_head == NULL &&
            atomic_load_explicit(&loop->inbox, memory_order_seq_cst) == NULL;
 }
 
 void df__inbox_disarm(df_loop *loop, bool drain)
 {
-    atomic_store_explicit(&loop->sleeping, false, memory_order_seq_cst);
+    atomic_store_explicit(&loop->sleep, DF__AWAKE, memory_order_seq_cst);
     if (drain)
         fd_drain(loop);
 }
 
 void df__inbox_force_wake(df_loop *loop)
 {
-    if (atomic_exchange_explicit(&loop->sleeping, false,
-                                 memory_order_seq_cst))
+    if (atomic_exchange_explicit(&loop->sleep, DF__AWAKE,
+                                 memory_order_seq_cst) != DF__AWAKE)
         fd_write(loop);
     /* Else a producer flipped it and writes. */
 }
@@ -354,7 +414,7 @@ int df__inbox_init(df_loop *loop)
     atomic_init(&loop->inbox, NULL);
     loop->batch_tail = &loop->batch_head;
     /* Nobody drives the loop yet: the first post must write. */
-    atomic_init(&loop->sleeping, true);
+    atomic_init(&loop->sleep, DF__SLEEP_INF);
     atomic_init(&loop->calls, 0);
     return 0;
 }

@@ -16,6 +16,21 @@
  * inbox.c marks as cross-thread.
  */
 
+/* What the loop is doing, for producers deciding whether to wake it
+ * (loop->sleep; the protocol is described at the top of inbox.c). */
+enum {
+    DF__AWAKE,       /* it looks at the inbox before it sleeps again */
+    DF__SLEEP_TIMED, /* it may block, for DF__WAKE_DEFER_NS at most */
+    DF__SLEEP_INF    /* it may block with no bound, or a poller drives it */
+};
+/* The longest a timed sleep lasts, which bounds how long a completion
+ * posted by df__loop_post_batched may wait unannounced: 200 us, ten
+ * 20 us items, a delay no caller waiting on one result will notice. */
+#define DF__WAKE_DEFER_NS 200000L
+/* A worker wakes a loop in a timed sleep once this many of its posts are
+ * unannounced, so that fast items do not pile up for a whole timeout. */
+#define DF__WAKE_BATCH 32
+
 /* A cross-thread call, queued on the inbox.  Nodes are recycled through
  * loop->call_free so that a steady stream of calls allocates nothing. */
 typedef struct df__call_node {
@@ -47,7 +62,7 @@ struct df_loop {
 
     /* Cross-thread part (inbox.c says who may touch what). */
     _Atomic(df__inbox_node *) inbox; /* pushed entries, newest first */
-    atomic_bool sleeping;      /* the next post must write to the fd */
+    atomic_int sleep;          /* DF__AWAKE, DF__SLEEP_TIMED, DF__SLEEP_INF */
     atomic_size_t calls;       /* cross-thread calls not yet run */
     pthread_mutex_t call_lock; /* protects call_free */
     df__inbox_node *call_free; /* recycled df__call_node entries */
@@ -63,6 +78,7 @@ struct df_loop {
     size_t objects;              /* live sems, locks, queues */
     size_t deferreds;            /* live deferreds (deferred.c) */
     size_t maps;                 /* live maps (map.c) */
+    uint64_t wakeups;            /* loop_run's returns from poll(2) */
     bool dispatching;            /* inside run/dispatch/run_matching */
     bool stop;                   /* df_loop_stop() was called */
 
@@ -203,9 +219,11 @@ static inline df__inbox_node *df__batch_pop(df_loop *loop)
     return n;
 }
 /* Announces that the loop may block: from now on a post writes to the
- * wake fd.  Returns true when nothing is queued, so that the loop may
- * block; false: it must not (and should disarm). */
-bool df__inbox_arm(df_loop *loop);
+ * wake fd, except that with `timed` (the loop then blocks for at most
+ * DF__WAKE_DEFER_NS) df__loop_post_batched may leave its entry for the
+ * timeout to find.  Returns true when nothing is queued, so that the loop
+ * may block; false: it must not (and should disarm). */
+bool df__inbox_arm(df_loop *loop, bool timed);
 /* The loop is awake: posts stop writing.  With `drain`, empties the fd. */
 void df__inbox_disarm(df_loop *loop, bool drain);
 /* Makes the wake fd readable (the loop gives control away with work

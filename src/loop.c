@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "loop-internal.h"
 
@@ -98,6 +99,7 @@ static void get_stats(const df_loop *loop, df_loop_stats *st)
         .weak_timers = loop->weak_timers,
         .jobs = loop->jobs,
         .calls = atomic_load_explicit(&loop->calls, memory_order_relaxed),
+        .wakeups = loop->wakeups,
     };
 }
 
@@ -171,9 +173,27 @@ static void start_pass(df_loop *loop)
  * for whoever drives the loop next (df_loop_run or an external poller). */
 static void finish_pass(df_loop *loop)
 {
-    if (!df__inbox_arm(loop))
+    if (!df__inbox_arm(loop, false))
         df__inbox_force_wake(loop);
     loop->dispatching = false;
+}
+
+/* Blocks until the wake fd is readable or `timeout_ms` (-1: none) has
+ * passed, or, with `timed`, DF__WAKE_DEFER_NS at most.  Returns poll's
+ * answer; *readable: the fd is readable. */
+static int wait_fd(df_loop *loop, int timeout_ms, bool timed, bool *readable)
+{
+    struct pollfd pfd = {loop->wake_fd, POLLIN, 0};
+    int ready;
+    if (timed && (timeout_ms < 0 ||
+                  (long)timeout_ms * 1000000L > DF__WAKE_DEFER_NS)) {
+        struct timespec ts = {0, DF__WAKE_DEFER_NS};
+        ready = ppoll(&pfd, 1, &ts, NULL);
+    } else {
+        ready = poll(&pfd, 1, timeout_ms);
+    }
+    *readable = ready > 0 && (pfd.revents & POLLIN);
+    return ready;
 }
 
 static int loop_run(df_loop *loop, df_deferred *until)
@@ -182,6 +202,10 @@ static int loop_run(df_loop *loop, df_deferred *until)
         return DF_ESTATE;
     start_pass(loop);
     int rc;
+    /* Inbox entries run since the last sleep: while completions stream in
+     * the loop sleeps with a timeout, so that workers need not wake it for
+     * each (inbox.c, "Wake-ups"). */
+    size_t drained = 0;
     for (;;) {
         if (loop->stop) {
             loop->stop = false;
@@ -201,6 +225,7 @@ static int loop_run(df_loop *loop, df_deferred *until)
         while ((n = df__batch_pop(loop)) != NULL) {
             n->run(loop, n, 0);
             ran++;
+            drained++;
             if (df__loop_should_return(loop, until)) {
                 halt = true;
                 break;
@@ -212,14 +237,19 @@ static int loop_run(df_loop *loop, df_deferred *until)
             rc = until != NULL ? DF_ENOT_CALLED : 0;
             break;
         }
-        /* About to sleep: see the proof at the top of inbox.c. */
-        if (!df__inbox_arm(loop)) {
+        /* About to sleep: see the proof at the top of inbox.c.  A timed
+         * sleep that finds nothing leaves drained at 0, so the next sleep
+         * has no bound: an idle loop does not poll. */
+        bool timed = drained > 0 && loop->jobs > 0;
+        if (!df__inbox_arm(loop, timed)) {
             df__inbox_disarm(loop, false); /* posted meanwhile */
             continue;
         }
-        struct pollfd pfd = {loop->wake_fd, POLLIN, 0};
-        int ready = poll(&pfd, 1, timeout_ms(loop)); /* EINTR: go round */
-        df__inbox_disarm(loop, ready > 0 && (pfd.revents & POLLIN));
+        bool readable;
+        wait_fd(loop, timeout_ms(loop), timed, &readable); /* EINTR: go round */
+        df__inbox_disarm(loop, readable);
+        loop->wakeups++;
+        drained = 0;
     }
     finish_pass(loop);
     return rc;

@@ -218,6 +218,10 @@ static void *worker_main(void *arg)
         p->busy++;
         pthread_mutex_unlock(&p->mu);
 
+        /* Completions of jobs whose token this worker runs next may
+         * wait for the loop's timed sleep to end (inbox.c, "Wake-ups");
+         * the last of a run always wakes the loop. */
+        unsigned unwoken = 0;
         while (j != NULL) {
             j->result = j->work(&j->w, j->arg);
             df__job *next = NULL;
@@ -227,7 +231,10 @@ static void *worker_main(void *arg)
             j->handed = next != NULL;
             /* The job now belongs to the loop: not touched after this. */
             j->node.run = job_posted;
-            df__loop_post(p->loop, &j->node);
+            if (next != NULL)
+                df__loop_post_batched(p->loop, &j->node, &unwoken);
+            else
+                df__loop_post(p->loop, &j->node);
             j = next;
         }
 

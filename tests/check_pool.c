@@ -2097,6 +2097,260 @@ START_TEST(test_pool_sem_one_line_every_kind)
 }
 END_TEST
 
+/* ------------------------------------------------------------- wake-ups */
+
+/* Items whose work waits until the loop has seen the results of every
+ * earlier item.  A worker that hands its token on runs the next item
+ * right after posting the previous one's completion: if that completion
+ * sat in the inbox unannounced until the worker's next post, the next
+ * item would wait for ever (an earlier batching of wake-ups deadlocked
+ * this way).  A wait gives up after 2 s, so a broken wake-up fails the
+ * test instead of hanging it. */
+#define SEEN_ITEMS 60
+
+typedef struct seen_rig {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint64_t seen;     /* results the loop has seen; under mu */
+    bool gave_up;      /* a wait ran out of time; under mu */
+    uint64_t next_in;  /* df_map: inputs pulled */
+    uint64_t items[SEEN_ITEMS];
+    df_deferred *all;  /* eager: fires when every result was seen */
+} seen_rig;
+
+static void seen_init(seen_rig *r)
+{
+    memset(r, 0, sizeof *r);
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    for (uint64_t i = 0; i < SEEN_ITEMS; i++)
+        r->items[i] = i;
+}
+
+static void seen_fini(seen_rig *r)
+{
+    pthread_cond_destroy(&r->cv);
+    pthread_mutex_destroy(&r->mu);
+}
+
+/* Pool thread: waits until results 0 .. i - 1 have been seen. */
+static df_result seen_wait(seen_rig *r, uint64_t i)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 2;
+    pthread_mutex_lock(&r->mu);
+    while (r->seen < i && !r->gave_up)
+        if (pthread_cond_timedwait(&r->cv, &r->mu, &until) != 0 &&
+            r->seen < i)
+            r->gave_up = true; /* every later wait returns at once */
+    pthread_mutex_unlock(&r->mu);
+    return df_ok((void *)(uintptr_t)(i + 1), NULL);
+}
+
+/* Loop thread. */
+static void seen_one(seen_rig *r)
+{
+    pthread_mutex_lock(&r->mu);
+    r->seen++;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+}
+
+typedef struct seen_item {
+    seen_rig *r;
+    uint64_t i;
+} seen_item;
+
+static df_result seen_work(df_work *w, void *arg)
+{
+    (void)w;
+    seen_item *it = arg;
+    return seen_wait(it->r, it->i);
+}
+
+static df_result seen_cb(df_result res, void *arg)
+{
+    seen_item *it = arg;
+    ck_assert_ptr_null(res.failure);
+    ck_assert_uint_eq((uintptr_t)res.value, it->i + 1);
+    seen_one(it->r);
+    if (it->r->seen == SEEN_ITEMS)
+        TU_OK(df_deferred_callback(it->r->all, NULL, NULL));
+    return res;
+}
+
+START_TEST(test_pool_handed_on_result_reaches_loop)
+{
+    static const unsigned shapes[][2] = {{1, 1}, {2, 2}, {2, 1}};
+    df_loop *loop = tu_loop();
+    for (unsigned k = 0; k < 3; k++) {
+        unsigned threads = shapes[k][0], tokens = shapes[k][1];
+        df_pool *p = new_pool(loop, threads);
+        df_sem *sem;
+        TU_OK(df_sem_new(loop, tokens, &sem));
+        seen_rig r;
+        seen_init(&r);
+        TU_OK(df_deferred_new(loop, &r.all));
+        seen_item it[SEEN_ITEMS];
+        df_deferred *d[SEEN_ITEMS];
+        for (unsigned i = 0; i < SEEN_ITEMS; i++) {
+            it[i] = (seen_item){&r, i};
+            TU_OK(df_sem_run_in_pool(sem, p, seen_work, &it[i], &d[i]));
+            TU_OK(df_deferred_add_callback(d[i], seen_cb, &it[i]));
+        }
+        wait_for(loop, r.all);
+        ck_assert_msg(!r.gave_up,
+                      "%u threads, %u tokens: a result never reached the "
+                      "loop while the next item waited for it",
+                      threads, tokens);
+        ck_assert_uint_eq(r.seen, SEEN_ITEMS);
+        for (unsigned i = 0; i < SEEN_ITEMS; i++)
+            df_deferred_unref(d[i]);
+        df_deferred_unref(r.all);
+        TU_OK(df_sem_free(sem));
+        df_pool_free(p);
+        seen_fini(&r);
+    }
+    tu_loop_free(loop);
+}
+END_TEST
+
+static int seen_next(void *arg, void **item, df_free_fn *item_free)
+{
+    seen_rig *r = arg;
+    (void)item_free;
+    if (r->next_in == SEEN_ITEMS)
+        return 0;
+    *item = &r->items[r->next_in++];
+    return 1;
+}
+
+static df_result seen_map_work(df_work *w, void *item, void *work_arg)
+{
+    (void)w;
+    return seen_wait(work_arg, *(uint64_t *)item);
+}
+
+static void seen_result(uint64_t index, void *item, df_result res, void *arg)
+{
+    ck_assert_ptr_null(res.failure);
+    ck_assert_uint_eq(*(uint64_t *)item, index);
+    ck_assert_uint_eq((uintptr_t)res.value, index + 1);
+    seen_one(arg);
+}
+
+START_TEST(test_map_handed_on_result_reaches_loop)
+{
+    static const unsigned shapes[][2] = {{1, 1}, {2, 2}, {2, 1}};
+    df_loop *loop = tu_loop();
+    for (unsigned k = 0; k < 3; k++) {
+        for (unsigned ordered = 0; ordered < 2; ordered++) {
+            unsigned threads = shapes[k][0], limit = shapes[k][1];
+            df_pool *p = new_pool(loop, threads);
+            seen_rig r;
+            seen_init(&r);
+            df_map_options o = {0};
+            o.limit = limit;
+            o.flags = ordered ? DF_MAP_ORDERED : 0;
+            o.next = seen_next;
+            o.next_arg = &r;
+            o.pool = p;
+            o.work = seen_map_work;
+            o.work_arg = &r;
+            o.on_result = seen_result;
+            o.arg = &r;
+            df_map_stats st;
+            TU_OK(df_map_run(loop, &o, &st));
+            ck_assert_msg(!r.gave_up,
+                          "%u threads, limit %u: a result never reached "
+                          "the loop while the next item waited for it",
+                          threads, limit);
+            ck_assert_uint_eq(r.seen, SEEN_ITEMS);
+            ck_assert_uint_eq(st.done, SEEN_ITEMS);
+            df_pool_free(p);
+            seen_fini(&r);
+        }
+    }
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* A run of short jobs, which makes the loop sleep with a timeout while
+ * their completions stream in, then one long job (300 ms) that holds the
+ * token: the loop, idle meanwhile, must fall back to an unbounded sleep
+ * instead of polling every timeout (1500 wake-ups at 200 us). */
+typedef struct long_rig {
+    df_loop *loop;
+    unsigned short_left;
+    uint64_t wakeups_before; /* when the last short job's result came */
+} long_rig;
+
+static df_result short_work(df_work *w, void *arg)
+{
+    (void)w;
+    (void)arg;
+    for (volatile unsigned i = 0; i < 20000; i++)
+        ;
+    return df_ok(NULL, NULL);
+}
+
+static df_result long_work(df_work *w, void *arg)
+{
+    (void)w;
+    (void)arg;
+    struct timespec ts = {0, 300 * 1000 * 1000};
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+    return df_ok(NULL, NULL);
+}
+
+static df_result short_cb(df_result res, void *arg)
+{
+    long_rig *lr = arg;
+    if (--lr->short_left == 0) {
+        df_loop_stats st;
+        TU_OK(df_loop_get_stats(lr->loop, &st));
+        lr->wakeups_before = st.wakeups;
+    }
+    return res;
+}
+
+START_TEST(test_pool_long_job_few_wakeups)
+{
+    enum { SHORT = 200 };
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    df_sem *sem;
+    TU_OK(df_sem_new(loop, 1, &sem));
+    long_rig lr = {loop, SHORT, 0};
+    df_deferred *d[SHORT + 1];
+    for (unsigned i = 0; i < SHORT; i++) {
+        TU_OK(df_sem_run_in_pool(sem, p, short_work, NULL, &d[i]));
+        TU_OK(df_deferred_add_callback(d[i], short_cb, &lr));
+    }
+    TU_OK(df_sem_run_in_pool(sem, p, long_work, NULL, &d[SHORT]));
+    uint64_t t0 = df_loop_now(loop);
+    wait_for(loop, d[SHORT]);
+    ck_assert_uint_eq(lr.short_left, 0);
+    ck_assert_uint_ge(df_loop_now(loop) - t0, 300 * MS);
+    df_loop_stats st;
+    TU_OK(df_loop_get_stats(loop, &st));
+    /* The loop slept while the long job ran, and woke for its end. */
+    ck_assert_uint_ge(st.wakeups, lr.wakeups_before + 1);
+    /* One timed sleep that finds nothing, the unbounded sleep, perhaps a
+     * stale write or a signal: a handful, never one per timeout. */
+    ck_assert_msg(st.wakeups - lr.wakeups_before <= 5,
+                  "the idle loop woke %llu times during a 300 ms job",
+                  (unsigned long long)(st.wakeups - lr.wakeups_before));
+    for (unsigned i = 0; i <= SHORT; i++)
+        df_deferred_unref(d[i]);
+    TU_OK(df_sem_free(sem));
+    df_pool_free(p);
+    tu_loop_free(loop);
+}
+END_TEST
+
 /* ------------------------------------------------------------- suite */
 
 static Suite *pool_suite(void)
@@ -2154,6 +2408,13 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, test_pool_sem_cancel_pool_fails_its_waiters);
     tcase_add_test(tc, test_pool_sem_drain_runs_every_waiter);
     tcase_add_test(tc, test_pool_sem_one_line_every_kind);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("wake");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_pool_handed_on_result_reaches_loop);
+    tcase_add_test(tc, test_map_handed_on_result_reaches_loop);
+    tcase_add_test(tc, test_pool_long_job_few_wakeups);
     suite_add_tcase(s, tc);
     return s;
 }
