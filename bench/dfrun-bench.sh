@@ -119,9 +119,12 @@ for r in $(seq "$ROUNDS"); do
     fi
 done
 
-# 2. CPU-bound jobs.  calibrate NAME: doubles (then scales) the
-# iteration count of job NAME until 20 runs of it take about 10 ms of CPU
-# each; sets iters and ms.  job_cmd NAME ITERS prints the command line.
+# 2. CPU-bound jobs.  calibrate NAME sets iters and ms: for spin, the
+# steps dfrun-spin itself finds for 10 ms of its loop's CPU (dfrun-spin
+# -c: the start of the process is not counted); for awk, doubles (then
+# scales) the iteration count until 20 runs of the whole job, shell and
+# awk's start included, take about 10 ms of CPU each.  job_cmd NAME ITERS
+# prints the command line.
 job_cmd() {
     case $1 in
     spin) echo "$spin $2" ;;
@@ -129,10 +132,14 @@ job_cmd() {
     esac
 }
 calibrate() {
-    case $1 in
-    spin) iters=1000000 ;;
-    awk) iters=200000 ;;
-    esac
+    if test "$1" = spin; then
+        cal=$("$spin" -c 10) || die "dfrun-spin -c fails"
+        set -- $cal
+        iters=$1
+        ms=$(printf '%.0f' "$2")
+        return
+    fi
+    iters=200000
     seq 20 > "$tmp/cal.in"
     while :; do
         $TIME -f '%U %S' -o "$tmp/cal" xargs -I{} sh -c "$(job_cmd "$1" "$iters")" \
@@ -175,7 +182,7 @@ cpu_rounds() {
 calibrate spin
 spin_iters=$iters
 spin_ms=$ms
-echo "cpu job: dfrun-spin of $iters steps, ${ms} ms CPU each" >&2
+echo "cpu job: dfrun-spin of $iters steps, ${ms} ms CPU each in its loop" >&2
 cpu_rounds spin "$N_SPIN"
 calibrate awk
 awk_iters=$iters
