@@ -13,56 +13,15 @@
 /* ------------------------------------------------------------ fixture */
 
 /* An allocator that counts live blocks, so that every test can check that
- * it freed everything, and that fails on demand: g_fail_after >= 0 lets
- * that many allocations succeed and fails the rest. */
-static atomic_long g_live;
-static atomic_long g_fail_after = -1;
-
-static bool ta_should_fail(void)
-{
-    long n = atomic_load(&g_fail_after);
-    if (n < 0)
-        return false;
-    if (n == 0)
-        return true;
-    atomic_store(&g_fail_after, n - 1);
-    return false;
-}
-
-static void *ta_malloc(size_t size, void *ctx)
-{
-    (void)ctx;
-    if (ta_should_fail())
-        return NULL;
-    void *p = malloc(size);
-    if (p != NULL)
-        atomic_fetch_add(&g_live, 1);
-    return p;
-}
-
-static void *ta_realloc(void *ptr, size_t size, void *ctx)
-{
-    if (ptr == NULL)
-        return ta_malloc(size, ctx);
-    if (ta_should_fail())
-        return NULL;
-    return realloc(ptr, size);
-}
-
-static void ta_free(void *ptr, void *ctx)
-{
-    (void)ctx;
-    if (ptr != NULL)
-        atomic_fetch_sub(&g_live, 1);
-    free(ptr);
-}
-
-static const df_allocator g_alloc = {ta_malloc, ta_realloc, ta_free, NULL};
+ * it freed everything, and that fails on demand (testutil.h); setup()
+ * resets it. */
+static tu_failing_alloc g_fa;
+static df_allocator g_alloc;
 
 /* Lets `n` more allocations succeed, then fails them (-1: never fails). */
 static void fail_after(long n)
 {
-    atomic_store(&g_fail_after, n);
+    tu_fa_fail_after(&g_fa, n);
 }
 
 static int g_unhandled;
@@ -89,8 +48,8 @@ static void setup(void)
 {
     df_loop_options opts = DF_LOOP_OPTIONS_INIT;
 
-    atomic_store(&g_live, 0);
-    fail_after(-1);
+    tu_fa_init(&g_fa, false);
+    g_alloc = tu_fa_allocator(&g_fa);
     g_unhandled = 0;
     g_counter = 0;
     g_nlog = 0;
@@ -109,7 +68,7 @@ static void teardown(void)
     TU_OK(df_loop_free(L));
     L = NULL;
     ck_assert_int_eq(g_unhandled, 0);
-    ck_assert_int_eq(atomic_load(&g_live), 0);
+    ck_assert_int_eq(atomic_load(&g_fa.live), 0);
 }
 
 /* ------------------------------------------------------------ helpers */
@@ -1737,7 +1696,7 @@ START_TEST(test_sem_enomem_acquire)
     int rc;
 
     TU_OK(df_sem_new(L, 1, &s));
-    live = atomic_load(&g_live);
+    live = atomic_load(&g_fa.live);
     for (n = 0;; n++) {
         fail_after(n);
         rc = df_sem_acquire(s, &held);
@@ -1746,11 +1705,11 @@ START_TEST(test_sem_enomem_acquire)
             break;
         TU_ERR(rc, DF_ENOMEM);
         ck_assert_uint_eq(df_sem_tokens(s), 1);
-        ck_assert_int_eq(atomic_load(&g_live), live);
+        ck_assert_int_eq(atomic_load(&g_fa.live), live);
     }
     ck_assert_uint_eq(df_sem_tokens(s), 0);
 
-    live = atomic_load(&g_live);
+    live = atomic_load(&g_fa.live);
     for (n = 0;; n++) {
         fail_after(n);
         rc = df_sem_acquire(s, &d);
@@ -1759,7 +1718,7 @@ START_TEST(test_sem_enomem_acquire)
             break;
         TU_ERR(rc, DF_ENOMEM);
         ck_assert_uint_eq(df_sem_waiting(s), 0);
-        ck_assert_int_eq(atomic_load(&g_live), live);
+        ck_assert_int_eq(atomic_load(&g_fa.live), live);
     }
     ck_assert_int_ge(n, 1); /* the deferred, whose block holds the waiter */
     ck_assert_uint_eq(df_sem_waiting(s), 1);
@@ -1781,7 +1740,7 @@ START_TEST(test_sem_enomem_run)
 
     TU_OK(df_sem_new(L, 1, &s));
     /* With a free token: fn is never called when the call fails. */
-    live = atomic_load(&g_live);
+    live = atomic_load(&g_fa.live);
     for (n = 0;; n++) {
         fail_after(n);
         rc = df_sem_run(s, return_value, NULL, &out);
@@ -1791,14 +1750,14 @@ START_TEST(test_sem_enomem_run)
         TU_ERR(rc, DF_ENOMEM);
         ck_assert_int_eq(g_fn_calls, 0);
         ck_assert_uint_eq(df_sem_tokens(s), 1);
-        ck_assert_int_eq(atomic_load(&g_live), live);
+        ck_assert_int_eq(atomic_load(&g_fa.live), live);
     }
     ck_assert_int_eq(g_fn_calls, 1);
     df_deferred_unref(out);
 
     /* Waiting for the token. */
     TU_OK(df_sem_acquire(s, &held));
-    live = atomic_load(&g_live);
+    live = atomic_load(&g_fa.live);
     for (n = 0;; n++) {
         fail_after(n);
         rc = df_sem_run(s, return_value, NULL, &out);
@@ -1807,7 +1766,7 @@ START_TEST(test_sem_enomem_run)
             break;
         TU_ERR(rc, DF_ENOMEM);
         ck_assert_uint_eq(df_sem_waiting(s), 0);
-        ck_assert_int_eq(atomic_load(&g_live), live);
+        ck_assert_int_eq(atomic_load(&g_fa.live), live);
     }
     ck_assert_uint_eq(df_sem_waiting(s), 1);
     TU_OK(df_sem_release(s));

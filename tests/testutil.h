@@ -140,6 +140,17 @@ static inline void tu_fa_disarm(tu_failing_alloc *fa)
     atomic_store(&fa->fail_others, false);
 }
 
+/* Lets `n` more numbered allocations succeed and refuses every one after
+ * them (n >= 0), or stops refusing (n < 0).  The same as tu_fa_arm(fa,
+ * n + 1, true) and tu_fa_disarm(fa). */
+static inline void tu_fa_fail_after(tu_failing_alloc *fa, long n)
+{
+    if (n < 0)
+        tu_fa_disarm(fa);
+    else
+        tu_fa_arm(fa, n + 1, true);
+}
+
 /* Numbers one allocation (if it is numbered) and says whether to refuse
  * it. */
 static inline bool tu_fa_refuse(tu_failing_alloc *fa)
