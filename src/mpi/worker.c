@@ -750,10 +750,12 @@ int df_mpi_worker_run(df_mpi *ctx, const df_mpi_worker_options *opts)
             pthread_condattr_destroy(&ca);
         }
         if (sync_ok) {
-            if (pthread_create(&sentry, NULL, sentry_main, &wk) == 0)
+            if (pthread_create(&sentry, NULL, sentry_main, &wk) == 0) {
                 sentry_ok = true;
-            else
+                pthread_setname_np(sentry, "df-mpi-sentry"); /* top -H */
+            } else {
                 status = DF_ENOMEM;
+            }
         }
     } else if (status == 0) {
         status = df_loop_new(NULL, &wk.loop);
