@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: MIT */
-/* libdeferred-mpi: a worker rank, running the master's items on its own pool. */
+/* libdeferred-mpi: a worker rank, running the items inline or on a pool. */
 #include "mpi-internal.h"
 
 #include <errno.h>
