@@ -101,6 +101,7 @@ struct worker {
     pthread_cond_t cv;      /* the sentry's: work to watch, or quit */
     df_mpi_task *qhead, *qtail; /* received, not started: FIFO */
     df_mpi_task *running;   /* the item the main thread runs, or NULL */
+    uint64_t looked_ns;     /* when MPI was last looked at (now_ns) */
     bool sentry_parked;     /* the sentry waits without a timeout */
     bool sentry_quit;
 };
@@ -522,12 +523,17 @@ static bool receive(worker *wk)
 /* ------------------------------------------------------------- inline */
 
 /* Inline mode: the sentry thread.  While the main thread runs an item it
- * looks at MPI every DF_MPI__LONG_SLEEP_US, under `mu`, so that a cancel
- * reaches the running item (its flag) or answers a queued one as promptly
- * as in pool mode; new items it receives join the queue.  While the main
- * thread is idle (nothing running) it parks without a timeout, and the
- * main thread wakes it when it starts an item: in a steady stream it never
- * parks, so starting an item costs no wake-up. */
+ * makes sure MPI is looked at at least every DF_MPI__LONG_SLEEP_US, under
+ * `mu`, so that a cancel reaches the running item (its flag) or answers a
+ * queued one as promptly as in pool mode; new items it receives join the
+ * queue.  The main thread looks at MPI before each item (`looked_ns`), so
+ * with items shorter than that period the sentry's wake-ups find a recent
+ * look and make no MPI call (an empty MPI_Improbe may sched_yield in Open
+ * MPI, giving the core to the computing thread and costing one more
+ * switch).  While the main thread is idle (nothing running) it parks
+ * without a timeout, and the main thread wakes it when it starts an item:
+ * in a steady stream it never parks, so starting an item costs no
+ * wake-up. */
 static void *sentry_main(void *arg)
 {
     worker *wk = arg;
@@ -539,18 +545,21 @@ static void *sentry_main(void *arg)
             wk->sentry_parked = false;
             continue;
         }
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        ts.tv_nsec += DF_MPI__LONG_SLEEP_US * 1000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
+        /* now_ns() and the condition variable share CLOCK_MONOTONIC. */
+        uint64_t due = wk->looked_ns + DF_MPI__LONG_SLEEP_US * 1000u;
+        uint64_t now = now_ns();
+        if (due > now) {
+            struct timespec ts = {(time_t)(due / 1000000000u),
+                                  (long)(due % 1000000000u)};
+            int rc = 0;
+            while (!wk->sentry_quit && rc != ETIMEDOUT)
+                rc = pthread_cond_timedwait(&wk->cv, &wk->mu, &ts);
+            continue; /* the main thread may have looked meanwhile */
         }
-        int rc = 0;
-        while (!wk->sentry_quit && rc != ETIMEDOUT)
-            rc = pthread_cond_timedwait(&wk->cv, &wk->mu, &ts);
-        if (!wk->sentry_quit && wk->running != NULL && !wk->stop)
+        if (wk->running != NULL && !wk->stop) {
             receive(wk);
+            wk->looked_ns = now_ns();
+        }
     }
     pthread_mutex_unlock(&wk->mu);
     return NULL;
@@ -598,6 +607,8 @@ static void run_inline(worker *wk)
         if (wk->stop)
             break;
         df_mpi_task *t = wk->qhead;
+        if (t != NULL)
+            wk->looked_ns = now_ns();
         if (t != NULL) {
             wk->qhead = t->next;
             if (wk->qhead == NULL)
