@@ -89,7 +89,9 @@ w1ms=${BENCH_W1MS:-$(awk -v ns="$ns" 'BEGIN { printf "%d", 1000000 * 200000 / ns
 echo "calibration: fastest of $cal_runs bench-seq runs: $ns ns per 200000 steps"
 echo "WORK_ITERS: 20us=$w20 1ms=$w1ms; limit=$limit; rounds=$runs"
 echo "load: $(cat /proc/loadavg 2>/dev/null)"
-echo "workers: inline=${BENCH_MPI_INLINE:-default} credit=${BENCH_MPI_CREDIT:-default} OMPI_MCA_mpi_yield_when_idle=${OMPI_MCA_mpi_yield_when_idle:-unset}"
+echo "workers: inline=${BENCH_MPI_INLINE:-default}" \
+    "credit=${BENCH_MPI_CREDIT:-default}" \
+    "OMPI_MCA_mpi_yield_when_idle=${OMPI_MCA_mpi_yield_when_idle:-unset}"
 
 # case name, N, WORK_ITERS
 cases="nowork:20000:0 20us:20000:$w20 1ms:1000:$w1ms"

@@ -232,9 +232,10 @@ typedef struct df_mpi_worker_options {
  * again, with no other thread and no wake-up per item.  With nothing to
  * run it sleeps between looks at MPI for a backoff of 8 us doubling to
  * 256 us.  While an item runs, a second thread of the library (the
- * sentry, which otherwise sleeps) looks at MPI every 2 ms: a cancel of the
- * running item sets the flag df_mpi_task_cancelled() reads, a cancel of an
- * item received and not started answers it at once (it never runs).
+ * sentry, parked while the rank is idle) looks at MPI whenever nobody has
+ * for 2 ms: a cancel of the running item sets the flag
+ * df_mpi_task_cancelled() reads, a cancel of an item received and not
+ * started answers it at once (it never runs).
  * Every MPI call on the rank is made under one mutex.
  *
  * Pool (threads > 1, or DF_MPI_NO_INLINE): the items run on a df_pool of
