@@ -18,8 +18,9 @@
  * Rank 0 is the master and computes nothing: it streams item indices
  * through df_mpi_map_start() (at most LIMIT in flight over the cluster)
  * and records each result as it completes; ranks 1..R run the items,
- * THREADS threads each (credit: the default, 2 x THREADS, or
- * BENCH_MPI_CREDIT from the environment).  Item i is
+ * THREADS threads each (credit: the default, 2 x THREADS + 2, or
+ * BENCH_MPI_CREDIT from the environment; with THREADS 1 the inline mode,
+ * the default, unless BENCH_MPI_INLINE=0 asks for the pool mode).  Item i is
  * bench_work(i, WORK_ITERS), as for every other implementation in bench/,
  * so the line printed (impl=mpi-rR) is comparable with bench-deferred-map
  * run with the same arguments.  Input: the index as one little-endian
@@ -41,7 +42,12 @@
  * with pthread_getcpuclockid() in the work function: two more system calls
  * per item, so leave it off for timings of short items; and the main
  * thread's context switches (voluntary and not) per item, from its first
- * item to the end of df_mpi_worker_run().  The master then adds a line
+ * item to the end of df_mpi_worker_run(); other_cpu_ns_per_item, the CPU
+ * of every thread of the rank but the one(s) computing (in the inline
+ * mode, where the main thread computes: the sentry and Open MPI's own
+ * threads; in the pool mode: the main thread and those), and
+ * proc_switches_per_item, the context switches of the whole rank, both
+ * from the first item to the last.  The master then adds a line
  * "mpi-master switches_per_item=S" (all its threads, timed phase).
  */
 
@@ -52,7 +58,10 @@ static unsigned iters; /* the same on every rank: from argv */
 static bool cpu_on;
 static pthread_t main_thread;
 static pthread_mutex_t cpu_mu = PTHREAD_MUTEX_INITIALIZER;
-static uint64_t cpu_items, main0, main1, pool_cpu;
+static uint64_t cpu_items, main0, main1, pool_cpu, proc0, proc1;
+static long proc_sw0, proc_sw1;
+static long switches(void);
+static uint64_t cpu_ns(void);
 static pid_t main_tid;
 static long main_sw0;
 
@@ -90,11 +99,17 @@ static void cpu_sample(void)
     uint64_t me = thread_cpu_ns(pthread_self());
     uint64_t m = thread_cpu_ns(main_thread);
     pthread_mutex_lock(&cpu_mu);
+    uint64_t pc = cpu_ns();
+    long psw = switches();
     if (cpu_items++ == 0) {
         main0 = m;
         main_sw0 = thread_switches(main_tid);
+        proc0 = pc;
+        proc_sw0 = psw;
     }
     main1 = m;
+    proc1 = pc;
+    proc_sw1 = psw;
     if (last != 0)
         pool_cpu += me - last;
     last = me;
@@ -263,18 +278,25 @@ int main(int argc, char **argv)
         const char *credit = getenv("BENCH_MPI_CREDIT");
         if (credit != NULL)
             wo.credit = (unsigned)strtoul(credit, NULL, 10);
+        const char *inl = getenv("BENCH_MPI_INLINE");
+        if (inl != NULL && strcmp(inl, "0") == 0)
+            wo.flags = DF_MPI_NO_INLINE;
         main_thread = pthread_self();
         main_tid = (pid_t)syscall(SYS_gettid);
         status = df_mpi_worker_run(ctx, &wo) == 0 ? 0 : 3;
         if (cpu_on && cpu_items > 1) {
             /* Intervals between the first and the last item's end. */
             long sw = thread_switches(main_tid) - main_sw0;
+            double k = (double)(cpu_items - 1);
             printf("mpi-worker rank=%d items=%llu main_cpu_ns_per_item=%.0f "
-                   "pool_cpu_ns_per_item=%.0f main_switches_per_item=%.1f\n",
+                   "pool_cpu_ns_per_item=%.0f main_switches_per_item=%.1f "
+                   "other_cpu_ns_per_item=%.0f proc_switches_per_item=%.1f"
+                   "\n",
                    df_mpi_rank(ctx), (unsigned long long)cpu_items,
-                   (double)(main1 - main0) / (double)(cpu_items - 1),
-                   (double)pool_cpu / (double)(cpu_items - 1),
-                   (double)sw / (double)(cpu_items - 1));
+                   (double)(main1 - main0) / k, (double)pool_cpu / k,
+                   (double)sw / k,
+                   ((double)(proc1 - proc0) - (double)pool_cpu) / k,
+                   (double)(proc_sw1 - proc_sw0) / k);
             fflush(stdout);
         }
     }

@@ -22,6 +22,17 @@
 #                       printed as the runs go, before the table
 #   BENCH_CASES=        a subset of "nowork 20us 1ms"
 #   BENCH_RAW=FILE      also append the raw lines to FILE
+#   BENCH_MPI_INLINE=0  workers of one thread in the pool mode (a df_pool
+#                       thread runs the items) instead of the default,
+#                       inline (the main thread runs them)
+#   BENCH_MPI_CREDIT=N  the workers' credit instead of the default
+#   BENCH_MPI_NO_YIELD=1  sets OMPI_MCA_mpi_yield_when_idle=0 for the
+#                       ranks: Open MPI then does not call sched_yield in
+#                       an MPI_Improbe that finds nothing (it does by
+#                       default when the job has more ranks than cores).
+#                       The library never blocks in MPI, so the yield buys
+#                       it nothing; neither the library nor this script
+#                       sets it otherwise, and the header line says so.
 #   MPIRUN=mpirun       the launcher; Open MPI's root variables are set here
 set -u
 
@@ -33,6 +44,10 @@ OMPI_ALLOW_RUN_AS_ROOT=1
 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 OMPI_MCA_btl=self,vader
 export OMPI_ALLOW_RUN_AS_ROOT OMPI_ALLOW_RUN_AS_ROOT_CONFIRM OMPI_MCA_btl
+if test "${BENCH_MPI_NO_YIELD:-0}" = 1; then
+    OMPI_MCA_mpi_yield_when_idle=0
+    export OMPI_MCA_mpi_yield_when_idle
+fi
 raw=$(mktemp "${TMPDIR:-/tmp}/df-bench-mpi.XXXXXX") || exit 2
 trap 'rm -f "$raw"' EXIT
 
@@ -74,6 +89,9 @@ w1ms=${BENCH_W1MS:-$(awk -v ns="$ns" 'BEGIN { printf "%d", 1000000 * 200000 / ns
 echo "calibration: fastest of $cal_runs bench-seq runs: $ns ns per 200000 steps"
 echo "WORK_ITERS: 20us=$w20 1ms=$w1ms; limit=$limit; rounds=$runs"
 echo "load: $(cat /proc/loadavg 2>/dev/null)"
+echo "workers: inline=${BENCH_MPI_INLINE:-default}" \
+    "credit=${BENCH_MPI_CREDIT:-default}" \
+    "OMPI_MCA_mpi_yield_when_idle=${OMPI_MCA_mpi_yield_when_idle:-unset}"
 
 # case name, N, WORK_ITERS
 cases="nowork:20000:0 20us:20000:$w20 1ms:1000:$w1ms"

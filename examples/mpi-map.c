@@ -132,7 +132,7 @@ static int master(df_mpi *ctx, uint64_t n, uint64_t iters, unsigned limit,
     df_mpi_pool_stats st;
     df_mpi_pool_get_stats(a.pool, &st);
     if (limit == 0)
-        limit = st.credit; /* every worker thread busy, one queued each */
+        limit = st.credit; /* every worker thread busy, some queued */
     df_map_options o = {0};
     o.limit = limit;
     o.next = next_item;

@@ -19,8 +19,9 @@ extern "C" {
  *     df_mpi_pool on it (df_mpi_pool_new()), submits work, and finally
  *     shuts the pool down (df_mpi_pool_shutdown()) and frees it;
  *   - every other rank calls df_mpi_worker_run(), which runs the items the
- *     master sends on a df_pool of its own threads and returns once the
- *     master shuts the pool down (or the start-up check failed);
+ *     master sends (with one thread, the default, on the calling thread
+ *     itself; with more, on a df_pool of its own threads) and returns once
+ *     the master shuts the pool down (or the start-up check failed);
  * and every rank ends with df_mpi_finalize().  The master does not run
  * work items itself: with N ranks there are N - 1 worker ranks.
  *
@@ -33,7 +34,7 @@ extern "C" {
  * pool's functions are loop-thread functions, like every libdeferred
  * object: from another thread they return DF_EWRONG_THREAD (after the
  * DF_EINVAL checks of their arguments).  df_mpi_task_* are for the work
- * function, on the worker's pool thread that runs it.  On the master a
+ * function, on the worker's thread that runs it.  On the master a
  * progress thread owns every MPI call while the pool exists; it sleeps on
  * a condition variable while nothing is in flight and polls MPI while
  * replies are awaited: with a backoff (8 us doubling to 256 us) while
@@ -130,7 +131,7 @@ typedef struct df_mpi df_mpi;
 typedef struct df_mpi_task df_mpi_task;
 
 /*
- * A work function, run on a worker rank's pool thread with the input bytes
+ * A work function, run on a worker rank's thread with the input bytes
  * (borrowed, valid during the call; `in` is not NULL even when len is 0).
  * Return 0 for success, the output being what df_mpi_task_output() or
  * df_mpi_task_reply() set (empty if neither was called); or a non-zero
@@ -175,7 +176,7 @@ DF_EXPORT int df_mpi_register(df_mpi *ctx, const char *name, df_mpi_fn fn,
 
 /* ------------------------------------------------------- in work functions */
 
-/* Pool threads of a worker rank, inside the work function only. */
+/* The thread running the work function, inside it only. */
 /* Sets the output to a copy of len bytes (replacing an earlier one).
  * DF_ENOMEM; DF_MPI_ETOOBIG beyond max_bytes (the task then fails with
  * that code whatever the function returns). */
@@ -187,7 +188,8 @@ DF_EXPORT void *df_mpi_task_output(df_mpi_task *t, size_t len);
  * `return df_mpi_task_fail(t, code, ...)`. */
 DF_EXPORT int df_mpi_task_fail(df_mpi_task *t, int code, const char *fmt,
                                ...) DF_PRINTF(3, 4);
-/* True once the master has cancelled this item. */
+/* True once the master has cancelled this item (seen by the worker
+ * within about 2 ms of the cancel's arrival: df_mpi_worker_run()). */
 DF_EXPORT bool df_mpi_task_cancelled(const df_mpi_task *t);
 /* The registered name of the function running, and this worker's rank. */
 DF_EXPORT const char *df_mpi_task_name(const df_mpi_task *t);
@@ -195,30 +197,57 @@ DF_EXPORT int df_mpi_task_rank(const df_mpi_task *t);
 
 /* ---------------------------------------------------------------- workers */
 
+enum {
+    /* Run the items on the thread that called df_mpi_worker_run() (needs
+     * threads == 1): the default when threads == 1; see below. */
+    DF_MPI_INLINE = 1u << 0,
+    /* Use a df_pool thread even when threads == 1 (the pool mode). */
+    DF_MPI_NO_INLINE = 1u << 1
+};
+
 typedef struct df_mpi_worker_options {
-    unsigned threads; /* pool threads on this rank, >= 1                  */
+    unsigned threads; /* threads running items on this rank, >= 1        */
     unsigned credit;  /* most items the master sends here at once; 0:
-                         2 * threads (one running, one waiting, per
-                         thread, so a thread never waits for the master) */
+                         2 * threads + 2 (one running and one waiting per
+                         thread, and two more to cover the master's
+                         reaction time, so a thread never waits for it) */
+    unsigned flags;   /* DF_MPI_INLINE or DF_MPI_NO_INLINE, or 0          */
 } df_mpi_worker_options;
-#define DF_MPI_WORKER_OPTIONS_INIT {1, 0}
+#define DF_MPI_WORKER_OPTIONS_INIT {1, 0, 0}
 
 /* On a rank other than 0: joins the pool start-up check, then runs the
  * items the master sends, `threads` at once, until the master shuts the
  * pool down; returns 0 then.  Returns DF_MPI_ETABLE when the registered
  * names differ from the master's (every rank then gets that error),
- * DF_ESTATE when the master's pool could not start, DF_MPI_EMPI,
- * DF_ENOMEM; each with one line on stderr (DF_ESTATE too when the master
- * called df_mpi_finalize() without making a pool).  Rank 0: DF_MPI_EROLE.
- * Once
- * per context.  Between looks at MPI it sleeps in poll(2) on its loop,
- * which wakes it as soon as an item finishes: for a backoff of 8 us
- * doubling to 256 us while a thread is idle; for a quarter of an item's
- * mean run time (256 us to 2 ms) while every thread is busy; for 2 ms
- * while items wait in its own queue.  So a cancel reaches an item on a
- * worker at most about 2 ms after the master sent it (plus the transfer,
- * plus the work function's next df_mpi_task_cancelled() check when it
- * runs). */
+ * DF_ESTATE when the master's pool could not start, DF_EINVAL for bad
+ * options (threads not in 1..4096, unknown flags, DF_MPI_INLINE with
+ * threads != 1 or with DF_MPI_NO_INLINE), DF_MPI_EMPI, DF_ENOMEM; each
+ * with one line on stderr (DF_ESTATE too when the master called
+ * df_mpi_finalize() without making a pool).  Rank 0: DF_MPI_EROLE.  Once
+ * per context.  Two modes:
+ *
+ * Inline (threads == 1, unless DF_MPI_NO_INLINE): the calling thread runs
+ * the items itself, one after the other in the order they arrive: it
+ * receives, runs the work function, sends the reply and looks at MPI
+ * again, with no other thread and no wake-up per item.  With nothing to
+ * run it sleeps between looks at MPI for a backoff of 8 us doubling to
+ * 256 us.  While an item runs, a second thread of the library (the
+ * sentry, parked while the rank is idle) looks at MPI whenever nobody has
+ * for 2 ms: a cancel of the running item sets the flag
+ * df_mpi_task_cancelled() reads, a cancel of an item received and not
+ * started answers it at once (it never runs).
+ * Every MPI call on the rank is made under one mutex.
+ *
+ * Pool (threads > 1, or DF_MPI_NO_INLINE): the items run on a df_pool of
+ * `threads` threads; the calling thread only receives and replies, and
+ * between looks at MPI sleeps in poll(2) on its loop, which wakes it as
+ * soon as an item finishes: for the backoff above while a thread is idle;
+ * for a quarter of an item's mean run time (256 us to 2 ms) while every
+ * thread is busy; for 2 ms while items wait in its own queue.
+ *
+ * In both modes a cancel reaches an item on a worker at most about 2 ms
+ * after it arrives there (plus the transfer, plus, for a running item, the
+ * work function's next df_mpi_task_cancelled() check). */
 DF_EXPORT int df_mpi_worker_run(df_mpi *ctx,
                                 const df_mpi_worker_options *opts);
 

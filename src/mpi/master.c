@@ -861,6 +861,7 @@ int df_mpi_pool_new(df_mpi *ctx, df_loop *loop,
                             "thread; aborting the job\n");
             MPI_Abort(ctx->comm, 1);
         }
+        pthread_setname_np(p->thread, "df-mpi-progress"); /* top -H */
         p->thread_started = true;
         p->owner = pthread_self();
         ctx->pools++;

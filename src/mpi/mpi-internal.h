@@ -29,7 +29,7 @@ typedef struct df_mpi__req_hdr {
 
 /* REP: this header, then msg_len bytes of failure message (code != 0),
  * then out_len bytes of output (code == 0).  run_ns is how long the work
- * function ran (wall time on its pool thread), 0 for an item that did not
+ * function ran (wall time on the thread that ran it), 0 for an item that did not
  * run: the master paces its polling by it (see master.c). */
 typedef struct df_mpi__rep_hdr {
     uint64_t id;
@@ -67,10 +67,11 @@ enum { DF_MPI__ROW_HASH, DF_MPI__ROW_CREDIT, DF_MPI__ROW_MAX,
        DF_MPI__ROW_FLAGS, DF_MPI__ROW_STATUS, DF_MPI__ROW_THREADS,
        DF_MPI__ROW_N };
 
-/* The longest the worker's main thread sleeps without looking at MPI, and
- * the longest the master's progress thread sleeps between polls while
- * replies are awaited: a cancel reaches a worker's item at most about this
- * late (plus the transfer).  See worker.c and master.c. */
+/* The longest the worker's main thread sleeps without looking at MPI (in
+ * the inline mode, the sentry's period while an item runs), and the
+ * longest the master's progress thread sleeps between polls while replies
+ * are awaited: a cancel reaches a worker's item at most about this late
+ * (plus the transfer).  See worker.c and master.c. */
 #define DF_MPI__LONG_SLEEP_US 2000
 
 /* The status of a rank that joins the exchange from df_mpi_finalize. */

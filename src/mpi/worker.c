@@ -1,8 +1,11 @@
 /* SPDX-License-Identifier: MIT */
-/* libdeferred-mpi: a worker rank, running the master's items on its own pool. */
+/* libdeferred-mpi: a worker rank, running the items inline or on a pool. */
 #include "mpi-internal.h"
 
+#include <errno.h>
 #include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +14,11 @@
 #include <time.h>
 
 /*
+ * Two modes.  The inline mode (one thread, the default there) is described
+ * at run_inline() below: the main thread runs the items itself, a sentry
+ * thread watches MPI for cancels while one runs.  What follows is the pool
+ * mode.
+ *
  * The worker's main thread is both the MPI thread and the loop thread of a
  * private df_loop with a df_pool of `threads`.  It alternates between
  *   - receiving what the master sent (MPI_Improbe with MPI_ANY_TAG, so in
@@ -68,6 +76,9 @@ struct df_mpi_task {
     int code;
     char *text;         /* failure message, or NULL */
     bool too_big;
+    /* Inline mode: set (under the worker's mutex) when the master cancels
+     * the item; read by df_mpi_task_cancelled() from the work function. */
+    atomic_bool cancel;
 };
 
 struct worker {
@@ -82,6 +93,17 @@ struct worker {
     df_mpi_task *graveyard; /* answered, to be freed */
     bool stop;
     int error;              /* first MPI failure */
+    /* Inline mode (see run_inline): the main thread runs the items itself,
+     * and a sentry thread looks at MPI while one runs.  `mu` guards every
+     * MPI call and the fields below; the work function runs without it. */
+    bool inline_mode;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;      /* the sentry's: work to watch, or quit */
+    df_mpi_task *qhead, *qtail; /* received, not started: FIFO */
+    df_mpi_task *running;   /* the item the main thread runs, or NULL */
+    uint64_t looked_ns;     /* when MPI was last looked at (now_ns) */
+    bool sentry_parked;     /* the sentry waits without a timeout */
+    bool sentry_quit;
 };
 
 /* ------------------------------------------------------ task functions */
@@ -154,7 +176,11 @@ int df_mpi_task_fail(df_mpi_task *t, int code, const char *fmt, ...)
 
 bool df_mpi_task_cancelled(const df_mpi_task *t)
 {
-    return t != NULL && t->w != NULL && df_work_cancelled(t->w);
+    if (t == NULL)
+        return false;
+    if (t->wk->inline_mode)
+        return atomic_load_explicit(&t->cancel, memory_order_relaxed);
+    return t->w != NULL && df_work_cancelled(t->w);
 }
 
 const char *df_mpi_task_name(const df_mpi_task *t)
@@ -372,6 +398,17 @@ static void on_request(worker *wk, unsigned char *msg, size_t n)
     t->msg = msg;
     t->in = msg + sizeof h + h.name_len;
     t->in_len = h.in_len;
+    if (wk->inline_mode) {
+        /* Run later by the main thread, in the order received. */
+        t->next = NULL;
+        if (wk->qtail != NULL)
+            wk->qtail->next = t;
+        else
+            wk->qhead = t;
+        wk->qtail = t;
+        wk->nactive++;
+        return;
+    }
     int rc = df_pool_submit(wk->pool, run_task, t, &t->d);
     if (rc != 0) {
         send_reply(wk, h.id, rc, "the worker's pool refused the item", NULL,
@@ -399,6 +436,31 @@ static void on_cancel(worker *wk, const unsigned char *msg, size_t n)
     if (n != sizeof id)
         return;
     memcpy(&id, msg, sizeof id);
+    if (wk->inline_mode) {
+        if (wk->running != NULL && wk->running->id == id) {
+            /* Seen by df_mpi_task_cancelled(); answered when it returns. */
+            atomic_store_explicit(&wk->running->cancel, true,
+                                  memory_order_relaxed);
+            return;
+        }
+        df_mpi_task *prev = NULL;
+        for (df_mpi_task *t = wk->qhead; t != NULL; prev = t, t = t->next) {
+            if (t->id == id) {
+                /* Not started: answered now, never run. */
+                if (prev != NULL)
+                    prev->next = t->next;
+                else
+                    wk->qhead = t->next;
+                if (wk->qtail == t)
+                    wk->qtail = prev;
+                wk->nactive--;
+                send_reply(wk, id, DF_ECANCELLED, NULL, NULL, 0, 0);
+                free_task(t);
+                return;
+            }
+        }
+        return;
+    }
     for (df_mpi_task *t = wk->active; t != NULL; t = t->next) {
         if (t->id == id) {
             /* Queued: fails at once and task_done answers inside this
@@ -458,6 +520,198 @@ static bool receive(worker *wk)
     return any;
 }
 
+/* ------------------------------------------------------------- inline */
+
+/* Inline mode: the sentry thread.  While the main thread runs an item it
+ * makes sure MPI is looked at at least every DF_MPI__LONG_SLEEP_US, under
+ * `mu`, so that a cancel reaches the running item (its flag) or answers a
+ * queued one as promptly as in pool mode; new items it receives join the
+ * queue.  The main thread looks at MPI before each item (`looked_ns`), so
+ * with items shorter than that period the sentry's wake-ups find a recent
+ * look and make no MPI call (an empty MPI_Improbe may sched_yield in Open
+ * MPI, giving the core to the computing thread and costing one more
+ * switch).  While the main thread is idle (nothing running) it parks
+ * without a timeout, and the main thread wakes it when it starts an item:
+ * in a steady stream it never parks, so starting an item costs no
+ * wake-up. */
+static void *sentry_main(void *arg)
+{
+    worker *wk = arg;
+    pthread_mutex_lock(&wk->mu);
+    while (!wk->sentry_quit) {
+        if (wk->running == NULL) {
+            wk->sentry_parked = true;
+            pthread_cond_wait(&wk->cv, &wk->mu);
+            wk->sentry_parked = false;
+            continue;
+        }
+        /* now_ns() and the condition variable share CLOCK_MONOTONIC. */
+        uint64_t due = wk->looked_ns + DF_MPI__LONG_SLEEP_US * 1000u;
+        uint64_t now = now_ns();
+        if (due > now) {
+            struct timespec ts = {(time_t)(due / 1000000000u),
+                                  (long)(due % 1000000000u)};
+            int rc = 0;
+            while (!wk->sentry_quit && rc != ETIMEDOUT)
+                rc = pthread_cond_timedwait(&wk->cv, &wk->mu, &ts);
+            continue; /* the main thread may have looked meanwhile */
+        }
+        if (wk->running != NULL && !wk->stop) {
+            receive(wk);
+            wk->looked_ns = now_ns();
+        }
+    }
+    pthread_mutex_unlock(&wk->mu);
+    return NULL;
+}
+
+/* Main thread, without `mu`: one item, as run_task does on a pool
+ * thread. */
+static void run_inline_task(df_mpi_task *t)
+{
+    uint64_t t0 = now_ns();
+    int code = t->e->fn(t, t->in, t->in_len, t->e->arg);
+    t->run_ns = now_ns() - t0;
+    if (t->run_ns == 0)
+        t->run_ns = 1;
+    if (t->too_big)
+        code = DF_MPI_ETOOBIG;
+    t->code = code;
+}
+
+/*
+ * Inline mode's main loop (one thread: threads == 1).  The main thread
+ * receives, runs the oldest received item itself, replies, and looks at
+ * MPI again before the next one: no pool thread, no hand-off, no wake-up
+ * per item.  In the pool mode each item cost the main thread a wake-up by
+ * the pool thread's completion and the pool thread a hand-off, on a
+ * machine where the ranks share the cores with the items (bench/
+ * RESULTS.md).  With nothing received and nothing to run it sleeps with
+ * the idle backoff (8 us doubling to 256 us).  Every MPI call, here and
+ * in the sentry, is made under `mu` (MPI_THREAD_SERIALIZED allows calls
+ * from any thread, one at a time).
+ *
+ * Item states: received (in the queue qhead..qtail) -> running (`running`,
+ * the work function called without `mu`) -> answered and freed by the
+ * main thread; or received -> cancelled: answered and freed by whichever
+ * thread received the cancel.  A cancel of the running item only sets its
+ * flag; the main thread answers DF_ECANCELLED when the function returns,
+ * dropping its output, as the pool mode does.
+ */
+static void run_inline(worker *wk)
+{
+    unsigned backoff = 0;
+    pthread_mutex_lock(&wk->mu);
+    while (!wk->stop) {
+        bool any = receive(wk);
+        if (wk->stop)
+            break;
+        df_mpi_task *t = wk->qhead;
+        if (t != NULL)
+            wk->looked_ns = now_ns();
+        if (t != NULL) {
+            wk->qhead = t->next;
+            if (wk->qhead == NULL)
+                wk->qtail = NULL;
+            t->next = NULL;
+            wk->running = t;
+            if (wk->sentry_parked)
+                pthread_cond_signal(&wk->cv);
+            pthread_mutex_unlock(&wk->mu);
+            run_inline_task(t);
+            pthread_mutex_lock(&wk->mu);
+            wk->running = NULL;
+            if (atomic_load_explicit(&t->cancel, memory_order_relaxed))
+                send_reply(wk, t->id, DF_ECANCELLED, NULL, NULL, 0,
+                           t->run_ns);
+            else
+                send_reply(wk, t->id, t->code, t->text, t->out, t->out_len,
+                           t->run_ns);
+            wk->nactive--;
+            free_task(t);
+            backoff = 0;
+            continue;
+        }
+        if (any) {
+            backoff = 0;
+            continue;
+        }
+        backoff = backoff ? 2 * backoff : BACKOFF_MIN_US;
+        if (backoff > BACKOFF_MAX_US)
+            backoff = BACKOFF_MAX_US;
+        pthread_mutex_unlock(&wk->mu);
+        struct timespec ts = {0, (long)backoff * 1000};
+        nanosleep(&ts, NULL);
+        pthread_mutex_lock(&wk->mu);
+    }
+    /* The master stops a pool only once every item was answered, so the
+     * queue is empty here; should it not be, its items are answered as
+     * cancelled. */
+    while (wk->qhead != NULL) {
+        df_mpi_task *t = wk->qhead;
+        wk->qhead = t->next;
+        send_reply(wk, t->id, DF_ECANCELLED, NULL, NULL, 0, 0);
+        free_task(t);
+    }
+    wk->qtail = NULL;
+    wk->nactive = 0;
+    pthread_mutex_unlock(&wk->mu);
+}
+
+/* Pool mode's main loop: see the comment at the top. */
+static void run_pool(worker *wk)
+{
+    int fd = df_loop_fd(wk->loop);
+    unsigned backoff = 0;
+    bool quiet = false; /* the last sleep ended with nothing to run */
+    while (!wk->stop) {
+        bool any = receive(wk);
+        unsigned ran = 0;
+        /* Reading the loop's fd costs a system call: skip it when the
+         * sleep just timed out with no timer and nothing new. */
+        if (any || !quiet)
+            df_loop_dispatch(wk->loop, 0, &ran);
+        quiet = false;
+        bury(wk);
+        if (wk->stop)
+            break;
+        if (any || ran > 0) {
+            backoff = 0;
+            continue;
+        }
+        int tmo = df_loop_timeout_ms(wk->loop);
+        if (tmo == 0)
+            continue;
+        uint64_t us;
+        if (wk->nactive < wk->threads) {
+            backoff = backoff ? 2 * backoff : BACKOFF_MIN_US;
+            if (backoff > BACKOFF_MAX_US)
+                backoff = BACKOFF_MAX_US;
+            us = backoff;
+        } else if (wk->nactive == wk->threads) {
+            us = wk->mean_run_ns / 4000;
+            if (us < BACKOFF_MAX_US)
+                us = BACKOFF_MAX_US;
+            if (us > DF_MPI__LONG_SLEEP_US)
+                us = DF_MPI__LONG_SLEEP_US;
+        } else {
+            us = DF_MPI__LONG_SLEEP_US;
+        }
+        if (tmo > 0 && (uint64_t)tmo * 1000 < us)
+            us = (uint64_t)tmo * 1000;
+        struct pollfd pfd = {fd, POLLIN, 0};
+        struct timespec ts = {(time_t)(us / 1000000),
+                              (long)(us % 1000000) * 1000};
+        int n = ppoll(&pfd, 1, &ts, NULL);
+        quiet = n == 0 && tmo < 0;
+    }
+    /* The master stops a pool only once every item was answered, so
+     * nothing is active here; should anything be, it is cancelled and
+     * answered before the pool goes. */
+    df_pool_shutdown(wk->pool, DF_POOL_CANCEL);
+    bury(wk);
+}
+
 /* ---------------------------------------------------------------- run */
 
 int df_mpi_worker_run(df_mpi *ctx, const df_mpi_worker_options *opts)
@@ -477,14 +731,50 @@ int df_mpi_worker_run(df_mpi *ctx, const df_mpi_worker_options *opts)
         fprintf(stderr, "df_mpi: worker rank %d: threads must be 1..4096\n",
                 ctx->rank);
         status = DF_EINVAL;
+    } else if ((o.flags & ~(unsigned)(DF_MPI_INLINE | DF_MPI_NO_INLINE)) ||
+               ((o.flags & DF_MPI_INLINE) && (o.flags & DF_MPI_NO_INLINE)) ||
+               ((o.flags & DF_MPI_INLINE) && o.threads != 1)) {
+        fprintf(stderr, "df_mpi: worker rank %d: bad flags 0x%x (DF_MPI_INLINE "
+                        "needs threads == 1 and excludes DF_MPI_NO_INLINE)\n",
+                ctx->rank, o.flags);
+        status = DF_EINVAL;
     }
-    unsigned credit = o.credit ? o.credit : 2 * o.threads;
-    if (status == 0)
+    wk.inline_mode = o.threads == 1 && !(o.flags & DF_MPI_NO_INLINE);
+    unsigned credit = o.credit ? o.credit : 2 * o.threads + 2;
+    bool sync_ok = false, sentry_ok = false;
+    pthread_t sentry;
+    if (status == 0 && wk.inline_mode) {
+        pthread_condattr_t ca;
+        if (pthread_mutex_init(&wk.mu, NULL) != 0) {
+            status = DF_ENOMEM;
+        } else if (pthread_condattr_init(&ca) != 0) {
+            pthread_mutex_destroy(&wk.mu);
+            status = DF_ENOMEM;
+        } else {
+            pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+            if (pthread_cond_init(&wk.cv, &ca) != 0) {
+                pthread_mutex_destroy(&wk.mu);
+                status = DF_ENOMEM;
+            } else {
+                sync_ok = true;
+            }
+            pthread_condattr_destroy(&ca);
+        }
+        if (sync_ok) {
+            if (pthread_create(&sentry, NULL, sentry_main, &wk) == 0) {
+                sentry_ok = true;
+                pthread_setname_np(sentry, "df-mpi-sentry"); /* top -H */
+            } else {
+                status = DF_ENOMEM;
+            }
+        }
+    } else if (status == 0) {
         status = df_loop_new(NULL, &wk.loop);
-    if (status == 0) {
-        df_pool_options po = DF_POOL_OPTIONS_INIT;
-        po.threads = o.threads;
-        status = df_pool_new(wk.loop, &po, &wk.pool);
+        if (status == 0) {
+            df_pool_options po = DF_POOL_OPTIONS_INIT;
+            po.threads = o.threads;
+            status = df_pool_new(wk.loop, &po, &wk.pool);
+        }
     }
     uint64_t row[DF_MPI__ROW_N] = {0};
     row[DF_MPI__ROW_CREDIT] = credit;
@@ -496,59 +786,25 @@ int df_mpi_worker_run(df_mpi *ctx, const df_mpi_worker_options *opts)
         wk.max_bytes = (size_t)rows[DF_MPI__ROW_MAX];
         int slack = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
         prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
-        int fd = df_loop_fd(wk.loop);
-        unsigned backoff = 0;
-        bool quiet = false; /* the last sleep ended with nothing to run */
-        while (!wk.stop) {
-            bool any = receive(&wk);
-            unsigned ran = 0;
-            /* Reading the loop's fd costs a system call: skip it when
-             * the sleep just timed out with no timer and nothing new. */
-            if (any || !quiet)
-                df_loop_dispatch(wk.loop, 0, &ran);
-            quiet = false;
-            bury(&wk);
-            if (wk.stop)
-                break;
-            if (any || ran > 0) {
-                backoff = 0;
-                continue;
-            }
-            int tmo = df_loop_timeout_ms(wk.loop);
-            if (tmo == 0)
-                continue;
-            uint64_t us;
-            if (wk.nactive < wk.threads) {
-                backoff = backoff ? 2 * backoff : BACKOFF_MIN_US;
-                if (backoff > BACKOFF_MAX_US)
-                    backoff = BACKOFF_MAX_US;
-                us = backoff;
-            } else if (wk.nactive == wk.threads) {
-                us = wk.mean_run_ns / 4000;
-                if (us < BACKOFF_MAX_US)
-                    us = BACKOFF_MAX_US;
-                if (us > DF_MPI__LONG_SLEEP_US)
-                    us = DF_MPI__LONG_SLEEP_US;
-            } else {
-                us = DF_MPI__LONG_SLEEP_US;
-            }
-            if (tmo > 0 && (uint64_t)tmo * 1000 < us)
-                us = (uint64_t)tmo * 1000;
-            struct pollfd pfd = {fd, POLLIN, 0};
-            struct timespec ts = {(time_t)(us / 1000000),
-                                  (long)(us % 1000000) * 1000};
-            int n = ppoll(&pfd, 1, &ts, NULL);
-            quiet = n == 0 && tmo < 0;
-        }
-        /* The master stops a pool only once every item was answered, so
-         * nothing is active here; should anything be, it is cancelled
-         * and answered before the pool goes. */
-        df_pool_shutdown(wk.pool, DF_POOL_CANCEL);
-        bury(&wk);
+        if (wk.inline_mode)
+            run_inline(&wk);
+        else
+            run_pool(&wk);
         if (slack > 0)
             prctl(PR_SET_TIMERSLACK, (unsigned long)slack, 0, 0, 0);
     }
     free(rows);
+    if (sentry_ok) {
+        pthread_mutex_lock(&wk.mu);
+        wk.sentry_quit = true;
+        pthread_cond_signal(&wk.cv);
+        pthread_mutex_unlock(&wk.mu);
+        pthread_join(sentry, NULL);
+    }
+    if (sync_ok) {
+        pthread_cond_destroy(&wk.cv);
+        pthread_mutex_destroy(&wk.mu);
+    }
     df_pool_free(wk.pool);
     if (wk.loop != NULL) {
         df_loop_run(wk.loop);

@@ -20,8 +20,14 @@
  * starts each scenario with mpirun -np 3 --oversubscribe)
  *
  *   main     map vs thread pool, limits, exactly once, failures, cancels,
- *            bad inputs, drain shutdown, idle CPU
+ *            bad inputs, drain shutdown, idle CPU (workers: 2 threads,
+ *            the pool mode)
+ *   main1    the same with workers of 1 thread (the inline mode: items
+ *            run on the worker's main thread)
  *   cshut    shutdown with DF_POOL_CANCEL while items run and wait
+ *   cshut1   the same, inline workers
+ *   cshut1p  the same, workers of 1 thread with DF_MPI_NO_INLINE
+ *   badflags rank 1 asks for DF_MPI_INLINE with 2 threads: DF_EINVAL
  *   table    rank 2 registers one name more: DF_MPI_ETABLE everywhere
  *   noname   DF_MPI_NO_TABLE_CHECK and a name only rank 0 knows
  *   thread   MPI initialised with MPI_THREAD_FUNNELED: DF_MPI_ETHREAD_LEVEL
@@ -89,11 +95,24 @@ static int item_outcome(int64_t i, int64_t iters, uint64_t *value,
 
 static atomic_int running_here; /* items inside fn_xorshift on this rank */
 static atomic_int max_running_here;
+/* Where the work functions ran: on the thread that called
+ * df_mpi_worker_run (inline mode) or on others (pool mode). */
+static pthread_t worker_main;
+static atomic_int ran_on_main, ran_elsewhere;
+
+static void note_thread(void)
+{
+    if (pthread_equal(pthread_self(), worker_main))
+        atomic_fetch_add(&ran_on_main, 1);
+    else
+        atomic_fetch_add(&ran_elsewhere, 1);
+}
 
 /* "xorshift": input two int64 (i, iters), output one int64. */
 static int fn_xorshift(df_mpi_task *t, const void *in, size_t len, void *arg)
 {
     (void)arg;
+    note_thread();
     int n = atomic_fetch_add(&running_here, 1) + 1;
     int m = atomic_load(&max_running_here);
     while (n > m && !atomic_compare_exchange_weak(&max_running_here, &m, n))
@@ -125,6 +144,7 @@ static int fn_xorshift(df_mpi_task *t, const void *in, size_t len, void *arg)
 static int fn_echo(df_mpi_task *t, const void *in, size_t len, void *arg)
 {
     (void)arg;
+    note_thread();
     return df_mpi_task_reply(t, in, len);
 }
 
@@ -147,6 +167,7 @@ static int fn_big(df_mpi_task *t, const void *in, size_t len, void *arg)
 static int fn_slow(df_mpi_task *t, const void *in, size_t len, void *arg)
 {
     (void)in, (void)len, (void)arg;
+    note_thread();
     for (int k = 0; k < 20000; k++) {
         if (df_mpi_task_cancelled(t))
             return df_mpi_task_fail(t, DF_ECANCELLED, "slow saw its cancel");
@@ -521,6 +542,7 @@ static void test_cancel(df_loop *loop, df_mpi_pool *pool)
     /* Let them start, then cancel the running ones: each fires only once
      * its worker has answered. */
     sleep_loop(loop, 50000000);
+    double t0 = wall_seconds();
     for (unsigned k = 0; k < credit; k++) {
         CHECK(slow[k].fired == 0, "slow %u fired early", k);
         df_deferred_cancel(sd[k]);
@@ -531,9 +553,14 @@ static void test_cancel(df_loop *loop, df_mpi_pool *pool)
         df_deferred_unref(sd[k]);
     }
     df_loop_run(loop);
+    double dt = wall_seconds() - t0;
     for (unsigned k = 0; k < credit; k++)
         CHECK(slow[k].fired == 1 && slow[k].code == DF_ECANCELLED,
               "slow %u: fired %d code %d", k, slow[k].fired, slow[k].code);
+    /* The running ones see the cancel within DF_MPI__LONG_SLEEP_US (2 ms)
+     * plus "slow"'s 1 ms between checks, in both modes; a loaded machine
+     * adds its own delays, but nothing near the 20 s "slow" runs. */
+    CHECK(dt < 1.0, "cancelling %u items took %.3f s", credit, dt);
 
     /* With a semaphore of one: the token comes back only after the
      * cancelled item's worker has answered, so "echo" runs after it. */
@@ -557,9 +584,9 @@ static void test_cancel(df_loop *loop, df_mpi_pool *pool)
     CHECK(first.order < after.order, "echo ran before the cancelled item");
     df_mpi_buf_free(after.buf);
     OK(df_sem_free(s));
-    printf("mpi-test: cancel: queued fails at once, %u running fail after "
-           "their worker replied, semaphore token held until then\n",
-           credit);
+    printf("mpi-test: cancel: queued fails at once, %u on workers fail "
+           "after their worker replied (%.1f ms), semaphore token held "
+           "until then\n", credit, dt * 1e3);
 }
 
 /* A worker that holds more items than threads sleeps up to
@@ -583,10 +610,12 @@ static void test_cancel_queued(df_loop *loop, df_mpi_pool *pool)
         df_deferred_ref(sd[k]);
         watch(sd[k], &slow[k]);
     }
-    /* Each worker has 2 threads and a credit of 4: the last item sent to
-     * a rank is the last it received, queued behind two running ones.
-     * The last one submitted is such an item on its rank.  Let every
-     * worker settle into its long sleep first. */
+    /* Each worker has more credit than threads: the last item sent to a
+     * rank is the last it received, queued behind running ones (in the
+     * inline mode, behind the one its main thread runs, so only the
+     * sentry can answer the cancel).  The last one submitted is such an
+     * item on its rank.  Let every worker settle into its long sleep
+     * first. */
     sleep_loop(loop, 100000000);
     unsigned last = credit - 1;
     double t0 = wall_seconds();
@@ -748,20 +777,37 @@ static void test_drain(df_loop *loop, df_mpi_pool *pool)
 
 /* ------------------------------------------------------------ scenarios */
 
+/* The workers' options in this scenario. */
+static unsigned worker_threads = 2, worker_flags;
+static bool expect_work = true; /* items run on every worker */
+
 static int worker(df_mpi *ctx, int expect)
 {
     df_mpi_worker_options wo = DF_MPI_WORKER_OPTIONS_INIT;
-    wo.threads = 2;
+    wo.threads = worker_threads;
+    wo.flags = worker_flags;
+    worker_main = pthread_self();
     double c0 = cpu_seconds();
     int rc = df_mpi_worker_run(ctx, &wo);
     printf("mpi-test: worker rank %d returned %s (cpu %.2f s)\n", rank_,
            df_mpi_err_name(rc), cpu_seconds() - c0);
     CHECK(rc == expect, "worker_run returned %s, expected %s",
           df_mpi_err_name(rc), df_mpi_err_name(expect));
-    if (expect == 0)
-        CHECK(atomic_load(&max_running_here) <= 2,
-              "%d items at once on a rank of 2 threads",
-              atomic_load(&max_running_here));
+    if (expect == 0) {
+        CHECK(atomic_load(&max_running_here) <= (int)worker_threads,
+              "%d items at once on a rank of %u threads",
+              atomic_load(&max_running_here), worker_threads);
+        /* Inline: every item on this thread; else none. */
+        bool inl = worker_threads == 1 && !(worker_flags & DF_MPI_NO_INLINE);
+        int on = atomic_load(&ran_on_main), off = atomic_load(&ran_elsewhere);
+        CHECK(on + off > 0 || !expect_work, "no item ran on rank %d",
+              rank_);
+        CHECK(inl ? off == 0 : on == 0,
+              "%s mode: %d items on the main thread, %d elsewhere",
+              inl ? "inline" : "pool", on, off);
+        printf("mpi-test: worker rank %d: %s mode, %d items\n", rank_,
+               inl ? "inline" : "pool", on + off);
+    }
     return rc;
 }
 
@@ -794,6 +840,8 @@ static void scenario_main(df_mpi *ctx)
 static void scenario_cshut(df_mpi *ctx)
 {
     register_common(ctx);
+    /* The cancel may reach a loaded worker before it started any item. */
+    expect_work = false;
     if (!df_mpi_is_master(ctx)) {
         worker(ctx, 0);
         return;
@@ -862,6 +910,7 @@ static int fn_master_only(df_mpi_task *t, const void *in, size_t len,
 static void scenario_noname(df_mpi *ctx)
 {
     register_common(ctx);
+    expect_work = false; /* one "echo": one of the two workers runs it */
     if (!df_mpi_is_master(ctx)) {
         worker(ctx, 0);
         return;
@@ -894,6 +943,31 @@ static void scenario_noname(df_mpi *ctx)
     OK(df_loop_free(loop));
 }
 
+/* Rank 1 asks for DF_MPI_INLINE with 2 threads: it refuses with
+ * DF_EINVAL, and the others learn at start-up that the pool cannot
+ * start (DF_ESTATE), so nobody hangs. */
+static void scenario_badflags(df_mpi *ctx)
+{
+    register_common(ctx);
+    if (!df_mpi_is_master(ctx)) {
+        if (df_mpi_rank(ctx) == 1) {
+            worker_flags = DF_MPI_INLINE;
+            worker(ctx, DF_EINVAL);
+        } else {
+            worker(ctx, DF_ESTATE);
+        }
+        return;
+    }
+    df_loop *loop;
+    OK(df_loop_new(NULL, &loop));
+    df_mpi_pool *pool = NULL;
+    int rc = df_mpi_pool_new(ctx, loop, NULL, &pool);
+    CHECK(rc == DF_ESTATE && pool == NULL, "pool_new: %s",
+          df_mpi_err_name(rc));
+    printf("mpi-test: master: pool_new returned %s\n", df_mpi_err_name(rc));
+    OK(df_loop_free(loop));
+}
+
 static void scenario_early(df_mpi *ctx)
 {
     register_common(ctx);
@@ -906,7 +980,8 @@ int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc != 2) {
-        fprintf(stderr, "usage: mpi-test main|cshut|table|noname|thread|early\n");
+        fprintf(stderr, "usage: mpi-test main|main1|cshut|cshut1|cshut1p|badflags|"
+                        "table|noname|thread|early\n");
         return 2;
     }
     const char *sc = argv[1];
@@ -933,10 +1008,17 @@ int main(int argc, char **argv)
             return 1;
         }
         rank_ = df_mpi_rank(ctx);
-        if (strcmp(sc, "main") == 0)
+        if (strcmp(sc, "main1") == 0 || strcmp(sc, "cshut1") == 0 ||
+            strcmp(sc, "cshut1p") == 0)
+            worker_threads = 1;
+        if (strcmp(sc, "cshut1p") == 0)
+            worker_flags = DF_MPI_NO_INLINE;
+        if (strcmp(sc, "main") == 0 || strcmp(sc, "main1") == 0)
             scenario_main(ctx);
-        else if (strcmp(sc, "cshut") == 0)
+        else if (strncmp(sc, "cshut", 5) == 0)
             scenario_cshut(ctx);
+        else if (strcmp(sc, "badflags") == 0)
+            scenario_badflags(ctx);
         else if (strcmp(sc, "table") == 0)
             scenario_table(ctx);
         else if (strcmp(sc, "noname") == 0)
