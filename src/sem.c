@@ -90,6 +90,7 @@ struct df_sem {
     bool dispatching;         /* a sem_enter() frame is on the stack      */
     bool free_pending;        /* freed during a dispatch                  */
     bool internal;            /* df__sem_new: not counted on the loop     */
+    df__sem_job_fn finish;    /* how its pool jobs end                    */
     size_t failing;           /* jobs on a reg's `failed` list            */
 };
 
@@ -130,11 +131,13 @@ typedef struct reg {
 #define WAITER_OF(l) DF__ILIST_ENTRY(l, df__waiter, link)
 #define NODE_OF(wp) DF__CONTAINER_OF(wp, sem_node, w)
 #define RUN_OF(wp) DF__CONTAINER_OF(wp, sem_run, node.w)
-#define JOB_OF(wp) DF__CONTAINER_OF(wp, df__sem_job, w)
+#define JOB_OF(wp) DF__CONTAINER_OF(wp, df__sem_job, job.h)
+#define SEM_OF(wp) ((df_sem *)(wp)->owner)
 
 static void run_start(sem_run *run);
 static void acquire_start(df_sem *s, sem_node *n);
-static void job_fail(df__sem_job *sj, int code);
+static void job_fail(df_sem *s, df__sem_job *sj, int code);
+static void rip_finish(df__sem_job *sj, df_result r);
 
 /* ------------------------------------------------------------ dispatcher */
 
@@ -181,7 +184,7 @@ static void sem_leave(df_sem *s, bool outer)
         else if (w->kind == W_RUN)
             run_start(RUN_OF(w));
         else
-            job_fail(JOB_OF(w), DF_ESHUTDOWN);
+            job_fail(s, JOB_OF(w), DF_ESHUTDOWN);
     }
     s->dispatching = false;
     if (s->free_pending)
@@ -276,7 +279,7 @@ static void acquire_start(df_sem *s, sem_node *n)
  * *out, so that *out's callbacks already see the token back.  Consumes r. */
 static void run_finish(sem_run *run, df_result r)
 {
-    df_sem *s = run->node.w.sem;
+    df_sem *s = SEM_OF(&run->node.w);
     df_deferred *out = run->node.d;
     df_deferred *inner = run->inner;
     bool outer = sem_enter(s);
@@ -301,7 +304,7 @@ static df_result run_inner_done(df_result r, void *arg)
  * dispatch. */
 static void run_start(sem_run *run)
 {
-    df_sem *s = run->node.w.sem;
+    df_sem *s = SEM_OF(&run->node.w);
 
     run->node.w.state = ST_CALLING;
     df_result r = run->fn(run->arg);
@@ -340,7 +343,7 @@ static void run_start(sem_run *run)
 static void sem_cancel(df_deferred *d, void *arg)
 {
     sem_node *n = arg;
-    df_sem *s = n->w.sem;
+    df_sem *s = SEM_OF(&n->w);
     bool outer;
 
     assert(n->d == d);
@@ -402,8 +405,7 @@ static void sem_cancel(df_deferred *d, void *arg)
  * and the worker runs it next. */
 static df__job *job_next(df__job *j)
 {
-    df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
-    df_sem *s = sj->w.sem;
+    df_sem *s = j->h.owner;
     df__job *next = NULL;
     pthread_mutex_lock(&s->mu);
     df__ilink *l = df__ilist_first(&s->line);
@@ -427,26 +429,27 @@ static df__job *job_next(df__job *j)
 static void job_done(df__job *j, int status)
 {
     df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
-    df_sem *s = sj->w.sem;
-    sj->w.state = ST_DONE;
-    if (!j->handed) {
+    df_sem *s = j->h.owner;
+    df__sem_job_fn finish = s->finish;
+    j->h.state = ST_DONE;
+    if (!j->h.handed) {
         bool outer = sem_enter(s);
         give_back(s);
-        sem_leave(s, outer);
+        sem_leave(s, outer); /* may free s: hence finish, read before */
     }
-    sj->finish(sj, df__job_result(j, status));
+    finish(sj, df__job_result(j, status));
 }
 
 static const df__job_ops job_ops = {job_next, job_done};
 
-static void job_fail(df__sem_job *sj, int code)
+#define SHUTDOWN_MSG "pool shut down before the job got a semaphore token"
+
+static void job_fail(df_sem *s, df__sem_job *sj, int code)
 {
-    sj->finish(sj, df_err(df_failure_new(
-                       sj->w.sem->loop, code,
-                       code == DF_ECANCELLED
-                           ? "pool job cancelled"
-                           : "pool shut down before the job got a "
-                             "semaphore token")));
+    s->finish(sj, df_err(df_failure_new(
+                      s->loop, code,
+                      code == DF_ECANCELLED ? "pool job cancelled"
+                                            : SHUTDOWN_MSG)));
 }
 
 /* A pool of s stops taking work: its jobs leave the line at once (no
@@ -478,6 +481,8 @@ static void reg_flush(df__pool_client *c)
 {
     reg *r = DF__CONTAINER_OF(c, reg, client);
     df_sem *s = r->sem;
+    df_loop *loop = s->loop;
+    df__sem_job_fn finish = s->finish;
     df__ilink failed;
     df__ilist_init(&failed);
     df__ilist_splice(&failed, &r->failed);
@@ -487,7 +492,8 @@ static void reg_flush(df__pool_client *c)
          l = df__ilist_next(&failed, l))
         s->failing--;
     while ((l = df__ilist_pop(&failed)) != NULL)
-        job_fail(JOB_OF(WAITER_OF(l)), DF_ESHUTDOWN);
+        finish(JOB_OF(WAITER_OF(l)),
+               df_err(df_failure_new(loop, DF_ESHUTDOWN, SHUTDOWN_MSG)));
 }
 
 /* The registration of s with p, made on first need; NULL: out of memory. */
@@ -513,51 +519,53 @@ static reg *reg_for(df_sem *s, df_pool *p)
 }
 
 int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
-                    df_work_fn work, void *arg, df__sem_job_fn finish)
+                    df_work_fn work, void *arg)
 {
     assert(df__pool_accepts(p));
     df__job_init(&sj->job, p, &job_ops, work, arg);
-    sj->w.sem = s;
-    sj->w.kind = W_JOB;
-    sj->finish = finish;
+    sj->job.h.owner = s;
+    sj->job.h.kind = W_JOB;
     if (s->tokens > 0) {
         /* A free token means nobody waits. */
         s->tokens--;
-        sj->w.state = ST_STARTED;
+        sj->job.h.state = ST_STARTED;
         df__pool_start(p, &sj->job);
         return 0;
     }
     if (reg_for(s, p) == NULL)
         return DF_ENOMEM;
-    line_append(s, &sj->w);
+    line_append(s, &sj->job.h);
     return 0;
 }
 
 void df__sem_job_cancel(df__sem_job *sj)
 {
-    df_sem *s = sj->w.sem;
-    if (line_leave(s, &sj->w)) {
+    df_sem *s = sj->job.h.owner;
+    if (line_leave(s, &sj->job.h)) {
         /* Still in line: it leaves holding no token. */
-        job_fail(sj, DF_ECANCELLED);
+        job_fail(s, sj, DF_ECANCELLED);
         return;
     }
-    if (sj->w.state == ST_DONE) {
+    if (sj->job.h.state == ST_DONE) {
         /* Its token is going back (job_done): the result is read next. */
-        atomic_store_explicit(&sj->job.w.cancelled, true,
+        atomic_store_explicit(&sj->job.h.w.cancelled, true,
                               memory_order_relaxed);
         return;
     }
-    if (sj->w.state != ST_STARTED)
+    if (sj->job.h.state != ST_STARTED)
         return; /* FAILED: it fails with DF_ESHUTDOWN anyway */
     if (df__job_unqueue(&sj->job)) {
         /* Queued, never ran: its token goes back first.  What that runs
          * may cancel the job again (DONE: only the flag, the pool being
          * perhaps gone by then). */
-        sj->w.state = ST_DONE;
+        sj->job.h.state = ST_DONE;
+        df_loop *loop = s->loop;
+        df__sem_job_fn finish = s->finish;
         bool outer = sem_enter(s);
         give_back(s);
-        sem_leave(s, outer);
-        job_fail(sj, DF_ECANCELLED);
+        sem_leave(s, outer); /* may free s */
+        finish(sj, df_err(df_failure_new(loop, DF_ECANCELLED,
+                                         "pool job cancelled")));
     }
     /* Else running: it finishes with DF_ECANCELLED (df__job_result). */
 }
@@ -565,7 +573,7 @@ void df__sem_job_cancel(df__sem_job *sj)
 /* ------------------------------------------------------------ public API */
 
 static int sem_make(df_loop *loop, unsigned tokens, size_t size, bool internal,
-                    df_sem **out)
+                    df__sem_job_fn finish, df_sem **out)
 {
     df_sem *s = df__malloc(loop, size);
     if (s == NULL)
@@ -580,6 +588,7 @@ static int sem_make(df_loop *loop, unsigned tokens, size_t size, bool internal,
     s->limit = tokens;
     s->tokens = tokens;
     s->internal = internal;
+    s->finish = finish;
     atomic_init(&s->nwaiting, 0);
     df__ilist_init(&s->line);
     df__ilist_init(&s->ready);
@@ -595,12 +604,13 @@ int df_sem_new(df_loop *loop, unsigned tokens, df_sem **out)
     if (loop == NULL || out == NULL || tokens < 1)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
-    return sem_make(loop, tokens, sizeof(df_sem), false, out);
+    return sem_make(loop, tokens, sizeof(df_sem), false, rip_finish, out);
 }
 
-int df__sem_new(df_loop *loop, unsigned tokens, df_sem **out)
+int df__sem_new(df_loop *loop, unsigned tokens, df__sem_job_fn finish,
+                df_sem **out)
 {
-    return sem_make(loop, tokens, sizeof(df_sem), true, out);
+    return sem_make(loop, tokens, sizeof(df_sem), true, finish, out);
 }
 
 static size_t sem_waiting(const df_sem *s)
@@ -668,7 +678,7 @@ int df_sem_acquire(df_sem *s, df_deferred **out)
         return rc;
     sem_node *n = mem;
     memset(n, 0, sizeof *n);
-    n->w.sem = s;
+    n->w.owner = s;
     /* Our own reference: the application may drop its reference while the
      * waiter waits, and it must not point at a freed deferred. */
     n->d = df_deferred_ref(d);
@@ -718,7 +728,7 @@ int df_sem_run(df_sem *s, df_run_fn fn, void *arg, df_deferred **out)
      * is back, so that a cancelled run never frees its token early. */
     df__deferred_set_cancel_waits(d);
     memset(run, 0, sizeof *run);
-    run->node.w.sem = s;
+    run->node.w.owner = s;
     run->node.d = df_deferred_ref(d);
     run->node.w.kind = W_RUN;
     run->fn = fn;
@@ -802,7 +812,7 @@ int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
      * once the token is back (see df__sem_job_cancel). */
     df__deferred_set_cancel_waits(d);
     assert(df__job_deferred(st) == d);
-    rc = df__sem_job_run(s, p, &st->sj, work, arg, rip_finish);
+    rc = df__sem_job_run(s, p, &st->sj, work, arg);
     if (rc != 0) {
         df_deferred_unref(d); /* unfired and never seen: reports nothing */
         return rc;
@@ -821,7 +831,7 @@ int df_lock_new(df_loop *loop, df_lock **out)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
     df_sem *s;
-    int rc = sem_make(loop, 1, sizeof(df_lock), false, &s);
+    int rc = sem_make(loop, 1, sizeof(df_lock), false, rip_finish, &s);
     if (rc == 0)
         *out = DF__CONTAINER_OF(s, df_lock, sem);
     return rc;
