@@ -199,7 +199,7 @@ void df__deferred_unmark_timeout(df_deferred *d);
  * and are also the canceller's argument (pool.c and sem.c check the
  * size).  The job starts DF__JOB_OFFSET bytes into the block (deferred.c
  * checks it), so the job finds its deferred without keeping a pointer. */
-#define DF__JOB_SIZE 80
+#define DF__JOB_SIZE 72
 #define DF__JOB_OFFSET 120
 int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                          df_deferred **out, void **job);

@@ -24,7 +24,9 @@ typedef struct df__job_head {
         df__ilink link;       /* a semaphore's line, or the pool's queue  */
         df__inbox_node node;  /* the inbox entry once posted              */
     };
-    void *owner;              /* the owner's (sem.c: the semaphore)       */
+    void *owner;              /* NULL, or the owner: it starts with a
+                               * pointer to its df__job_ops (sem.c: the
+                               * semaphore)                               */
     unsigned char kind;       /* the owner's                              */
     unsigned char state;      /* the owner's                              */
     bool queued;              /* job: on the pool's queue (pool->mu)      */
@@ -32,8 +34,9 @@ typedef struct df__job_head {
     df_work w;                /* job: what df_work_cancelled() reads      */
 } df__job_head;
 
-/* What a job's owner supplies.  The pool never calls into its owners by
- * name: it calls these, so that the semaphore (which owns tokens and the
+/* What a job's owner supplies, through the pointer its owner starts with
+ * (a job without an owner is the pool's own: df_pool_submit's).  The pool
+ * never calls into its owners by name: it calls these, so that the semaphore (which owns tokens and the
  * waiting line) depends on the pool and never the other way round. */
 typedef struct df__job_ops {
     /* Worker thread, right after work() returned, no lock held.  May
@@ -64,12 +67,12 @@ typedef struct df__job_ops {
  * What a job keeps is what a job waiting for a token or queued needs (the
  * work function and its argument) in the same bytes as what only a job
  * that has run needs (its result): the worker reads work and arg before it
- * calls work, and writes the result after.  80 bytes. */
+ * calls work, and writes the result after.  The owner's hooks are found
+ * through the owner.  72 bytes. */
 
 struct df__job {
     df__job_head h;
     df_pool *pool;
-    const df__job_ops *ops;
     union {
         struct {
             df_work_fn work;
@@ -79,17 +82,17 @@ struct df__job {
     };
 };
 
-/* Loop thread.  Prepares j to run work(w, arg) on p. */
-static inline void df__job_init(df__job *j, df_pool *p,
-                                const df__job_ops *ops, df_work_fn work,
-                                void *arg)
+/* Loop thread.  Prepares j to run work(w, arg) on p for `owner` (NULL,
+ * or an object that starts with a `const df__job_ops *`). */
+static inline void df__job_init(df__job *j, df_pool *p, void *owner,
+                                df_work_fn work, void *arg)
 {
     df__ilink_init(&j->h.link); /* node.run is set when it is posted */
     j->h.queued = false;
     j->h.handed = false;
     atomic_init(&j->h.w.cancelled, false);
     j->pool = p;
-    j->ops = ops;
+    j->h.owner = owner;
     j->in.work = work;
     j->in.arg = arg;
 }

@@ -57,6 +57,14 @@ struct df_pool {
 /* ------------------------------------------------------------------- jobs */
 
 static void job_posted(df_loop *loop, df__inbox_node *n, int status);
+static const df__job_ops plain_ops;
+
+/* The hooks of j's owner (pool-internal.h). */
+static inline const df__job_ops *job_ops(const df__job *j)
+{
+    return j->h.owner != NULL ? *(const df__job_ops *const *)j->h.owner
+                              : &plain_ops;
+}
 
 _Static_assert(offsetof(struct df_pool, loop) ==
                        offsetof(df__pool_head, loop) &&
@@ -122,7 +130,7 @@ static void job_posted(df_loop *loop, df__inbox_node *n, int status)
      * from now (its own completion comes after this one). */
     if (!j->h.handed)
         count(p, -1);
-    j->ops->done(j, 0); /* may free the pool */
+    job_ops(j)->done(j, 0); /* may free the pool */
 }
 
 static bool job_of_pool(const df__inbox_node *n, void *arg)
@@ -203,9 +211,10 @@ static void *worker_main(void *arg)
             df_work_fn work = j->in.work;
             j->result = work(&j->h.w, j->in.arg);
             df__job *next = NULL;
-            if (j->ops->next != NULL &&
+            const df__job_ops *ops = job_ops(j);
+            if (ops->next != NULL &&
                 !atomic_load_explicit(&p->cancelling, memory_order_acquire))
-                next = j->ops->next(j);
+                next = ops->next(j);
             j->h.handed = next != NULL;
             /* The job now belongs to the loop: not touched after this. */
             j->h.node.run = job_posted;
@@ -423,7 +432,7 @@ int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
     if (rc != 0)
         return rc;
     plain_job *pj = mem;
-    df__job_init(&pj->job, p, &plain_ops, work, arg);
+    df__job_init(&pj->job, p, NULL, work, arg);
     df__deferred_set_cancel_waits(d);
     assert(df__job_deferred(pj) == d);
     *out = df__deferred_ref(d); /* the first reference is the job's */
@@ -482,7 +491,7 @@ static void pool_shutdown(df_pool *p, int mode)
     while ((l = df__ilist_pop(&taken)) != NULL) {
         df__job *j = DF__ILIST_ENTRY(l, df__job, h.link);
         count(p, -1);
-        j->ops->done(j, DF_ECANCELLED);
+        job_ops(j)->done(j, DF_ECANCELLED);
     }
     flush_clients(&told);
 

@@ -5,6 +5,19 @@
 
 #include "sem-internal.h"
 
+/* Helgrind sees no order in C11 atomics, so the hand-over of a waiter
+ * through the lock-free end of the line is told to it (nothing without
+ * valgrind's headers). */
+#if defined(__has_include)
+#if __has_include(<valgrind/helgrind.h>)
+#include <valgrind/helgrind.h>
+#endif
+#endif
+#ifndef ANNOTATE_HAPPENS_BEFORE
+#define ANNOTATE_HAPPENS_BEFORE(obj) ((void)(obj))
+#define ANNOTATE_HAPPENS_AFTER(obj) ((void)(obj))
+#endif
+
 /*
  * The line
  * ========
@@ -22,6 +35,13 @@
  * pool, nobody) the token comes back on the loop thread when the finished
  * job's completion is dispatched (give_back).  Meanwhile the line is not
  * empty or no token is free, so nobody gets ahead of its head.
+ *
+ * The line's end.  The loop thread appends without the lock: it pushes
+ * the waiter on `incoming`, a lock-free stack only it pushes on.  Whoever
+ * reads the line under s->mu and finds the line proper empty, or looks for
+ * one waiter, first moves `incoming` (reversed) to the line's end, so the
+ * line is always the line proper followed by `incoming`, oldest first.
+ * An eager burst of N df_sem_run_in_pool calls therefore takes no lock.
  *
  * Locks.  s->mu protects the line, `nwaiting` and the state of each waiter
  * on the line, since workers pop pool jobs from it.  It is a leaf: taken
@@ -77,9 +97,11 @@
  */
 
 struct df_sem {
+    const df__job_ops *job_ops; /* first: its jobs' owner (pool-internal.h) */
     df_loop *loop;
     pthread_mutex_t mu;       /* the line (see above)                     */
     df__ilink line;           /* every waiter without a token, FIFO       */
+    _Atomic(df__ilink *) incoming; /* the line's newest end (see above)   */
     atomic_size_t nwaiting;   /* on the line (written under mu)           */
     /* Loop thread only. */
     unsigned limit;
@@ -158,7 +180,8 @@ static void reg_free(reg *r)
 
 static void sem_destroy(df_sem *s)
 {
-    assert(df__ilist_empty(&s->line) && df__ilist_empty(&s->ready));
+    assert(df__ilist_empty(&s->line) && df__ilist_empty(&s->ready) &&
+           atomic_load_explicit(&s->incoming, memory_order_relaxed) == NULL);
     df__ilink *l;
     while ((l = df__ilist_first(&s->regs)) != NULL)
         reg_free(DF__ILIST_ENTRY(l, reg, link));
@@ -191,16 +214,55 @@ static void sem_leave(df_sem *s, bool outer)
         sem_destroy(s);
 }
 
-/* Puts a waiter at the end of the line. */
+/* Puts a waiter at the end of the line, with no lock: on `incoming`,
+ * linked through link.next.  Loop thread (the only pusher, so a waiter
+ * taken off the stack is never seen again: no ABA). */
 static void line_append(df_sem *s, df__waiter *w)
 {
     w->state = ST_WAITING;
-    pthread_mutex_lock(&s->mu);
-    df__ilist_append(&s->line, &w->link);
     /* A locked add, which helgrind understands (a plain store would be
      * reported against df_sem_waiting's lock-free read). */
     atomic_fetch_add_explicit(&s->nwaiting, 1, memory_order_relaxed);
-    pthread_mutex_unlock(&s->mu);
+    df__ilink *top = atomic_load_explicit(&s->incoming, memory_order_relaxed);
+    do {
+        w->link.next = top;
+        ANNOTATE_HAPPENS_BEFORE(&s->incoming);
+    } while (!atomic_compare_exchange_weak_explicit(
+        &s->incoming, &top, &w->link, memory_order_release,
+        memory_order_relaxed));
+}
+
+/* Under s->mu: moves `incoming` to the end of the line, oldest first. */
+static void line_take_incoming(df_sem *s)
+{
+    if (atomic_load_explicit(&s->incoming, memory_order_relaxed) == NULL)
+        return;
+    df__ilink *l =
+        atomic_exchange_explicit(&s->incoming, NULL, memory_order_acquire);
+    ANNOTATE_HAPPENS_AFTER(&s->incoming);
+    df__ilink *rev = NULL;
+    while (l != NULL) {
+        df__ilink *next = l->next;
+        l->next = rev;
+        rev = l;
+        l = next;
+    }
+    while (rev != NULL) {
+        df__ilink *next = rev->next;
+        df__ilist_append(&s->line, rev);
+        rev = next;
+    }
+}
+
+/* Under s->mu: the head of the line, or NULL. */
+static df__ilink *line_first_locked(df_sem *s)
+{
+    df__ilink *l = df__ilist_first(&s->line);
+    if (l == NULL) {
+        line_take_incoming(s);
+        l = df__ilist_first(&s->line);
+    }
+    return l;
 }
 
 /* Under s->mu: takes w off the line. */
@@ -215,6 +277,7 @@ static void line_remove_locked(df_sem *s, df__waiter *w)
 static bool line_leave(df_sem *s, df__waiter *w)
 {
     pthread_mutex_lock(&s->mu);
+    line_take_incoming(s);
     bool waiting = w->state == ST_WAITING;
     if (waiting)
         line_remove_locked(s, w);
@@ -231,7 +294,7 @@ static void give_back(df_sem *s)
 {
     pthread_mutex_lock(&s->mu);
     for (;;) {
-        df__ilink *l = df__ilist_first(&s->line);
+        df__ilink *l = line_first_locked(s);
         if (l == NULL) {
             pthread_mutex_unlock(&s->mu);
             assert(s->tokens < s->limit);
@@ -408,7 +471,7 @@ static df__job *job_next(df__job *j)
     df_sem *s = j->h.owner;
     df__job *next = NULL;
     pthread_mutex_lock(&s->mu);
-    df__ilink *l = df__ilist_first(&s->line);
+    df__ilink *l = line_first_locked(s);
     if (l != NULL) {
         df__waiter *w = WAITER_OF(l);
         if (w->kind == W_JOB && JOB_OF(w)->job.pool == j->pool) {
@@ -426,21 +489,26 @@ static df__job *job_next(df__job *j)
  * whose callbacks cancel this job: the result is read afterwards, so that
  * such a cancel still counts.  The owner's finish comes last, outside the
  * dispatch: it may free what embeds the job. */
+static void job_give_back(df_sem *s)
+{
+    bool outer = sem_enter(s);
+    give_back(s);
+    sem_leave(s, outer);
+}
+
 static void job_done(df__job *j, int status)
 {
     df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
     df_sem *s = j->h.owner;
     df__sem_job_fn finish = s->finish;
     j->h.state = ST_DONE;
-    if (!j->h.handed) {
-        bool outer = sem_enter(s);
-        give_back(s);
-        sem_leave(s, outer); /* may free s: hence finish, read before */
-    }
+    /* A job that handed its token on (the common case) skips this. */
+    if (!j->h.handed)
+        job_give_back(s); /* may free s: hence finish, read before */
     finish(sj, df__job_result(j, status));
 }
 
-static const df__job_ops job_ops = {job_next, job_done};
+static const df__job_ops sem_job_ops = {job_next, job_done};
 
 #define SHUTDOWN_MSG "pool shut down before the job got a semaphore token"
 
@@ -459,6 +527,7 @@ static void reg_stopped(df__pool_client *c, df_pool *p)
     reg *r = DF__CONTAINER_OF(c, reg, client);
     df_sem *s = r->sem;
     pthread_mutex_lock(&s->mu);
+    line_take_incoming(s);
     df__ilink *l = df__ilist_first(&s->line);
     while (l != NULL) {
         df__ilink *next = df__ilist_next(&s->line, l);
@@ -518,12 +587,12 @@ static reg *reg_for(df_sem *s, df_pool *p)
     return r;
 }
 
-int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
-                    df_work_fn work, void *arg)
+/* df__sem_job_run, inline in df_sem_run_in_pool. */
+static inline int sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
+                              df_work_fn work, void *arg)
 {
     assert(df__pool_accepts(p));
-    df__job_init(&sj->job, p, &job_ops, work, arg);
-    sj->job.h.owner = s;
+    df__job_init(&sj->job, p, s, work, arg);
     sj->job.h.kind = W_JOB;
     if (s->tokens > 0) {
         /* A free token means nobody waits. */
@@ -532,10 +601,20 @@ int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
         df__pool_start(p, &sj->job);
         return 0;
     }
-    if (reg_for(s, p) == NULL)
+    /* The registration with p is usually the first (or only) one. */
+    df__ilink *first = df__ilist_first(&s->regs);
+    if ((first == NULL ||
+         DF__ILIST_ENTRY(first, reg, link)->client.pool != p) &&
+        reg_for(s, p) == NULL)
         return DF_ENOMEM;
     line_append(s, &sj->job.h);
     return 0;
+}
+
+int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
+                    df_work_fn work, void *arg)
+{
+    return sem_job_run(s, p, sj, work, arg);
 }
 
 void df__sem_job_cancel(df__sem_job *sj)
@@ -584,12 +663,14 @@ static int sem_make(df_loop *loop, unsigned tokens, size_t size, bool internal,
         df__free(loop, s);
         return -rc;
     }
+    s->job_ops = &sem_job_ops;
     s->loop = loop;
     s->limit = tokens;
     s->tokens = tokens;
     s->internal = internal;
     s->finish = finish;
     atomic_init(&s->nwaiting, 0);
+    atomic_init(&s->incoming, NULL);
     df__ilist_init(&s->line);
     df__ilist_init(&s->ready);
     df__ilist_init(&s->regs);
@@ -812,7 +893,7 @@ int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
      * once the token is back (see df__sem_job_cancel). */
     df__deferred_set_cancel_waits(d);
     assert(df__job_deferred(st) == d);
-    rc = df__sem_job_run(s, p, &st->sj, work, arg);
+    rc = sem_job_run(s, p, &st->sj, work, arg);
     if (rc != 0) {
         df_deferred_unref(d); /* unfired and never seen: reports nothing */
         return rc;
