@@ -496,6 +496,16 @@ static void job_give_back(df_sem *s)
     sem_leave(s, outer);
 }
 
+/* df_sem_run_in_pool's finish: its job lives in its deferred's block
+ * (struct rip, below), at the start of the job's room. */
+static inline void rip_resolve(df__sem_job *sj, df_result r)
+{
+    df_deferred *d = df__job_deferred(sj);
+    if (df__deferred_resolve(d, r) != 0)
+        df_result_clear(&r);
+    df__deferred_unref(d); /* may free the block */
+}
+
 static void job_done(df__job *j, int status)
 {
     df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
@@ -505,7 +515,11 @@ static void job_done(df__job *j, int status)
     /* A job that handed its token on (the common case) skips this. */
     if (!j->h.handed)
         job_give_back(s); /* may free s: hence finish, read before */
-    finish(sj, df__job_result(j, status));
+    df_result r = df__job_result(j, status);
+    if (finish == rip_finish)
+        rip_resolve(sj, r); /* the common finish, called directly */
+    else
+        finish(sj, r);
 }
 
 static const df__job_ops sem_job_ops = {job_next, job_done};
@@ -857,11 +871,8 @@ _Static_assert(sizeof(rip) <= DF__JOB_SIZE, "raise DF__JOB_SIZE");
 
 static void rip_finish(df__sem_job *sj, df_result r)
 {
-    rip *st = DF__CONTAINER_OF(sj, rip, sj);
-    df_deferred *d = df__job_deferred(st);
-    if (df__deferred_resolve(d, r) != 0)
-        df_result_clear(&r);
-    df__deferred_unref(d); /* may free the block */
+    _Static_assert(offsetof(rip, sj) == 0, "rip_resolve needs sj first");
+    rip_resolve(sj, r);
 }
 
 static void rip_cancel(df_deferred *d, void *arg)
