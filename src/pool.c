@@ -471,7 +471,9 @@ static void pool_shutdown(df_pool *p, int mode)
      * empty (DRAIN) before any callback runs, and workers hand no more
      * tokens on. */
     p->state = DF__POOL_CLOSING;
-    atomic_store_explicit(&p->cancelling, true, memory_order_release);
+    /* seq_cst: a locked xchg on x86, which helgrind orders against the
+     * workers' loads (a release store is a plain one to it). */
+    atomic_store_explicit(&p->cancelling, true, memory_order_seq_cst);
     df__ilink taken, told;
     df__ilist_init(&taken);
     df__ilist_init(&told);
