@@ -199,7 +199,7 @@ void df__deferred_unmark_timeout(df_deferred *d);
  * and are also the canceller's argument (pool.c and sem.c check the
  * size).  The job starts DF__JOB_OFFSET bytes into the block (deferred.c
  * checks it), so the job finds its deferred without keeping a pointer. */
-#define DF__JOB_SIZE 128
+#define DF__JOB_SIZE 72
 #define DF__JOB_OFFSET 120
 int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                          df_deferred **out, void **job);
@@ -265,8 +265,7 @@ void df__loop_objects_add(df_loop *loop, int delta);
 /* Counts the maps alive on `loop` (df_loop_get_stats; df_loop_free()
  * refuses while > 0).  Loop thread. */
 void df__loop_maps_add(df_loop *loop, int delta);
-/* The loop a pool was made from (pool.c). */
-df_loop *df__pool_loop(const df_pool *p);
+/* The loop a pool was made from: df__pool_loop (pool-internal.h). */
 
 /* ------------------------------------------------- semaphore gate (pool) */
 /* The semaphore's one waiting line and its pool jobs: sem-internal.h and

@@ -257,8 +257,7 @@ static void start_pool(df_map *m, slot *s)
      * itself, takes no new item. */
     int rc = DF_ESHUTDOWN;
     if (m->pool != NULL && df__pool_open(m->pool))
-        rc = df__sem_job_run(m->sem, m->pool, &s->sj, slot_work, s,
-                             on_job_finish);
+        rc = df__sem_job_run(m->sem, m->pool, &s->sj, slot_work, s);
     if (rc != 0) {
         /* The pool cannot run anything (shut down, out of memory): this
          * item fails, and the map stops whatever its policy, or an endless
@@ -547,7 +546,7 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
     }
     df__ilink_init(&m->client.link);
     if (opts->pool != NULL) {
-        rc = df__sem_new(loop, opts->limit, &m->sem);
+        rc = df__sem_new(loop, opts->limit, on_job_finish, &m->sem);
         if (rc != 0)
             goto fail;
         /* A pool shut down already is as good as gone: every item it is

@@ -13,8 +13,30 @@ struct df_work {
 
 typedef struct df__job df__job;
 
-/* What a job's owner supplies.  The pool never calls into its owners by
- * name: it calls these, so that the semaphore (which owns tokens and the
+/* The head of every pool job, and of every waiter of a semaphore's line
+ * (sem-internal.h calls it df__waiter): a job waits in a semaphore's line
+ * with the same link that later queues it on its pool and posts it to
+ * the inbox, never on two of those at once.  `owner`, `kind` and `state`
+ * belong to whoever embeds the job (the pool never reads them); the job's
+ * own flags fill the rest of the head's last word.  32 bytes. */
+typedef struct df__job_head {
+    union {
+        df__ilink link;       /* a semaphore's line, or the pool's queue  */
+        df__inbox_node node;  /* the inbox entry once posted              */
+    };
+    void *owner;              /* NULL, or the owner: it starts with a
+                               * pointer to its df__job_ops (sem.c: the
+                               * semaphore)                               */
+    unsigned char kind;       /* the owner's                              */
+    unsigned char state;      /* the owner's                              */
+    bool queued;              /* job: on the pool's queue (pool->mu)      */
+    bool handed;              /* job: written by the worker before posting */
+    df_work w;                /* job: what df_work_cancelled() reads      */
+} df__job_head;
+
+/* What a job's owner supplies, through the pointer its owner starts with
+ * (a job without an owner is the pool's own: df_pool_submit's).  The pool
+ * never calls into its owners by name: it calls these, so that the semaphore (which owns tokens and the
  * waiting line) depends on the pool and never the other way round. */
 typedef struct df__job_ops {
     /* Worker thread, right after work() returned, no lock held.  May
@@ -24,9 +46,10 @@ typedef struct df__job_ops {
     df__job *(*next)(df__job *j);
     /* Loop thread: the job is over and the pool has forgotten it.
      * status 0: work ran, j->result holds its result (steal it) and
-     * j->handed says whether its token went on to the next job.
+     * j->h.handed says whether its token went on to the next job.
      * DF_ECANCELLED: taken off the queue without running (a cancel, or
-     * df_pool_shutdown(CANCEL)).  May run user code and free the pool. */
+     * df_pool_shutdown(CANCEL)); j->result holds nothing.  May run user
+     * code and free the pool. */
     void (*done)(df__job *j, int status);
 } df__job_ops;
 
@@ -39,28 +62,40 @@ typedef struct df__job_ops {
  *   queued --df_pool_shutdown(CANCEL)--> done(j, DF_ECANCELLED)
  *
  * Only `queued` is recorded (pool->mu): every other state is "not on the
- * queue", and what matters then is only whether the worker has posted. */
+ * queue", and what matters then is only whether the worker has posted.
+ *
+ * What a job keeps is what a job waiting for a token or queued needs (the
+ * work function and its argument) in the same bytes as what only a job
+ * that has run needs (its result): the worker reads work and arg before it
+ * calls work, and writes the result after.  The owner's hooks are found
+ * through the owner.  72 bytes. */
 
 struct df__job {
-    /* A queued job is on the pool's queue; a posted one in the inbox; never
-     * both at once, so the two links share their bytes. */
-    union {
-        df__ilink link;           /* the pool's queue (pool->mu)          */
-        df__inbox_node node;      /* the inbox entry once posted          */
-    };
+    df__job_head h;
     df_pool *pool;
-    const df__job_ops *ops;
-    df_work_fn work;
-    void *arg;
-    df_result result;         /* written by the worker before posting     */
-    df_work w;
-    bool queued;              /* on the pool's queue (pool->mu)           */
-    bool handed;              /* written by the worker before posting     */
+    union {
+        struct {
+            df_work_fn work;
+            void *arg;
+        } in;                 /* until a worker takes the job             */
+        df_result result;     /* written by the worker before posting     */
+    };
 };
 
-/* Loop thread.  Prepares j to run work(w, arg) on p. */
-void df__job_init(df__job *j, df_pool *p, const df__job_ops *ops,
-                  df_work_fn work, void *arg);
+/* Loop thread.  Prepares j to run work(w, arg) on p for `owner` (NULL,
+ * or an object that starts with a `const df__job_ops *`). */
+static inline void df__job_init(df__job *j, df_pool *p, void *owner,
+                                df_work_fn work, void *arg)
+{
+    df__ilink_init(&j->h.link); /* node.run is set when it is posted */
+    j->h.queued = false;
+    j->h.handed = false;
+    atomic_init(&j->h.w.cancelled, false);
+    j->pool = p;
+    j->h.owner = owner;
+    j->in.work = work;
+    j->in.arg = arg;
+}
 /* Loop thread.  Queues j; the pool must accept work (df__pool_accepts).
  * Runs no user code. */
 void df__pool_start(df_pool *p, df__job *j);
@@ -70,25 +105,47 @@ void df__pool_start(df_pool *p, df__job *j);
 bool df__job_unqueue(df__job *j);
 /* Loop thread, in done(): the job's final result, taken from it: work's
  * result, or DF_ECANCELLED if status says so or the job was cancelled
- * while it ran, or DF_EINVAL if work returned df_wait(). */
+ * while it ran, or DF_EINVAL if work returned df_wait().  Once only. */
 df_result df__job_result_slow(df__job *j, int status);
 static inline df_result df__job_result(df__job *j, int status)
 {
     /* The common case inline: work ran, was not cancelled, returned no
      * df_wait(). */
     if (status == 0 && j->result.wait == NULL &&
-        !atomic_load_explicit(&j->w.cancelled, memory_order_relaxed)) {
-        df_result r = j->result;
-        j->result = df_ok(NULL, NULL);
-        return r;
-    }
+        !atomic_load_explicit(&j->h.w.cancelled, memory_order_relaxed))
+        return j->result;
     return df__job_result_slow(j, status);
 }
+/* The first members of struct df_pool (pool.c checks the layout), so that
+ * the hot paths read the pool's state inline.  Loop thread. */
+enum df__pool_state {
+    DF__POOL_OPEN,
+    DF__POOL_DRAINING, /* shutdown(DRAIN): takes the jobs handed tokens   */
+    DF__POOL_CLOSING,  /* shutdown(CANCEL), or the end of a drain         */
+    DF__POOL_DOWN
+};
+typedef struct df__pool_head {
+    df_loop *loop; /* immutable */
+    int state;     /* enum df__pool_state; loop thread */
+} df__pool_head;
+
+/* The loop p was made from.  Any thread. */
+static inline df_loop *df__pool_loop(const df_pool *p)
+{
+    return ((const df__pool_head *)(const void *)p)->loop;
+}
 /* Loop thread.  True while p is open to new work from the application. */
-bool df__pool_open(const df_pool *p);
+static inline bool df__pool_open(const df_pool *p)
+{
+    return ((const df__pool_head *)(const void *)p)->state == DF__POOL_OPEN;
+}
 /* Loop thread.  True while p takes jobs: open, or draining (a drain runs
  * the jobs that finishing jobs hand their tokens to). */
-bool df__pool_accepts(const df_pool *p);
+static inline bool df__pool_accepts(const df_pool *p)
+{
+    return ((const df__pool_head *)(const void *)p)->state <=
+           DF__POOL_DRAINING;
+}
 
 /* A client of a pool keeps jobs for it outside its queue (a semaphore's
  * waiting line, a map's pulled items).  The pool tells its clients, once,

@@ -31,15 +31,9 @@
  * job_posted(), which accounts for the job and calls its owner's done().
  */
 
-enum pool_state {
-    POOL_OPEN,
-    POOL_DRAINING,   /* shutdown(DRAIN): takes the jobs handed tokens   */
-    POOL_CLOSING,    /* shutdown(CANCEL), or the end of a drain         */
-    POOL_DOWN
-};
-
 struct df_pool {
     df_loop *loop; /* immutable */
+    int state;     /* enum df__pool_state (df__pool_head)            */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;      /* workers wait here for work or stop       */
@@ -57,37 +51,26 @@ struct df_pool {
     unsigned nthreads;
     df__ilink clients;      /* df__pool_client, told at shutdown        */
     size_t inflight;        /* started, completion not dispatched       */
-    int state;              /* enum pool_state                          */
     bool free_pending;      /* df_pool_free() waits for the shutdown    */
 };
 
 /* ------------------------------------------------------------------- jobs */
 
 static void job_posted(df_loop *loop, df__inbox_node *n, int status);
+static const df__job_ops plain_ops;
 
-void df__job_init(df__job *j, df_pool *p, const df__job_ops *ops,
-                  df_work_fn work, void *arg)
+/* The hooks of j's owner (pool-internal.h). */
+static inline const df__job_ops *job_ops(const df__job *j)
 {
-    df__ilink_init(&j->link); /* node.run is set when it is posted */
-    j->pool = p;
-    j->ops = ops;
-    j->work = work;
-    j->arg = arg;
-    j->result = df_ok(NULL, NULL);
-    atomic_init(&j->w.cancelled, false);
-    j->queued = false;
-    j->handed = false;
+    return j->h.owner != NULL ? *(const df__job_ops *const *)j->h.owner
+                              : &plain_ops;
 }
 
-bool df__pool_open(const df_pool *p)
-{
-    return p->state == POOL_OPEN;
-}
-
-bool df__pool_accepts(const df_pool *p)
-{
-    return p->state == POOL_OPEN || p->state == POOL_DRAINING;
-}
+_Static_assert(offsetof(struct df_pool, loop) ==
+                       offsetof(df__pool_head, loop) &&
+                   offsetof(struct df_pool, state) ==
+                       offsetof(df__pool_head, state),
+               "df__pool_head must match struct df_pool");
 
 /* A job counts in flight (the pool's `inflight`, and the loop's pending
  * count, which keeps df_loop_run going) from its start until its done()
@@ -103,8 +86,8 @@ void df__pool_start(df_pool *p, df__job *j)
     assert(df__pool_accepts(p) && j->pool == p);
     count(p, 1);
     pthread_mutex_lock(&p->mu);
-    j->queued = true;
-    df__ilist_append(&p->queue, &j->link);
+    j->h.queued = true;
+    df__ilist_append(&p->queue, &j->h.link);
     /* One job wakes at most one worker, and only if no worker already
      * signalled is still on its way: a burst of N starts costs at most
      * min(N, idle) wake-ups, never a broadcast.  (A spurious wake-up only
@@ -122,12 +105,12 @@ bool df__job_unqueue(df__job *j)
 {
     df_pool *p = j->pool;
     pthread_mutex_lock(&p->mu);
-    bool queued = j->queued;
+    bool queued = j->h.queued;
     if (queued) {
-        df__ilist_remove(&j->link);
-        j->queued = false;
+        df__ilist_remove(&j->h.link);
+        j->h.queued = false;
     } else { /* seq_cst: a locked xchg on x86, which helgrind understands */
-        atomic_store_explicit(&j->w.cancelled, true, memory_order_seq_cst);
+        atomic_store_explicit(&j->h.w.cancelled, true, memory_order_seq_cst);
     }
     pthread_mutex_unlock(&p->mu);
     if (queued)
@@ -141,18 +124,19 @@ static void job_posted(df_loop *loop, df__inbox_node *n, int status)
     DF__UNUSED(loop);
     DF__UNUSED(status);
     assert(status == 0); /* loops refuse to die while pools exist */
-    df__job *j = DF__CONTAINER_OF(n, df__job, node);
+    df__job *j = DF__CONTAINER_OF(n, df__job, h.node);
     df_pool *p = j->pool;
     /* The job it handed its token to started on the worker: it counts
      * from now (its own completion comes after this one). */
-    count(p, j->handed ? 0 : -1);
-    j->ops->done(j, 0); /* may free the pool */
+    if (!j->h.handed)
+        count(p, -1);
+    job_ops(j)->done(j, 0); /* may free the pool */
 }
 
 static bool job_of_pool(const df__inbox_node *n, void *arg)
 {
     return n->run == job_posted &&
-           DF__CONTAINER_OF(n, const df__job, node)->pool == arg;
+           DF__CONTAINER_OF(n, const df__job, h.node)->pool == arg;
 }
 
 /* ---------------------------------------------------------------- clients */
@@ -213,8 +197,8 @@ static void *worker_main(void *arg)
         df__ilink *l = df__ilist_pop(&p->queue);
         if (l == NULL)
             break; /* stopping and nothing left */
-        df__job *j = DF__ILIST_ENTRY(l, df__job, link);
-        j->queued = false;
+        df__job *j = DF__ILIST_ENTRY(l, df__job, h.link);
+        j->h.queued = false;
         p->busy++;
         pthread_mutex_unlock(&p->mu);
 
@@ -223,18 +207,21 @@ static void *worker_main(void *arg)
          * the last of a run always wakes the loop. */
         unsigned unwoken = 0;
         while (j != NULL) {
-            j->result = j->work(&j->w, j->arg);
+            /* work and arg share their bytes with the result. */
+            df_work_fn work = j->in.work;
+            j->result = work(&j->h.w, j->in.arg);
             df__job *next = NULL;
-            if (j->ops->next != NULL &&
+            const df__job_ops *ops = job_ops(j);
+            if (ops->next != NULL &&
                 !atomic_load_explicit(&p->cancelling, memory_order_acquire))
-                next = j->ops->next(j);
-            j->handed = next != NULL;
+                next = ops->next(j);
+            j->h.handed = next != NULL;
             /* The job now belongs to the loop: not touched after this. */
-            j->node.run = job_posted;
+            j->h.node.run = job_posted;
             if (next != NULL)
-                df__loop_post_batched(p->loop, &j->node, &unwoken);
+                df__loop_post_batched(p->loop, &j->h.node, &unwoken);
             else
-                df__loop_post(p->loop, &j->node);
+                df__loop_post(p->loop, &j->h.node);
             j = next;
         }
 
@@ -255,7 +242,7 @@ bool df_work_cancelled(const df_work *w)
 
 df_loop *df_work_loop(const df_work *w)
 {
-    return w != NULL ? DF__CONTAINER_OF(w, df__job, w)->pool->loop : NULL;
+    return w != NULL ? DF__CONTAINER_OF(w, df__job, h.w)->pool->loop : NULL;
 }
 
 /* --------------------------------------------------------------- the pool */
@@ -347,7 +334,7 @@ int df_pool_new(df_loop *loop, const df_pool_options *opts, df_pool **out)
         goto fail_cond;
     }
     p->nthreads = o.threads;
-    p->state = POOL_OPEN;
+    p->state = DF__POOL_OPEN;
     df__loop_pools_add(loop, 1);
     *out = p;
     return 0;
@@ -371,10 +358,6 @@ unsigned df_pool_threads(const df_pool *p)
     return p != NULL ? p->nthreads : 0;
 }
 
-df_loop *df__pool_loop(const df_pool *p)
-{
-    return p->loop;
-}
 
 /* ----------------------------------------------------------- plain submit */
 
@@ -398,14 +381,13 @@ static void fail_cancelled(df_loop *loop, df_deferred *d)
 df_result df__job_result_slow(df__job *j, int status)
 {
     df_loop *loop = j->pool->loop;
-    df_result r = j->result;
-    j->result = df_ok(NULL, NULL);
-    if (status == 0 &&
-        atomic_load_explicit(&j->w.cancelled, memory_order_relaxed))
-        status = DF_ECANCELLED;
-    if (status != 0) {
-        df_result_clear(&r);
+    if (status != 0) /* never ran: the result's bytes hold work and arg */
         return df_err(df_failure_new(loop, status, "pool job cancelled"));
+    df_result r = j->result;
+    if (atomic_load_explicit(&j->h.w.cancelled, memory_order_relaxed)) {
+        df_result_clear(&r);
+        return df_err(df_failure_new(loop, DF_ECANCELLED,
+                                     "pool job cancelled"));
     }
     if (r.wait != NULL) {
         df_result_clear(&r);
@@ -442,7 +424,7 @@ int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
     if (p == NULL || work == NULL || out == NULL)
         return DF_EINVAL;
     DF__CHECK_THREAD(p->loop);
-    if (p->state != POOL_OPEN)
+    if (p->state != DF__POOL_OPEN)
         return DF_ESHUTDOWN;
     df_deferred *d;
     void *mem;
@@ -450,7 +432,7 @@ int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
     if (rc != 0)
         return rc;
     plain_job *pj = mem;
-    df__job_init(&pj->job, p, &plain_ops, work, arg);
+    df__job_init(&pj->job, p, NULL, work, arg);
     df__deferred_set_cancel_waits(d);
     assert(df__job_deferred(pj) == d);
     *out = df__deferred_ref(d); /* the first reference is the job's */
@@ -482,14 +464,16 @@ static void drain(df_pool *p)
 static void pool_shutdown(df_pool *p, int mode)
 {
     if (mode == DF_POOL_DRAIN) {
-        p->state = POOL_DRAINING;
+        p->state = DF__POOL_DRAINING;
         drain(p);
     }
     /* From here on nothing new starts: the queue is taken (CANCEL) or
      * empty (DRAIN) before any callback runs, and workers hand no more
      * tokens on. */
-    p->state = POOL_CLOSING;
-    atomic_store_explicit(&p->cancelling, true, memory_order_release);
+    p->state = DF__POOL_CLOSING;
+    /* seq_cst: a locked xchg on x86, which helgrind orders against the
+     * workers' loads (a release store is a plain one to it). */
+    atomic_store_explicit(&p->cancelling, true, memory_order_seq_cst);
     df__ilink taken, told;
     df__ilist_init(&taken);
     df__ilist_init(&told);
@@ -497,7 +481,7 @@ static void pool_shutdown(df_pool *p, int mode)
     pthread_mutex_lock(&p->mu);
     for (df__ilink *l = df__ilist_first(&p->queue); l != NULL;
          l = df__ilist_next(&p->queue, l))
-        DF__ILIST_ENTRY(l, df__job, link)->queued = false;
+        DF__ILIST_ENTRY(l, df__job, h.link)->h.queued = false;
     df__ilist_splice(&taken, &p->queue);
     p->stopping = true;
     pthread_cond_broadcast(&p->cv);
@@ -507,9 +491,9 @@ static void pool_shutdown(df_pool *p, int mode)
      * clients fail the jobs they kept for this pool (DF_ESHUTDOWN). */
     df__ilink *l;
     while ((l = df__ilist_pop(&taken)) != NULL) {
-        df__job *j = DF__ILIST_ENTRY(l, df__job, link);
+        df__job *j = DF__ILIST_ENTRY(l, df__job, h.link);
         count(p, -1);
-        j->ops->done(j, DF_ECANCELLED);
+        job_ops(j)->done(j, DF_ECANCELLED);
     }
     flush_clients(&told);
 
@@ -517,7 +501,7 @@ static void pool_shutdown(df_pool *p, int mode)
     /* Every job has been posted by now; dispatch this pool's share. */
     df__loop_run_matching(p->loop, job_of_pool, p);
     assert(p->inflight == 0 && df__ilist_empty(&p->clients));
-    p->state = POOL_DOWN;
+    p->state = DF__POOL_DOWN;
 }
 
 int df_pool_shutdown(df_pool *p, int mode)
@@ -526,7 +510,7 @@ int df_pool_shutdown(df_pool *p, int mode)
         return DF_EINVAL;
     DF__CHECK_THREAD(p->loop);
     /* Already down, or a callback run by the shutdown in progress. */
-    if (p->state != POOL_OPEN)
+    if (p->state != DF__POOL_OPEN)
         return 0;
     pool_shutdown(p, mode);
     if (p->free_pending) {
@@ -544,9 +528,9 @@ void df_pool_free(df_pool *p)
     if (!df__loop_usable(p->loop, __func__))
         return;
     p->free_pending = true;
-    if (p->state != POOL_OPEN && p->state != POOL_DOWN)
+    if (p->state != DF__POOL_OPEN && p->state != DF__POOL_DOWN)
         return; /* the shutdown in progress frees it when done */
-    if (p->state == POOL_OPEN)
+    if (p->state == DF__POOL_OPEN)
         pool_shutdown(p, DF_POOL_CANCEL);
     df__loop_pools_add(p->loop, -1);
     pool_destroy(p);

@@ -7,32 +7,29 @@
 
 #include "pool-internal.h"
 
-/* The part every waiter of a semaphore's line starts with (sem.c). */
-typedef struct df__waiter {
-    df__ilink link;           /* the line, or the ready list              */
-    df_sem *sem;
-    unsigned char kind;
-    unsigned char state;      /* sem->mu while on the line                */
-} df__waiter;
+/* Every waiter of a semaphore's line starts with a job's head (sem.c):
+ * owner is its semaphore. */
+typedef df__job_head df__waiter;
 
 typedef struct df__sem_job df__sem_job;
 /* Loop thread: the job is over and its token is back (or went on to the
  * next job); r is its result, owned by the callee: work's result, or a
  * failure (DF_ECANCELLED: cancelled; DF_ESHUTDOWN: its pool stopped before
- * it got a token).  The semaphore has forgotten the job. */
+ * it got a token).  The semaphore has forgotten the job.  One function per
+ * semaphore (df_sem_run_in_pool's, or the map's: df__sem_new). */
 typedef void (*df__sem_job_fn)(df__sem_job *sj, df_result r);
 
+/* A pool job that takes a token of its semaphore (h.owner) first; it
+ * waits in the semaphore's line by its head. */
 struct df__sem_job {
-    df__waiter w;
     df__job job;
-    df__sem_job_fn finish;
 };
 
 /* Loop thread.  Takes a free token and starts the job on p, or puts it at
  * the end of s's line.  p must take work.  0, or DF_ENOMEM (nothing
  * changed).  Runs no user code. */
 int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
-                    df_work_fn work, void *arg, df__sem_job_fn finish);
+                    df_work_fn work, void *arg);
 /* Loop thread.  Cancels the job: waiting, it leaves the line and finishes
  * now with DF_ECANCELLED; queued on its pool, likewise, after giving its
  * token back; running, df_work_cancelled() turns true and it finishes
@@ -40,8 +37,10 @@ int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
 void df__sem_job_cancel(df__sem_job *sj);
 
 /* A semaphore for the library's own use (the map): not counted among the
- * loop's objects, freed with df__sem_drop (deferred while it dispatches). */
-int df__sem_new(df_loop *loop, unsigned tokens, df_sem **out);
+ * loop's objects, freed with df__sem_drop (deferred while it dispatches);
+ * its jobs end with `finish`. */
+int df__sem_new(df_loop *loop, unsigned tokens, df__sem_job_fn finish,
+                df_sem **out);
 void df__sem_drop(df_sem *s);
 
 #endif /* DF_SEM_INTERNAL_H */

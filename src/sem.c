@@ -5,6 +5,19 @@
 
 #include "sem-internal.h"
 
+/* Helgrind sees no order in C11 atomics, so the hand-over of a waiter
+ * through the lock-free end of the line is told to it (nothing without
+ * valgrind's headers). */
+#if defined(__has_include)
+#if __has_include(<valgrind/helgrind.h>)
+#include <valgrind/helgrind.h>
+#endif
+#endif
+#ifndef ANNOTATE_HAPPENS_BEFORE
+#define ANNOTATE_HAPPENS_BEFORE(obj) ((void)(obj))
+#define ANNOTATE_HAPPENS_AFTER(obj) ((void)(obj))
+#endif
+
 /*
  * The line
  * ========
@@ -22,6 +35,13 @@
  * pool, nobody) the token comes back on the loop thread when the finished
  * job's completion is dispatched (give_back).  Meanwhile the line is not
  * empty or no token is free, so nobody gets ahead of its head.
+ *
+ * The line's end.  The loop thread appends without the lock: it pushes
+ * the waiter on `incoming`, a lock-free stack only it pushes on.  Whoever
+ * reads the line under s->mu and finds the line proper empty, or looks for
+ * one waiter, first moves `incoming` (reversed) to the line's end, so the
+ * line is always the line proper followed by `incoming`, oldest first.
+ * An eager burst of N df_sem_run_in_pool calls therefore takes no lock.
  *
  * Locks.  s->mu protects the line, `nwaiting` and the state of each waiter
  * on the line, since workers pop pool jobs from it.  It is a leaf: taken
@@ -77,9 +97,11 @@
  */
 
 struct df_sem {
+    const df__job_ops *job_ops; /* first: its jobs' owner (pool-internal.h) */
     df_loop *loop;
     pthread_mutex_t mu;       /* the line (see above)                     */
     df__ilink line;           /* every waiter without a token, FIFO       */
+    _Atomic(df__ilink *) incoming; /* the line's newest end (see above)   */
     atomic_size_t nwaiting;   /* on the line (written under mu)           */
     /* Loop thread only. */
     unsigned limit;
@@ -90,6 +112,7 @@ struct df_sem {
     bool dispatching;         /* a sem_enter() frame is on the stack      */
     bool free_pending;        /* freed during a dispatch                  */
     bool internal;            /* df__sem_new: not counted on the loop     */
+    df__sem_job_fn finish;    /* how its pool jobs end                    */
     size_t failing;           /* jobs on a reg's `failed` list            */
 };
 
@@ -130,11 +153,13 @@ typedef struct reg {
 #define WAITER_OF(l) DF__ILIST_ENTRY(l, df__waiter, link)
 #define NODE_OF(wp) DF__CONTAINER_OF(wp, sem_node, w)
 #define RUN_OF(wp) DF__CONTAINER_OF(wp, sem_run, node.w)
-#define JOB_OF(wp) DF__CONTAINER_OF(wp, df__sem_job, w)
+#define JOB_OF(wp) DF__CONTAINER_OF(wp, df__sem_job, job.h)
+#define SEM_OF(wp) ((df_sem *)(wp)->owner)
 
 static void run_start(sem_run *run);
 static void acquire_start(df_sem *s, sem_node *n);
-static void job_fail(df__sem_job *sj, int code);
+static void job_fail(df_sem *s, df__sem_job *sj, int code);
+static void rip_finish(df__sem_job *sj, df_result r);
 
 /* ------------------------------------------------------------ dispatcher */
 
@@ -155,7 +180,8 @@ static void reg_free(reg *r)
 
 static void sem_destroy(df_sem *s)
 {
-    assert(df__ilist_empty(&s->line) && df__ilist_empty(&s->ready));
+    assert(df__ilist_empty(&s->line) && df__ilist_empty(&s->ready) &&
+           atomic_load_explicit(&s->incoming, memory_order_relaxed) == NULL);
     df__ilink *l;
     while ((l = df__ilist_first(&s->regs)) != NULL)
         reg_free(DF__ILIST_ENTRY(l, reg, link));
@@ -181,23 +207,62 @@ static void sem_leave(df_sem *s, bool outer)
         else if (w->kind == W_RUN)
             run_start(RUN_OF(w));
         else
-            job_fail(JOB_OF(w), DF_ESHUTDOWN);
+            job_fail(s, JOB_OF(w), DF_ESHUTDOWN);
     }
     s->dispatching = false;
     if (s->free_pending)
         sem_destroy(s);
 }
 
-/* Puts a waiter at the end of the line. */
+/* Puts a waiter at the end of the line, with no lock: on `incoming`,
+ * linked through link.next.  Loop thread (the only pusher, so a waiter
+ * taken off the stack is never seen again: no ABA). */
 static void line_append(df_sem *s, df__waiter *w)
 {
     w->state = ST_WAITING;
-    pthread_mutex_lock(&s->mu);
-    df__ilist_append(&s->line, &w->link);
     /* A locked add, which helgrind understands (a plain store would be
      * reported against df_sem_waiting's lock-free read). */
     atomic_fetch_add_explicit(&s->nwaiting, 1, memory_order_relaxed);
-    pthread_mutex_unlock(&s->mu);
+    df__ilink *top = atomic_load_explicit(&s->incoming, memory_order_relaxed);
+    do {
+        w->link.next = top;
+        ANNOTATE_HAPPENS_BEFORE(&s->incoming);
+    } while (!atomic_compare_exchange_weak_explicit(
+        &s->incoming, &top, &w->link, memory_order_release,
+        memory_order_relaxed));
+}
+
+/* Under s->mu: moves `incoming` to the end of the line, oldest first. */
+static void line_take_incoming(df_sem *s)
+{
+    if (atomic_load_explicit(&s->incoming, memory_order_relaxed) == NULL)
+        return;
+    df__ilink *l =
+        atomic_exchange_explicit(&s->incoming, NULL, memory_order_acquire);
+    ANNOTATE_HAPPENS_AFTER(&s->incoming);
+    df__ilink *rev = NULL;
+    while (l != NULL) {
+        df__ilink *next = l->next;
+        l->next = rev;
+        rev = l;
+        l = next;
+    }
+    while (rev != NULL) {
+        df__ilink *next = rev->next;
+        df__ilist_append(&s->line, rev);
+        rev = next;
+    }
+}
+
+/* Under s->mu: the head of the line, or NULL. */
+static df__ilink *line_first_locked(df_sem *s)
+{
+    df__ilink *l = df__ilist_first(&s->line);
+    if (l == NULL) {
+        line_take_incoming(s);
+        l = df__ilist_first(&s->line);
+    }
+    return l;
 }
 
 /* Under s->mu: takes w off the line. */
@@ -212,6 +277,7 @@ static void line_remove_locked(df_sem *s, df__waiter *w)
 static bool line_leave(df_sem *s, df__waiter *w)
 {
     pthread_mutex_lock(&s->mu);
+    line_take_incoming(s);
     bool waiting = w->state == ST_WAITING;
     if (waiting)
         line_remove_locked(s, w);
@@ -228,7 +294,7 @@ static void give_back(df_sem *s)
 {
     pthread_mutex_lock(&s->mu);
     for (;;) {
-        df__ilink *l = df__ilist_first(&s->line);
+        df__ilink *l = line_first_locked(s);
         if (l == NULL) {
             pthread_mutex_unlock(&s->mu);
             assert(s->tokens < s->limit);
@@ -276,7 +342,7 @@ static void acquire_start(df_sem *s, sem_node *n)
  * *out, so that *out's callbacks already see the token back.  Consumes r. */
 static void run_finish(sem_run *run, df_result r)
 {
-    df_sem *s = run->node.w.sem;
+    df_sem *s = SEM_OF(&run->node.w);
     df_deferred *out = run->node.d;
     df_deferred *inner = run->inner;
     bool outer = sem_enter(s);
@@ -301,7 +367,7 @@ static df_result run_inner_done(df_result r, void *arg)
  * dispatch. */
 static void run_start(sem_run *run)
 {
-    df_sem *s = run->node.w.sem;
+    df_sem *s = SEM_OF(&run->node.w);
 
     run->node.w.state = ST_CALLING;
     df_result r = run->fn(run->arg);
@@ -340,7 +406,7 @@ static void run_start(sem_run *run)
 static void sem_cancel(df_deferred *d, void *arg)
 {
     sem_node *n = arg;
-    df_sem *s = n->w.sem;
+    df_sem *s = SEM_OF(&n->w);
     bool outer;
 
     assert(n->d == d);
@@ -402,11 +468,10 @@ static void sem_cancel(df_deferred *d, void *arg)
  * and the worker runs it next. */
 static df__job *job_next(df__job *j)
 {
-    df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
-    df_sem *s = sj->w.sem;
+    df_sem *s = j->h.owner;
     df__job *next = NULL;
     pthread_mutex_lock(&s->mu);
-    df__ilink *l = df__ilist_first(&s->line);
+    df__ilink *l = line_first_locked(s);
     if (l != NULL) {
         df__waiter *w = WAITER_OF(l);
         if (w->kind == W_JOB && JOB_OF(w)->job.pool == j->pool) {
@@ -424,29 +489,49 @@ static df__job *job_next(df__job *j)
  * whose callbacks cancel this job: the result is read afterwards, so that
  * such a cancel still counts.  The owner's finish comes last, outside the
  * dispatch: it may free what embeds the job. */
+static void job_give_back(df_sem *s)
+{
+    bool outer = sem_enter(s);
+    give_back(s);
+    sem_leave(s, outer);
+}
+
+/* df_sem_run_in_pool's finish: its job lives in its deferred's block
+ * (struct rip, below), at the start of the job's room. */
+static inline void rip_resolve(df__sem_job *sj, df_result r)
+{
+    df_deferred *d = df__job_deferred(sj);
+    if (df__deferred_resolve(d, r) != 0)
+        df_result_clear(&r);
+    df__deferred_unref(d); /* may free the block */
+}
+
 static void job_done(df__job *j, int status)
 {
     df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
-    df_sem *s = sj->w.sem;
-    sj->w.state = ST_DONE;
-    if (!j->handed) {
-        bool outer = sem_enter(s);
-        give_back(s);
-        sem_leave(s, outer);
-    }
-    sj->finish(sj, df__job_result(j, status));
+    df_sem *s = j->h.owner;
+    df__sem_job_fn finish = s->finish;
+    j->h.state = ST_DONE;
+    /* A job that handed its token on (the common case) skips this. */
+    if (!j->h.handed)
+        job_give_back(s); /* may free s: hence finish, read before */
+    df_result r = df__job_result(j, status);
+    if (finish == rip_finish)
+        rip_resolve(sj, r); /* the common finish, called directly */
+    else
+        finish(sj, r);
 }
 
-static const df__job_ops job_ops = {job_next, job_done};
+static const df__job_ops sem_job_ops = {job_next, job_done};
 
-static void job_fail(df__sem_job *sj, int code)
+#define SHUTDOWN_MSG "pool shut down before the job got a semaphore token"
+
+static void job_fail(df_sem *s, df__sem_job *sj, int code)
 {
-    sj->finish(sj, df_err(df_failure_new(
-                       sj->w.sem->loop, code,
-                       code == DF_ECANCELLED
-                           ? "pool job cancelled"
-                           : "pool shut down before the job got a "
-                             "semaphore token")));
+    s->finish(sj, df_err(df_failure_new(
+                      s->loop, code,
+                      code == DF_ECANCELLED ? "pool job cancelled"
+                                            : SHUTDOWN_MSG)));
 }
 
 /* A pool of s stops taking work: its jobs leave the line at once (no
@@ -456,6 +541,7 @@ static void reg_stopped(df__pool_client *c, df_pool *p)
     reg *r = DF__CONTAINER_OF(c, reg, client);
     df_sem *s = r->sem;
     pthread_mutex_lock(&s->mu);
+    line_take_incoming(s);
     df__ilink *l = df__ilist_first(&s->line);
     while (l != NULL) {
         df__ilink *next = df__ilist_next(&s->line, l);
@@ -478,6 +564,8 @@ static void reg_flush(df__pool_client *c)
 {
     reg *r = DF__CONTAINER_OF(c, reg, client);
     df_sem *s = r->sem;
+    df_loop *loop = s->loop;
+    df__sem_job_fn finish = s->finish;
     df__ilink failed;
     df__ilist_init(&failed);
     df__ilist_splice(&failed, &r->failed);
@@ -487,7 +575,8 @@ static void reg_flush(df__pool_client *c)
          l = df__ilist_next(&failed, l))
         s->failing--;
     while ((l = df__ilist_pop(&failed)) != NULL)
-        job_fail(JOB_OF(WAITER_OF(l)), DF_ESHUTDOWN);
+        finish(JOB_OF(WAITER_OF(l)),
+               df_err(df_failure_new(loop, DF_ESHUTDOWN, SHUTDOWN_MSG)));
 }
 
 /* The registration of s with p, made on first need; NULL: out of memory. */
@@ -512,52 +601,64 @@ static reg *reg_for(df_sem *s, df_pool *p)
     return r;
 }
 
-int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
-                    df_work_fn work, void *arg, df__sem_job_fn finish)
+/* df__sem_job_run, inline in df_sem_run_in_pool. */
+static inline int sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
+                              df_work_fn work, void *arg)
 {
     assert(df__pool_accepts(p));
-    df__job_init(&sj->job, p, &job_ops, work, arg);
-    sj->w.sem = s;
-    sj->w.kind = W_JOB;
-    sj->finish = finish;
+    df__job_init(&sj->job, p, s, work, arg);
+    sj->job.h.kind = W_JOB;
     if (s->tokens > 0) {
         /* A free token means nobody waits. */
         s->tokens--;
-        sj->w.state = ST_STARTED;
+        sj->job.h.state = ST_STARTED;
         df__pool_start(p, &sj->job);
         return 0;
     }
-    if (reg_for(s, p) == NULL)
+    /* The registration with p is usually the first (or only) one. */
+    df__ilink *first = df__ilist_first(&s->regs);
+    if ((first == NULL ||
+         DF__ILIST_ENTRY(first, reg, link)->client.pool != p) &&
+        reg_for(s, p) == NULL)
         return DF_ENOMEM;
-    line_append(s, &sj->w);
+    line_append(s, &sj->job.h);
     return 0;
+}
+
+int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
+                    df_work_fn work, void *arg)
+{
+    return sem_job_run(s, p, sj, work, arg);
 }
 
 void df__sem_job_cancel(df__sem_job *sj)
 {
-    df_sem *s = sj->w.sem;
-    if (line_leave(s, &sj->w)) {
+    df_sem *s = sj->job.h.owner;
+    if (line_leave(s, &sj->job.h)) {
         /* Still in line: it leaves holding no token. */
-        job_fail(sj, DF_ECANCELLED);
+        job_fail(s, sj, DF_ECANCELLED);
         return;
     }
-    if (sj->w.state == ST_DONE) {
+    if (sj->job.h.state == ST_DONE) {
         /* Its token is going back (job_done): the result is read next. */
-        atomic_store_explicit(&sj->job.w.cancelled, true,
+        atomic_store_explicit(&sj->job.h.w.cancelled, true,
                               memory_order_relaxed);
         return;
     }
-    if (sj->w.state != ST_STARTED)
+    if (sj->job.h.state != ST_STARTED)
         return; /* FAILED: it fails with DF_ESHUTDOWN anyway */
     if (df__job_unqueue(&sj->job)) {
         /* Queued, never ran: its token goes back first.  What that runs
          * may cancel the job again (DONE: only the flag, the pool being
          * perhaps gone by then). */
-        sj->w.state = ST_DONE;
+        sj->job.h.state = ST_DONE;
+        df_loop *loop = s->loop;
+        df__sem_job_fn finish = s->finish;
         bool outer = sem_enter(s);
         give_back(s);
-        sem_leave(s, outer);
-        job_fail(sj, DF_ECANCELLED);
+        sem_leave(s, outer); /* may free s */
+        finish(sj, df_err(df_failure_new(loop, DF_ECANCELLED,
+                                         "pool job cancelled")));
     }
     /* Else running: it finishes with DF_ECANCELLED (df__job_result). */
 }
@@ -565,7 +666,7 @@ void df__sem_job_cancel(df__sem_job *sj)
 /* ------------------------------------------------------------ public API */
 
 static int sem_make(df_loop *loop, unsigned tokens, size_t size, bool internal,
-                    df_sem **out)
+                    df__sem_job_fn finish, df_sem **out)
 {
     df_sem *s = df__malloc(loop, size);
     if (s == NULL)
@@ -576,11 +677,14 @@ static int sem_make(df_loop *loop, unsigned tokens, size_t size, bool internal,
         df__free(loop, s);
         return -rc;
     }
+    s->job_ops = &sem_job_ops;
     s->loop = loop;
     s->limit = tokens;
     s->tokens = tokens;
     s->internal = internal;
+    s->finish = finish;
     atomic_init(&s->nwaiting, 0);
+    atomic_init(&s->incoming, NULL);
     df__ilist_init(&s->line);
     df__ilist_init(&s->ready);
     df__ilist_init(&s->regs);
@@ -595,12 +699,13 @@ int df_sem_new(df_loop *loop, unsigned tokens, df_sem **out)
     if (loop == NULL || out == NULL || tokens < 1)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
-    return sem_make(loop, tokens, sizeof(df_sem), false, out);
+    return sem_make(loop, tokens, sizeof(df_sem), false, rip_finish, out);
 }
 
-int df__sem_new(df_loop *loop, unsigned tokens, df_sem **out)
+int df__sem_new(df_loop *loop, unsigned tokens, df__sem_job_fn finish,
+                df_sem **out)
 {
-    return sem_make(loop, tokens, sizeof(df_sem), true, out);
+    return sem_make(loop, tokens, sizeof(df_sem), true, finish, out);
 }
 
 static size_t sem_waiting(const df_sem *s)
@@ -668,7 +773,7 @@ int df_sem_acquire(df_sem *s, df_deferred **out)
         return rc;
     sem_node *n = mem;
     memset(n, 0, sizeof *n);
-    n->w.sem = s;
+    n->w.owner = s;
     /* Our own reference: the application may drop its reference while the
      * waiter waits, and it must not point at a freed deferred. */
     n->d = df_deferred_ref(d);
@@ -718,7 +823,7 @@ int df_sem_run(df_sem *s, df_run_fn fn, void *arg, df_deferred **out)
      * is back, so that a cancelled run never frees its token early. */
     df__deferred_set_cancel_waits(d);
     memset(run, 0, sizeof *run);
-    run->node.w.sem = s;
+    run->node.w.owner = s;
     run->node.d = df_deferred_ref(d);
     run->node.w.kind = W_RUN;
     run->fn = fn;
@@ -766,11 +871,8 @@ _Static_assert(sizeof(rip) <= DF__JOB_SIZE, "raise DF__JOB_SIZE");
 
 static void rip_finish(df__sem_job *sj, df_result r)
 {
-    rip *st = DF__CONTAINER_OF(sj, rip, sj);
-    df_deferred *d = df__job_deferred(st);
-    if (df__deferred_resolve(d, r) != 0)
-        df_result_clear(&r);
-    df__deferred_unref(d); /* may free the block */
+    _Static_assert(offsetof(rip, sj) == 0, "rip_resolve needs sj first");
+    rip_resolve(sj, r);
 }
 
 static void rip_cancel(df_deferred *d, void *arg)
@@ -802,7 +904,7 @@ int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
      * once the token is back (see df__sem_job_cancel). */
     df__deferred_set_cancel_waits(d);
     assert(df__job_deferred(st) == d);
-    rc = df__sem_job_run(s, p, &st->sj, work, arg, rip_finish);
+    rc = sem_job_run(s, p, &st->sj, work, arg);
     if (rc != 0) {
         df_deferred_unref(d); /* unfired and never seen: reports nothing */
         return rc;
@@ -821,7 +923,7 @@ int df_lock_new(df_loop *loop, df_lock **out)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
     df_sem *s;
-    int rc = sem_make(loop, 1, sizeof(df_lock), false, &s);
+    int rc = sem_make(loop, 1, sizeof(df_lock), false, rip_finish, &s);
     if (rc == 0)
         *out = DF__CONTAINER_OF(s, df_lock, sem);
     return rc;
