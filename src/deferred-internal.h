@@ -200,7 +200,7 @@ void df__deferred_unmark_timeout(df_deferred *d);
  * size).  The job starts DF__JOB_OFFSET bytes into the block (deferred.c
  * checks it), so the job finds its deferred without keeping a pointer. */
 #define DF__JOB_SIZE 128
-#define DF__JOB_OFFSET 120
+#define DF__JOB_OFFSET 88
 int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                          df_deferred **out, void **job);
 static inline df_deferred *df__job_deferred(void *job)

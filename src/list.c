@@ -82,21 +82,46 @@
      DF_LIST_CONSUME_ERRORS | DF_LIST_CANCEL_REMAINING)
 #define GATHER_FLAGS (DF_LIST_CONSUME_ERRORS | DF_LIST_CANCEL_REMAINING)
 
+/*
+ * A slot is 24 bytes.  `free` says what the slot holds: slot_unfired
+ * until the member's result is recorded (then the first word is the
+ * owner, the block, which the member's callback needs to find its list:
+ * the callback's argument is the slot), slot_failed for a failure, else
+ * the value's destructor (or NULL).  Both words are written once, by the
+ * member's callback while the list collects, before the result can reach
+ * the application, so the accessors may read them on any thread that
+ * owns the result.  `member` (the member's address, a reference while
+ * members_held, with SLOT_DONE in its low bit once the list callback on
+ * the member has run) is the collector's: loop thread only.
+ */
 struct list_slot {
-    /* Result part: written only while collecting, read by the accessors.
-     * `ok` says which member of the union is valid (40 bytes a slot). */
     union {
-        void *value;         /* ok */
-        df_failure *failure; /* !ok: owned reference */
+        struct df_list_result *owner; /* until recorded */
+        void *value;                  /* recorded success */
+        df_failure *failure;          /* recorded failure: owned reference */
     };
-    df_free_fn free;         /* ok: the value's destructor */
-    df_deferred *member; /* reference, while members_held */
-    struct df_list_result *owner; /* the block; the callback's argument */
-    bool fired;          /* recorded before the list fired */
-    bool ok;
-    /* Collector part (loop thread only). */
-    bool done;           /* the list callback on this member has run */
+    df_free_fn free; /* slot_unfired, slot_failed or the value's */
+    uintptr_t member;
 };
+#define SLOT_DONE ((uintptr_t)1)
+_Static_assert(sizeof(struct list_slot) == 3 * sizeof(void *),
+               "a list slot is three words (issue 11)");
+
+/* The tags of `free`; slot_failed is also what frees a recorded failure. */
+static void slot_unfired(void *p)
+{
+    DF__UNUSED(p);
+}
+
+static void slot_failed(void *p)
+{
+    df_failure_unref(p);
+}
+
+static inline df_deferred *slot_member(const struct list_slot *s)
+{
+    return (df_deferred *)(s->member & ~SLOT_DONE);
+}
 
 struct df_list_result {
     atomic_uint refs;   /* the result's and the collector's */
@@ -134,12 +159,8 @@ void df_list_result_free(void *p)
         return;
     for (size_t i = 0; i < l->count; i++) {
         struct list_slot *s = &l->slots[i];
-        if (!s->fired)
-            continue;
-        if (s->ok && s->free != NULL)
-            s->free(s->value);
-        else if (!s->ok)
-            df_failure_unref(s->failure);
+        if (s->free != slot_unfired && s->free != NULL)
+            s->free(s->value); /* slot_failed drops the failure */
     }
     list_block_unref(l);
 }
@@ -167,8 +188,8 @@ static void list_leave(struct df_list_result *l)
     if (!l->collecting && l->members_held) {
         l->members_held = false;
         for (size_t i = 0; i < l->count; i++) {
-            df_deferred *m = l->slots[i].member;
-            l->slots[i].member = NULL;
+            df_deferred *m = slot_member(&l->slots[i]);
+            l->slots[i].member &= SLOT_DONE;
             if (m != NULL)
                 df__deferred_unref(m); /* on the loop thread (callback) */
         }
@@ -213,8 +234,8 @@ static void list_fire(struct df_list_result *l, df_result r)
      * references stay valid: list_leave() drops them only later. */
     if (l->flags & DF_LIST_CANCEL_REMAINING) {
         for (size_t i = 0; i < l->count; i++) {
-            if (!l->slots[i].done)
-                df_deferred_cancel(l->slots[i].member);
+            if (!(l->slots[i].member & SLOT_DONE))
+                df_deferred_cancel(slot_member(&l->slots[i]));
         }
     }
 }
@@ -223,20 +244,19 @@ static void list_fire(struct df_list_result *l, df_result r)
 static df_result list_member_done(df_result r, void *arg)
 {
     struct list_slot *s = arg;
-    struct df_list_result *l = s->owner;
+    struct df_list_result *l = s->owner; /* not recorded yet: see above */
     bool failed = r.failure != NULL;
     size_t index = (size_t)(s - l->slots);
 
     assert(r.wait == NULL);
-    assert(!s->done);
+    assert(!(s->member & SLOT_DONE) && s->free == slot_unfired);
     list_enter(l);
-    s->done = true;
+    s->member |= SLOT_DONE;
     l->npending--;
     if (l->collecting) {
-        s->fired = true;
-        s->ok = !failed;
         if (failed) {
             s->failure = df_failure_ref(r.failure);
+            s->free = slot_failed;
         } else {
             /* The value moves into the result; the member's chain goes on
              * with the same pointer, borrowed. */
@@ -285,7 +305,7 @@ static void list_cancel(df_deferred *d, void *arg)
     list_enter(l);
     if (l->members_held) {
         for (size_t i = 0; i < l->count; i++)
-            df_deferred_cancel(l->slots[i].member);
+            df_deferred_cancel(slot_member(&l->slots[i]));
     }
     list_leave(l);
 }
@@ -398,13 +418,10 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     l->busy = 1;
     for (i = 0; i < n; i++) {
         struct list_slot *s = &l->slots[i];
-        s->value = NULL;
-        s->free = NULL;
-        s->member = df__deferred_ref(members[i]);
         s->owner = l;
-        s->fired = false;
-        s->ok = false;
-        s->done = false;
+        s->free = slot_unfired;
+        s->member = (uintptr_t)df__deferred_ref(members[i]);
+        assert(!(s->member & SLOT_DONE)); /* deferreds are 8-byte aligned */
     }
     *out = self;
     if (n == 0)
@@ -415,13 +432,13 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     for (i = 0; i < n; i++) {
         struct list_slot *s = &l->slots[i];
         l->npending++;
-        rc = df__deferred_add_both(s->member, list_member_done, s);
+        rc = df__deferred_add_both(slot_member(s), list_member_done, s);
         if (rc != 0) {
             /* Only if callbacks run meanwhile used the room made above
              * and memory then ran out: see the header. */
             l->npending--;
             for (; i < n; i++)
-                l->slots[i].done = true;
+                l->slots[i].member |= SLOT_DONE;
             if (l->collecting)
                 list_fire(l, df_err(df_failure_new(
                                  loop, rc, "df_list_new: cannot attach to a "
@@ -456,24 +473,25 @@ size_t df_list_result_count(const df_list_result *r)
 
 bool df_list_result_ok(const df_list_result *r, size_t i)
 {
-    return r != NULL && i < r->count && r->slots[i].fired && r->slots[i].ok;
+    if (r == NULL || i >= r->count)
+        return false;
+    df_free_fn tag = r->slots[i].free;
+    return tag != slot_unfired && tag != slot_failed;
 }
 
 bool df_list_result_fired(const df_list_result *r, size_t i)
 {
-    return r != NULL && i < r->count && r->slots[i].fired;
+    return r != NULL && i < r->count && r->slots[i].free != slot_unfired;
 }
 
 void *df_list_result_value(const df_list_result *r, size_t i)
 {
-    if (!df_list_result_ok(r, i))
-        return NULL;
-    return r->slots[i].value;
+    return df_list_result_ok(r, i) ? r->slots[i].value : NULL;
 }
 
 df_failure *df_list_result_failure(const df_list_result *r, size_t i)
 {
-    if (!df_list_result_fired(r, i) || r->slots[i].ok)
+    if (r == NULL || i >= r->count || r->slots[i].free != slot_failed)
         return NULL;
     return r->slots[i].failure;
 }
