@@ -1,9 +1,16 @@
 /* SPDX-License-Identifier: MIT */
 /* The Deferred: a once-fired result with a callback chain, run iteratively. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "loop-internal.h" /* slabs and counters, inline */
+
+#if defined(__GNUC__) || defined(__clang__)
+#define DF__NOINLINE __attribute__((noinline))
+#else
+#define DF__NOINLINE
+#endif
 
 /*
  * State machine
@@ -55,7 +62,7 @@ enum {
     F_CHAIN_BASE = 1u << 7,    /* on the stack, pushed by a chain entry     */
     F_CHAIN_HELD = 1u << 8,    /* firing a chained deferred; holds a copy   */
     F_IN_CALLBACK = 1u << 9,   /* one of its callbacks is running           */
-    F_SCAN_MARK = 1u << 10,    /* df__deferred_scan_mark (df_list_new)      */
+    F_SCAN_MARK = 1u << 10,    /* df__deferred_reserve_members' scratch   */
     F_HEAP = 1u << 11,         /* the entries are in a heap array           */
 };
 
@@ -167,11 +174,6 @@ static df_result chain_mark(df_result r, void *arg)
     return r;
 }
 
-#if defined(__GNUC__) || defined(__clang__)
-#define DF__NOINLINE __attribute__((noinline))
-#else
-#define DF__NOINLINE
-#endif
 static DF__NOINLINE void deferred_release(df_deferred *d);
 
 /* df_deferred_unref for a caller on the loop thread that has checked it
@@ -221,28 +223,34 @@ static int entries_grow(df_deferred *d, uint32_t cap)
     return 0;
 }
 
-static int append_entry(df_deferred *d, df_callback_fn cb, df_callback_fn eb,
-                        void *arg)
+/* Makes room for one more entry in a full store. */
+static DF__NOINLINE int entries_make_room(df_deferred *d)
+{
+    if (d->head > 0) {
+        /* Reuse the slots already run before growing. */
+        entry *v = entries(d);
+        memmove(v, v + d->head, (d->count - d->head) * sizeof(entry));
+        d->count -= d->head;
+        d->head = 0;
+        return 0;
+    }
+    uint32_t cap = entries_cap(d);
+    if (cap > UINT32_MAX / 2)
+        return DF_ENOMEM;
+    return entries_grow(d, cap * 2);
+}
+
+static inline int append_entry(df_deferred *d, df_callback_fn cb,
+                               df_callback_fn eb, void *arg)
 {
     if (d->head == d->count) {
         d->head = 0;
         d->count = 0;
     }
-    uint32_t cap = entries_cap(d);
-    if (d->count == cap) {
-        if (d->head > 0) {
-            /* Reuse the slots already run before growing. */
-            entry *v = entries(d);
-            memmove(v, v + d->head, (d->count - d->head) * sizeof(entry));
-            d->count -= d->head;
-            d->head = 0;
-        } else {
-            if (cap > UINT32_MAX / 2)
-                return DF_ENOMEM;
-            int rc = entries_grow(d, cap * 2);
-            if (rc != 0)
-                return rc;
-        }
+    if (d->count == entries_cap(d)) {
+        int rc = entries_make_room(d);
+        if (rc != 0)
+            return rc;
     }
     entry *e = &entries(d)[d->count];
     e->cb = cb;
@@ -494,7 +502,7 @@ static inline df__slab *slab_of(df_loop *loop, bool ext)
 }
 
 /* Gives a deferred's block back to its loop's slab. */
-static void block_put(df_deferred *d)
+static inline void block_put(df_deferred *d)
 {
     df_loop *loop = d->loop;
     assert(loop->deferreds > 0);
@@ -502,14 +510,14 @@ static void block_put(df_deferred *d)
     df__slab_put_inline(loop, slab_of(loop, d->flags & F_EXT), d);
 }
 
-static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
+/* A new, unfired deferred with one reference and the canceller fn (arg),
+ * or NULL.  Loop thread: the caller has checked. */
+static inline df_deferred *block_get(df_loop *loop, bool ext,
+                                     df_canceller_fn fn, void *arg)
 {
-    if (loop == NULL || out == NULL)
-        return DF_EINVAL;
-    DF__CHECK_THREAD(loop);
     df_deferred *d = df__slab_get_inline(loop, slab_of(loop, ext));
     if (d == NULL)
-        return DF_ENOMEM;
+        return NULL;
     loop->deferreds++;
     /* Every member before the inline entries, written once (a call to
      * memset costs more than these stores). */
@@ -519,45 +527,47 @@ static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
     d->paused = 0;
     d->head = 0;
     d->count = 0;
-    d->canceller = NULL;
-    d->canceller_arg = NULL;
+    d->canceller = fn;
+    d->canceller_arg = arg;
     d->failure = NULL;
     d->link = NULL;
-    *out = d;
-    return 0;
+    return d;
 }
 
-static int deferred_alloc(df_loop *loop, df_deferred **out)
+static int deferred_alloc(df_loop *loop, df_canceller_fn fn, void *arg,
+                          df_deferred **out)
 {
-    return deferred_alloc_size(loop, false, out);
+    if (loop == NULL || out == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(loop);
+    df_deferred *d = block_get(loop, false, fn, arg);
+    if (d == NULL)
+        return DF_ENOMEM;
+    *out = d;
+    return 0;
 }
 
 int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                          df_deferred **out, void **job)
 {
-    int rc = deferred_alloc_size(loop, true, out);
-    if (rc == 0) {
-        *job = (char *)*out + EXT_OFFSET;
-        (*out)->canceller = fn;
-        (*out)->canceller_arg = *job;
-    }
-    return rc;
+    assert(df__on_loop_thread(loop));
+    df_deferred *d = block_get(loop, true, fn, NULL);
+    if (d == NULL)
+        return DF_ENOMEM;
+    d->canceller_arg = *job = (char *)d + EXT_OFFSET;
+    *out = d;
+    return 0;
 }
 
 int df_deferred_new(df_loop *loop, df_deferred **out)
 {
-    return deferred_alloc(loop, out);
+    return deferred_alloc(loop, NULL, NULL, out);
 }
 
 int df_deferred_new_cancellable(df_loop *loop, df_canceller_fn fn, void *arg,
                                 df_deferred **out)
 {
-    int rc = deferred_alloc(loop, out);
-    if (rc == 0) {
-        (*out)->canceller = fn;
-        (*out)->canceller_arg = arg;
-    }
-    return rc;
+    return deferred_alloc(loop, fn, arg, out);
 }
 
 /* Frees a deferred nobody has seen yet (no entries, unfired). */
@@ -736,7 +746,7 @@ int df_deferred_errback(df_deferred *d, df_failure *f)
 int df_succeed(df_loop *loop, void *value, df_free_fn free_fn,
                df_deferred **out)
 {
-    int rc = deferred_alloc(loop, out);
+    int rc = deferred_alloc(loop, NULL, NULL, out);
     if (rc == 0) {
         put_result(*out, df_ok(value, free_fn));
         (*out)->flags |= F_CALLED;
@@ -748,7 +758,7 @@ int df_fail(df_loop *loop, df_failure *f, df_deferred **out)
 {
     if (f == NULL)
         return DF_EINVAL;
-    int rc = deferred_alloc(loop, out);
+    int rc = deferred_alloc(loop, NULL, NULL, out);
     if (rc == 0) {
         put_result(*out, df_err(f));
         (*out)->flags |= F_CALLED;
@@ -761,7 +771,7 @@ int df_maybe(df_loop *loop, df_run_fn fn, void *arg, df_deferred **out)
     if (fn == NULL || out == NULL)
         return DF_EINVAL;
     df_deferred *d;
-    int rc = deferred_alloc(loop, &d); /* before fn: fn runs only on 0 */
+    int rc = deferred_alloc(loop, NULL, NULL, &d); /* before fn: fn runs only on 0 */
     if (rc != 0)
         return rc;
     df_result r = fn(arg);
@@ -902,14 +912,12 @@ int df_deferred_cancel(df_deferred *d)
     return 0;
 }
 
-int df__deferred_reserve(df_deferred *d, size_t extra)
+/* Makes room for `extra` more callback pairs on d, so that adding that
+ * many allocates nothing. */
+static int reserve_slow(df_deferred *d, size_t extra)
 {
     size_t live = d->count - d->head;
     uint32_t have = entries_cap(d);
-    /* append_entry() moves the live entries to the front before it grows,
-     * so room for live + extra entries is enough. */
-    if (extra <= have && live <= have - extra)
-        return 0;
     if (extra > UINT32_MAX - live)
         return DF_ENOMEM;
     uint32_t cap = (uint32_t)(live + extra);
@@ -920,16 +928,54 @@ int df__deferred_reserve(df_deferred *d, size_t extra)
     return entries_grow(d, cap);
 }
 
-bool df__deferred_scan_mark(df_deferred *d)
+static inline int reserve(df_deferred *d, size_t extra)
 {
-    bool was = (d->flags & F_SCAN_MARK) != 0;
-    d->flags |= F_SCAN_MARK;
-    return was;
+    size_t live = d->count - d->head;
+    uint32_t have = entries_cap(d);
+    /* append_entry() moves the live entries to the front before it grows,
+     * so room for live + extra entries is enough. */
+    if (extra <= have && live <= have - extra)
+        return 0;
+    return reserve_slow(d, extra);
 }
 
-void df__deferred_scan_unmark(df_deferred *d)
+static int cmp_ptr(const void *a, const void *b)
 {
-    d->flags &= ~(uint32_t)F_SCAN_MARK;
+    uintptr_t x = (uintptr_t)*(df_deferred *const *)a;
+    uintptr_t y = (uintptr_t)*(df_deferred *const *)b;
+    return x < y ? -1 : x > y;
+}
+
+int df__deferred_reserve_members(df_loop *loop, df_deferred *const *members,
+                                 size_t n)
+{
+    /* The common case, every member once, in O(n): a scratch mark finds
+     * repeats; only then are the members sorted to count them. */
+    bool repeats = false;
+    for (size_t i = 0; i < n; i++) {
+        repeats |= (members[i]->flags & F_SCAN_MARK) != 0;
+        members[i]->flags |= F_SCAN_MARK;
+    }
+    int rc = 0;
+    for (size_t i = 0; i < n; i++) {
+        members[i]->flags &= ~(uint32_t)F_SCAN_MARK;
+        if (!repeats && rc == 0)
+            rc = reserve(members[i], 1);
+    }
+    if (!repeats)
+        return rc;
+    df_deferred **sorted = df__malloc(loop, n * sizeof *sorted);
+    if (sorted == NULL)
+        return DF_ENOMEM;
+    memcpy(sorted, members, n * sizeof *sorted);
+    qsort(sorted, n, sizeof *sorted, cmp_ptr);
+    for (size_t i = 0, j; i < n && rc == 0; i = j) {
+        for (j = i + 1; j < n && sorted[j] == sorted[i]; j++)
+            ;
+        rc = reserve(sorted[i], j - i);
+    }
+    df__free(loop, sorted);
+    return rc;
 }
 
 void df__deferred_set_cancel_waits(df_deferred *d)

@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: MIT */
 /* Deferred lists and gather: aggregate the results of many deferreds. */
-#include <stdlib.h>
 #include <string.h>
 
 #include "deferred-internal.h"
@@ -178,22 +177,26 @@ static void list_enter(struct df_list_result *l)
  * dropping the collector's reference when nothing can call back any more.
  * Nothing in the block may be touched after this returns.
  */
-static void list_leave(struct df_list_result *l)
+static void list_drop_members(struct df_list_result *l)
+{
+    l->members_held = false;
+    for (size_t i = 0; i < l->count; i++) {
+        df_deferred *m = slot_member(&l->slots[i]);
+        l->slots[i].member &= SLOT_DONE;
+        if (m != NULL)
+            df__deferred_unref(m); /* on the loop thread (callback) */
+    }
+}
+
+static inline void list_leave(struct df_list_result *l)
 {
     assert(l->busy > 0);
     if (l->busy > 1) {
         l->busy--;
         return;
     }
-    if (!l->collecting && l->members_held) {
-        l->members_held = false;
-        for (size_t i = 0; i < l->count; i++) {
-            df_deferred *m = slot_member(&l->slots[i]);
-            l->slots[i].member &= SLOT_DONE;
-            if (m != NULL)
-                df__deferred_unref(m); /* on the loop thread (callback) */
-        }
-    }
+    if (!l->collecting && l->members_held)
+        list_drop_members(l);
     l->busy = 0;
     if (l->npending == 0 && !l->sentinel_pending)
         list_block_unref(l);
@@ -246,7 +249,6 @@ static df_result list_member_done(df_result r, void *arg)
     struct list_slot *s = arg;
     struct df_list_result *l = s->owner; /* not recorded yet: see above */
     bool failed = r.failure != NULL;
-    size_t index = (size_t)(s - l->slots);
 
     assert(r.wait == NULL);
     assert(!(s->member & SLOT_DONE) && s->free == slot_unfired);
@@ -266,11 +268,11 @@ static df_result list_member_done(df_result r, void *arg)
         }
         l->nfired++;
         if (!failed && (l->flags & DF_LIST_FIRE_ON_ONE_CALLBACK)) {
-            l->fired_index = (long)index;
+            l->fired_index = (long)(s - l->slots);
             list_fire(l, df_ok(l, df_list_result_free));
         } else if (failed && (l->flags & DF_LIST_FIRE_ON_ONE_ERRBACK)) {
-            list_fire(
-                l, df_err(df__failure_first_error(l->loop, index, r.failure)));
+            list_fire(l, df_err(df__failure_first_error(
+                             l->loop, (size_t)(s - l->slots), r.failure)));
         } else if (l->nfired == l->count) {
             list_fire(l, df_ok(l, df_list_result_free));
         }
@@ -310,50 +312,6 @@ static void list_cancel(df_deferred *d, void *arg)
     list_leave(l);
 }
 
-static int cmp_ptr(const void *a, const void *b)
-{
-    uintptr_t x = (uintptr_t)*(df_deferred *const *)a;
-    uintptr_t y = (uintptr_t)*(df_deferred *const *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Makes room on each member for the list callbacks it will get (one per
- * position), so that attaching them allocates nothing. */
-static int reserve_members(df_loop *loop, df_deferred *const *members,
-                           size_t n)
-{
-    if (n == 0)
-        return 0;
-    /* The common case, every member once, in O(n): a scratch mark finds
-     * repeats; only then are the members sorted to count them. */
-    bool repeats = false;
-    for (size_t i = 0; i < n; i++)
-        repeats |= df__deferred_scan_mark(members[i]);
-    for (size_t i = 0; i < n; i++)
-        df__deferred_scan_unmark(members[i]);
-    if (!repeats) {
-        for (size_t i = 0; i < n; i++) {
-            int rc = df__deferred_reserve(members[i], 1);
-            if (rc != 0)
-                return rc;
-        }
-        return 0;
-    }
-    df_deferred **sorted = df__malloc(loop, n * sizeof *sorted);
-    if (sorted == NULL)
-        return DF_ENOMEM;
-    memcpy(sorted, members, n * sizeof *sorted);
-    qsort(sorted, n, sizeof *sorted, cmp_ptr);
-    int rc = 0;
-    for (size_t i = 0, j; i < n && rc == 0; i = j) {
-        for (j = i + 1; j < n && sorted[j] == sorted[i]; j++)
-            ;
-        rc = df__deferred_reserve(sorted[i], j - i);
-    }
-    df__free(loop, sorted);
-    return rc;
-}
-
 int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
                 unsigned flags, df_deferred **out)
 {
@@ -373,7 +331,7 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     if (n > (SIZE_MAX - sizeof *l) / sizeof l->slots[0])
         return DF_ENOMEM;
     for (i = 0; i < n; i++) {
-        if (members[i] == NULL || df_deferred_loop(members[i]) != loop)
+        if (members[i] == NULL || df__deferred_loop(members[i]) != loop)
             return DF_EINVAL;
     }
     l = df__malloc(loop, sizeof *l + n * sizeof l->slots[0]);
@@ -382,7 +340,7 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     /* Every allocation happens before the first callback is attached (see
      * the top of the file); room made on members that is not used is
      * harmless. */
-    rc = reserve_members(loop, members, n);
+    rc = df__deferred_reserve_members(loop, members, n);
     if (rc != 0) {
         df__free(loop, l);
         return rc;
@@ -471,29 +429,36 @@ size_t df_list_result_count(const df_list_result *r)
     return r != NULL ? r->count : 0;
 }
 
+/* Slot i's tag, or slot_unfired when there is no such slot.  The exported
+ * accessors below do not call one another: a call between two exported
+ * functions goes through the PLT. */
+static inline df_free_fn slot_tag(const df_list_result *r, size_t i)
+{
+    return r != NULL && i < r->count ? r->slots[i].free : slot_unfired;
+}
+
 bool df_list_result_ok(const df_list_result *r, size_t i)
 {
-    if (r == NULL || i >= r->count)
-        return false;
-    df_free_fn tag = r->slots[i].free;
+    df_free_fn tag = slot_tag(r, i);
     return tag != slot_unfired && tag != slot_failed;
 }
 
 bool df_list_result_fired(const df_list_result *r, size_t i)
 {
-    return r != NULL && i < r->count && r->slots[i].free != slot_unfired;
+    return slot_tag(r, i) != slot_unfired;
 }
 
 void *df_list_result_value(const df_list_result *r, size_t i)
 {
-    return df_list_result_ok(r, i) ? r->slots[i].value : NULL;
+    df_free_fn tag = slot_tag(r, i);
+    if (tag == slot_unfired || tag == slot_failed)
+        return NULL;
+    return r->slots[i].value;
 }
 
 df_failure *df_list_result_failure(const df_list_result *r, size_t i)
 {
-    if (r == NULL || i >= r->count || r->slots[i].free != slot_failed)
-        return NULL;
-    return r->slots[i].failure;
+    return slot_tag(r, i) == slot_failed ? r->slots[i].failure : NULL;
 }
 
 long df_list_result_index(const df_list_result *r)
