@@ -153,7 +153,16 @@ void df__report_unhandled(df_loop *loop, df_failure *f);
 typedef struct df__deferred_head {
     df_loop *loop;
     uint32_t refs;
+    uint32_t flags; /* DF__DEFERRED_CALLED: fired */
 } df__deferred_head;
+#define DF__DEFERRED_CALLED 1u
+/* df_deferred_called(d) for library code (d is not NULL), without the
+ * call through the PLT that an exported function costs. */
+static inline bool df__deferred_called(const df_deferred *d)
+{
+    return (((const df__deferred_head *)(const void *)d)->flags &
+            DF__DEFERRED_CALLED) != 0;
+}
 /* The last reference is gone (deferred.c). */
 void df__deferred_release(df_deferred *d);
 /* df_deferred_ref and df_deferred_unref without the thread check, for

@@ -80,10 +80,9 @@ typedef struct entry {
 #define INLINE_ENTRIES_JOB 1
 
 /* Where the entries live once they outgrow the inline room (F_HEAP): the
- * handle of the heap array is kept in that room, which is free then. */
+ * heap array's address is kept in that room, which is free then. */
 typedef struct heap_entries {
     entry *v;
-    uint32_t cap;
 } heap_entries;
 _Static_assert(sizeof(heap_entries) <= INLINE_ENTRIES_JOB * sizeof(entry),
                "the heap handle must fit in a job block's inline room");
@@ -102,7 +101,7 @@ _Static_assert(sizeof(heap_entries) <= INLINE_ENTRIES_JOB * sizeof(entry),
  *     continuation entry clears the wait before it pushes the outer), and
  *     one that starts waiting while on the stack is popped before `link`
  *     takes the inner deferred (pop_to_wait);
- *   - the inline entries and the heap array's handle (F_HEAP).
+ *   - the inline entries and the heap array's address (F_HEAP).
  */
 struct df_deferred {
     df_loop *loop;
@@ -111,6 +110,7 @@ struct df_deferred {
     uint32_t paused;
     uint32_t head;            /* next entry to run */
     uint32_t count;           /* entries in use    */
+    uint32_t cap;             /* entries allocated */
     union {
         struct {              /* until F_CALLED */
             df_canceller_fn canceller;
@@ -138,7 +138,10 @@ _Static_assert(EXT_OFFSET == DF__JOB_OFFSET, "fix DF__JOB_OFFSET");
 _Static_assert(offsetof(df_deferred, loop) ==
                        offsetof(df__deferred_head, loop) &&
                    offsetof(df_deferred, refs) ==
-                       offsetof(df__deferred_head, refs),
+                       offsetof(df__deferred_head, refs) &&
+                   offsetof(df_deferred, flags) ==
+                       offsetof(df__deferred_head, flags) &&
+                   F_CALLED == DF__DEFERRED_CALLED,
                "df__deferred_head must match struct df_deferred");
 _Static_assert(EXT_OFFSET % 8 == 0, "a job needs 8-byte alignment");
 _Static_assert(offsetof(df_deferred, inline_entries) <= 64,
@@ -157,9 +160,7 @@ static inline entry *entries(df_deferred *d)
 
 static inline uint32_t entries_cap(const df_deferred *d)
 {
-    if (d->flags & F_HEAP)
-        return d->heap.cap;
-    return (d->flags & F_EXT) ? INLINE_ENTRIES_JOB : INLINE_ENTRIES;
+    return d->cap;
 }
 
 static df_result continue_mark(df_result r, void *arg)
@@ -218,7 +219,7 @@ static int entries_grow(df_deferred *d, uint32_t cap)
     if (e == NULL)
         return DF_ENOMEM;
     d->heap.v = e; /* over the inline entries, copied above */
-    d->heap.cap = cap;
+    d->cap = cap;
     d->flags |= F_HEAP;
     return 0;
 }
@@ -328,15 +329,16 @@ static bool wait_for(df_deferred *cur, df_deferred *inner)
     return true;
 }
 
-/* Runs one ordinary callback pair's `fn` on d's result, with `mark` set in
- * d's flags while it runs, and takes what it returns: d's new result, or a
- * deferred to wait for.  Returns that inner deferred if d now waits for it
- * (not recorded in d->link yet: the caller does it), else NULL. */
+/* Runs one ordinary callback pair's `fn` on `r`, d's result taken out of
+ * it, with `mark` set in d's flags while it runs, and takes what it
+ * returns: d's new result, or a deferred to wait for.  Returns that inner
+ * deferred if d now waits for it (not recorded in d->link yet: the caller
+ * does it), else NULL. */
 static inline df_deferred *call_entry(df_deferred *d, df_callback_fn fn,
-                                      void *arg, uint32_t mark)
+                                      df_result r, void *arg, uint32_t mark)
 {
     d->flags |= mark;
-    df_result out = fn(take_result(d), arg);
+    df_result out = fn(r, arg);
     d->flags &= ~mark;
     if (out.wait == NULL) {
         put_result(d, out);
@@ -440,7 +442,8 @@ static void run_callbacks_from(df_deferred *self, bool resume)
             if (fn == NULL)
                 continue; /* pass through */
 
-            df_deferred *inner = call_entry(cur, fn, e.arg, F_IN_CALLBACK);
+            df_deferred *inner =
+                call_entry(cur, fn, take_result(cur), e.arg, F_IN_CALLBACK);
             if (inner != NULL) {
                 pop_to_wait(&top, inner);
                 finished = false;
@@ -462,25 +465,35 @@ static void run_callbacks(df_deferred *self)
  * list's member callback), run without the explicit stack: the same steps
  * as the first turn of run_callbacks() for a deferred alone on its stack,
  * with F_IN_RUN set while the callback runs so that anything it adds, and
- * any run it asks for, waits for us as it would for run_callbacks().  The
- * caller holds a reference.  Returns SINGLE_DONE, SINGLE_NOT (nothing ran:
- * the chain is not that simple) or SINGLE_MORE (the callback added
- * entries: run_callbacks_from(d, true) goes on with them).
+ * any run it asks for, waits for us as it would for run_callbacks().  `r`
+ * is the result d has just fired with (F_CALLED is set), not stored in d
+ * yet: it goes straight to the callback, and d holds what take_result()
+ * would have left meanwhile.  The caller holds a reference.  Returns
+ * SINGLE_DONE, SINGLE_NOT (nothing ran, r is stored: the chain is not that
+ * simple) or SINGLE_MORE (the callback added entries:
+ * run_callbacks_from(d, true) goes on with them).
  */
 enum { SINGLE_DONE, SINGLE_NOT, SINGLE_MORE };
 
-static inline int run_single(df_deferred *d)
+static inline int run_single(df_deferred *d, df_result r)
 {
-    if ((d->flags & F_IN_RUN) || d->paused || d->count - d->head != 1)
+    if ((d->flags & F_IN_RUN) || d->paused || d->count - d->head != 1) {
+        put_result(d, r);
         return SINGLE_NOT;
+    }
     entry e = entries(d)[d->head];
-    if (e.cb == continue_mark || e.cb == chain_mark)
+    if (e.cb == continue_mark || e.cb == chain_mark) {
+        put_result(d, r);
         return SINGLE_NOT;
+    }
     d->head++;
-    df_callback_fn fn = d->failure != NULL ? e.eb : e.cb;
-    if (fn != NULL) {
+    df_callback_fn fn = r.failure != NULL ? e.eb : e.cb;
+    if (fn == NULL) {
+        put_result(d, r); /* pass through */
+    } else {
+        put_result(d, df_ok(NULL, NULL)); /* over the canceller */
         df_deferred *inner =
-            call_entry(d, fn, e.arg, F_IN_RUN | F_IN_CALLBACK);
+            call_entry(d, fn, r, e.arg, F_IN_RUN | F_IN_CALLBACK);
         if (inner != NULL) {
             d->link = inner;
             return SINGLE_DONE; /* it waits: the rest runs later */
@@ -527,6 +540,7 @@ static inline df_deferred *block_get(df_loop *loop, bool ext,
     d->paused = 0;
     d->head = 0;
     d->count = 0;
+    d->cap = ext ? INLINE_ENTRIES_JOB : INLINE_ENTRIES;
     d->canceller = fn;
     d->canceller_arg = arg;
     d->failure = NULL;
@@ -623,15 +637,23 @@ static void unlink_continuation(df_deferred *inner, df_deferred *outer)
  * may release that one, and so on down a chain of any length: iterate,
  * never recurse.
  */
+static DF__NOINLINE void deferred_release_slow(df_deferred *d);
+
 static DF__NOINLINE void deferred_release(df_deferred *d)
 {
     /* The common end: fired, chain run, nothing owned, nothing waited on.
-     * The loop below would only give the block back. */
+     * The loop in deferred_release_slow() would only give the block back
+     * (a function of its own, so that this path does not pay for its
+     * registers). */
     if (d->link == NULL && (d->flags & (F_CALLED | F_HEAP)) == F_CALLED &&
-        d->head == d->count && d->failure == NULL && d->value_free == NULL) {
+        d->head == d->count && d->failure == NULL && d->value_free == NULL)
         block_put(d);
-        return;
-    }
+    else
+        deferred_release_slow(d);
+}
+
+static DF__NOINLINE void deferred_release_slow(df_deferred *d)
+{
     while (d != NULL) {
         /* Nothing runs it (refs is 0), so link is chained_to. */
         assert(d->refs == 0 && !(d->flags & F_IN_RUN));
@@ -721,10 +743,9 @@ int df__deferred_resolve(df_deferred *d, df_result r)
         }
         return DF_EALREADY_CALLED;
     }
-    put_result(d, r);
     d->flags |= F_CALLED;
     d->refs++; /* callbacks may drop the caller's reference */
-    int single = run_single(d);
+    int single = run_single(d, r);
     if (single != SINGLE_DONE)
         run_callbacks_from(d, single == SINGLE_MORE);
     unref_checked(d);
