@@ -197,9 +197,13 @@ int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg);
 /* Makes room on each of members[0..n) (of `loop`, not NULL, repeats
  * allowed) for one more callback pair per position it holds, so that
  * adding them allocates nothing (df_list_new attaches without a way
- * back).  Returns 0 or DF_ENOMEM. */
+ * back).  Returns 0 or DF_ENOMEM.  On 0 it may leave a scratch mark on
+ * the members, which df__deferred_add_both clears: the caller adds to
+ * each member in turn, and calls df__deferred_unmark on those it does
+ * not reach. */
 int df__deferred_reserve_members(df_loop *loop, df_deferred *const *members,
                                  size_t n);
+void df__deferred_unmark(df_deferred *d);
 /* Marks that d has a timeout (df_deferred_set_timeout, loop.c); returns
  * false if it already had one.  unmark undoes a mark whose timeout could
  * not be set up after all. */

@@ -833,6 +833,7 @@ int df_deferred_add_callbacks(df_deferred *d, df_callback_fn cb,
 
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg)
 {
+    d->flags &= ~(uint32_t)F_SCAN_MARK; /* see df__deferred_reserve_members */
     int rc = append_entry(d, fn, fn, arg);
     if (rc == 0 && (d->flags & F_CALLED))
         run_callbacks(d);
@@ -967,16 +968,26 @@ static int cmp_ptr(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/*
+ * The common case, every member once and with room for one more entry, in
+ * one pass: a scratch mark finds repeats, and the marks stay until
+ * df__deferred_add_both() (or df__deferred_unmark()) clears them,
+ * one by one.  A mark left on a member that a callback run meanwhile puts
+ * in another list only makes that list take the slow path below, which
+ * counts repeats exactly and clears every mark it finds.
+ */
 int df__deferred_reserve_members(df_loop *loop, df_deferred *const *members,
                                  size_t n)
 {
-    /* The common case, every member once, in O(n): a scratch mark finds
-     * repeats; only then are the members sorted to count them. */
-    bool repeats = false;
+    bool repeats = false, short_of_room = false;
     for (size_t i = 0; i < n; i++) {
-        repeats |= (members[i]->flags & F_SCAN_MARK) != 0;
-        members[i]->flags |= F_SCAN_MARK;
+        df_deferred *m = members[i];
+        repeats |= (m->flags & F_SCAN_MARK) != 0;
+        short_of_room |= m->count - m->head >= m->cap;
+        m->flags |= F_SCAN_MARK;
     }
+    if (!repeats && !short_of_room)
+        return 0; /* the marks stay */
     int rc = 0;
     for (size_t i = 0; i < n; i++) {
         members[i]->flags &= ~(uint32_t)F_SCAN_MARK;
@@ -997,6 +1008,11 @@ int df__deferred_reserve_members(df_loop *loop, df_deferred *const *members,
     }
     df__free(loop, sorted);
     return rc;
+}
+
+void df__deferred_unmark(df_deferred *d)
+{
+    d->flags &= ~(uint32_t)F_SCAN_MARK;
 }
 
 void df__deferred_set_cancel_waits(df_deferred *d)

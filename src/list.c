@@ -356,6 +356,8 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
 
     rc = df_deferred_new_cancellable(loop, list_cancel, l, &self);
     if (rc != 0) {
+        for (i = 0; i < n; i++)
+            df__deferred_unmark(members[i]);
         df__free(loop, l);
         return rc;
     }
@@ -366,6 +368,8 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
          * cancellation, then drop it. */
         df_deferred_callback(self, NULL, NULL);
         df_deferred_unref(self);
+        for (i = 0; i < n; i++)
+            df__deferred_unmark(members[i]);
         df__free(loop, l);
         return rc;
     }
@@ -395,8 +399,10 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
             /* Only if callbacks run meanwhile used the room made above
              * and memory then ran out: see the header. */
             l->npending--;
-            for (; i < n; i++)
+            for (; i < n; i++) {
+                df__deferred_unmark(slot_member(&l->slots[i]));
                 l->slots[i].member |= SLOT_DONE;
+            }
             if (l->collecting)
                 list_fire(l, df_err(df_failure_new(
                                  loop, rc, "df_list_new: cannot attach to a "
