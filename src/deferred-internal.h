@@ -153,12 +153,25 @@ void df__report_unhandled(df_loop *loop, df_failure *f);
 typedef struct df__deferred_head {
     df_loop *loop;
     uint32_t refs;
+    uint32_t flags; /* DF__DEFERRED_CALLED: fired */
 } df__deferred_head;
+#define DF__DEFERRED_CALLED 1u
+/* df_deferred_called(d) for library code (d is not NULL), without the
+ * call through the PLT that an exported function costs. */
+static inline bool df__deferred_called(const df_deferred *d)
+{
+    return (((const df__deferred_head *)(const void *)d)->flags &
+            DF__DEFERRED_CALLED) != 0;
+}
 /* The last reference is gone (deferred.c). */
 void df__deferred_release(df_deferred *d);
 /* df_deferred_ref and df_deferred_unref without the thread check, for
  * library code that runs on d's loop thread already (it has checked, or
  * runs inside a callback of that loop); d is not NULL. */
+static inline df_loop *df__deferred_loop(const df_deferred *d)
+{
+    return ((const df__deferred_head *)(const void *)d)->loop;
+}
 static inline df_deferred *df__deferred_ref(df_deferred *d)
 {
     ((df__deferred_head *)(void *)d)->refs++;
@@ -181,26 +194,29 @@ int df__deferred_resolve(df_deferred *d, df_result r);
 /* df_deferred_add_both for library code on d's loop thread (fn is not
  * NULL): the same, without the argument and thread checks. */
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg);
-/* Makes room for `extra` more callback pairs, so that adding that many
- * allocates nothing (df_list_new attaches without a way back). */
-int df__deferred_reserve(df_deferred *d, size_t extra);
-/* A scratch mark for one scan over a set of deferreds (df_list_new finds
- * repeated members with it): mark returns whether d was marked already;
- * the scanner unmarks every deferred it marked before it returns. */
-bool df__deferred_scan_mark(df_deferred *d);
-void df__deferred_scan_unmark(df_deferred *d);
+/* Makes room on each of members[0..n) (of `loop`, not NULL, repeats
+ * allowed) for one more callback pair per position it holds, so that
+ * adding them allocates nothing (df_list_new attaches without a way
+ * back).  Returns 0 or DF_ENOMEM.  On 0 it may leave a scratch mark on
+ * the members, which df__deferred_add_both clears: the caller adds to
+ * each member in turn, and calls df__deferred_unmark on those it does
+ * not reach. */
+int df__deferred_reserve_members(df_loop *loop, df_deferred *const *members,
+                                 size_t n);
+void df__deferred_unmark(df_deferred *d);
 /* Marks that d has a timeout (df_deferred_set_timeout, loop.c); returns
  * false if it already had one.  unmark undoes a mark whose timeout could
  * not be set up after all. */
 bool df__deferred_mark_timeout(df_deferred *d);
 void df__deferred_unmark_timeout(df_deferred *d);
-/* A cancellable deferred and a pool job in one block: *job points to
+/* A cancellable deferred and a pool job in one block (the caller has
+ * checked that it runs on loop's thread): *job points to
  * DF__JOB_SIZE bytes, 8-byte aligned, that live as long as the deferred
  * and are also the canceller's argument (pool.c and sem.c check the
  * size).  The job starts DF__JOB_OFFSET bytes into the block (deferred.c
  * checks it), so the job finds its deferred without keeping a pointer. */
 #define DF__JOB_SIZE 72
-#define DF__JOB_OFFSET 120
+#define DF__JOB_OFFSET 88
 int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                          df_deferred **out, void **job);
 static inline df_deferred *df__job_deferred(void *job)

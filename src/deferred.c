@@ -1,9 +1,16 @@
 /* SPDX-License-Identifier: MIT */
 /* The Deferred: a once-fired result with a callback chain, run iteratively. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "loop-internal.h" /* slabs and counters, inline */
+
+#if defined(__GNUC__) || defined(__clang__)
+#define DF__NOINLINE __attribute__((noinline))
+#else
+#define DF__NOINLINE
+#endif
 
 /*
  * State machine
@@ -11,10 +18,12 @@
  *   unfired --callback/errback/cancel--> fired
  *   fired: the chain runs until it is empty or the deferred is paused
  *   (paused > 0: by df_deferred_pause, or by waiting on an inner deferred,
- *   in which case chained_to holds a reference to that inner deferred).
+ *   in which case `link` holds a reference to that inner deferred, called
+ *   chained_to below).
  *
  * Chains never grow the C stack.  run_callbacks() keeps an explicit stack
- * of the deferreds it is working on, linked through `stack_next`; when an
+ * of the deferreds it is working on, linked through `link` too (the two
+ * uses never overlap: see struct df_deferred); when an
  * inner deferred's chain reaches the continuation entry of the outer one
  * that waits for it, the outer is pushed instead of being run by a nested
  * call.  A deferred is on at most one such stack (the IN_RUN flag), and a
@@ -53,7 +62,8 @@ enum {
     F_CHAIN_BASE = 1u << 7,    /* on the stack, pushed by a chain entry     */
     F_CHAIN_HELD = 1u << 8,    /* firing a chained deferred; holds a copy   */
     F_IN_CALLBACK = 1u << 9,   /* one of its callbacks is running           */
-    F_SCAN_MARK = 1u << 10,    /* df__deferred_scan_mark (df_list_new)      */
+    F_SCAN_MARK = 1u << 10,    /* df__deferred_reserve_members' scratch   */
+    F_HEAP = 1u << 11,         /* the entries are in a heap array           */
 };
 
 typedef struct entry {
@@ -69,6 +79,30 @@ typedef struct entry {
 #define INLINE_ENTRIES 2
 #define INLINE_ENTRIES_JOB 1
 
+/* Where the entries live once they outgrow the inline room (F_HEAP): the
+ * heap array's address is kept in that room, which is free then. */
+typedef struct heap_entries {
+    entry *v;
+} heap_entries;
+_Static_assert(sizeof(heap_entries) <= INLINE_ENTRIES_JOB * sizeof(entry),
+               "the heap handle must fit in a job block's inline room");
+
+/*
+ * 64 bytes before the inline entries.  Three pairs of fields share bytes
+ * because their lifetimes never overlap:
+ *   - the canceller and its argument are needed only until the deferred
+ *     fires (df_deferred_cancel() calls the canceller only when F_CALLED
+ *     is clear), the result only from then on: firing overwrites the one
+ *     with the other;
+ *   - `link` is the run_callbacks() stack link while F_IN_RUN is set, and
+ *     the inner deferred waited on (an owned reference, "chained_to")
+ *     otherwise.  A deferred that waits is never pushed (a chained
+ *     deferred is paused, and a run finds it paused before pushing it; the
+ *     continuation entry clears the wait before it pushes the outer), and
+ *     one that starts waiting while on the stack is popped before `link`
+ *     takes the inner deferred (pop_to_wait);
+ *   - the inline entries and the heap array's address (F_HEAP).
+ */
 struct df_deferred {
     df_loop *loop;
     uint32_t refs;
@@ -77,16 +111,23 @@ struct df_deferred {
     uint32_t head;            /* next entry to run */
     uint32_t count;           /* entries in use    */
     uint32_t cap;             /* entries allocated */
-    void *value;              /* result, valid when F_CALLED  */
-    df_free_fn value_free;
-    df_failure *failure;
-    df_deferred *chained_to;  /* inner deferred waited on (owned ref) */
-    df_deferred *stack_next;  /* run_callbacks stack link          */
-    df_canceller_fn canceller;
-    void *canceller_arg;
-    entry *entries;           /* == inline_entries or heap */
-    entry inline_entries[INLINE_ENTRIES]; /* last: a job block keeps
-                                             INLINE_ENTRIES_JOB of them */
+    union {
+        struct {              /* until F_CALLED */
+            df_canceller_fn canceller;
+            void *canceller_arg;
+        };
+        struct {              /* from F_CALLED on: the result */
+            void *value;
+            df_free_fn value_free;
+        };
+    };
+    df_failure *failure;      /* the result's failure (NULL until fired) */
+    df_deferred *link;        /* see above: use chained() to read it */
+    union {
+        entry inline_entries[INLINE_ENTRIES]; /* last: a job block keeps
+                                                 INLINE_ENTRIES_JOB */
+        heap_entries heap;                    /* F_HEAP */
+    };
 };
 
 /* Where a block made with room for a pool job starts that room: right
@@ -97,9 +138,30 @@ _Static_assert(EXT_OFFSET == DF__JOB_OFFSET, "fix DF__JOB_OFFSET");
 _Static_assert(offsetof(df_deferred, loop) ==
                        offsetof(df__deferred_head, loop) &&
                    offsetof(df_deferred, refs) ==
-                       offsetof(df__deferred_head, refs),
+                       offsetof(df__deferred_head, refs) &&
+                   offsetof(df_deferred, flags) ==
+                       offsetof(df__deferred_head, flags) &&
+                   F_CALLED == DF__DEFERRED_CALLED,
                "df__deferred_head must match struct df_deferred");
 _Static_assert(EXT_OFFSET % 8 == 0, "a job needs 8-byte alignment");
+_Static_assert(offsetof(df_deferred, inline_entries) <= 64,
+               "a deferred's header is 64 bytes at most (issue 11)");
+
+/* The inner deferred d waits on, or NULL. */
+static inline df_deferred *chained(const df_deferred *d)
+{
+    return (d->flags & F_IN_RUN) ? NULL : d->link;
+}
+
+static inline entry *entries(df_deferred *d)
+{
+    return (d->flags & F_HEAP) ? d->heap.v : d->inline_entries;
+}
+
+static inline uint32_t entries_cap(const df_deferred *d)
+{
+    return d->cap;
+}
 
 static df_result continue_mark(df_result r, void *arg)
 {
@@ -113,11 +175,6 @@ static df_result chain_mark(df_result r, void *arg)
     return r;
 }
 
-#if defined(__GNUC__) || defined(__clang__)
-#define DF__NOINLINE __attribute__((noinline))
-#else
-#define DF__NOINLINE
-#endif
 static DF__NOINLINE void deferred_release(df_deferred *d);
 
 /* df_deferred_unref for a caller on the loop thread that has checked it
@@ -148,41 +205,58 @@ static inline void put_result(df_deferred *d, df_result r)
     d->failure = r.failure;
 }
 
-static int append_entry(df_deferred *d, df_callback_fn cb, df_callback_fn eb,
-                        void *arg)
+/* Moves the entries to a heap array of `cap` entries (cap >= count). */
+static int entries_grow(df_deferred *d, uint32_t cap)
+{
+    entry *e;
+    if (d->flags & F_HEAP) {
+        e = df__realloc(d->loop, d->heap.v, cap * sizeof(entry));
+    } else {
+        e = df__malloc(d->loop, cap * sizeof(entry));
+        if (e != NULL)
+            memcpy(e, d->inline_entries, d->count * sizeof(entry));
+    }
+    if (e == NULL)
+        return DF_ENOMEM;
+    d->heap.v = e; /* over the inline entries, copied above */
+    d->cap = cap;
+    d->flags |= F_HEAP;
+    return 0;
+}
+
+/* Makes room for one more entry in a full store. */
+static DF__NOINLINE int entries_make_room(df_deferred *d)
+{
+    if (d->head > 0) {
+        /* Reuse the slots already run before growing. */
+        entry *v = entries(d);
+        memmove(v, v + d->head, (d->count - d->head) * sizeof(entry));
+        d->count -= d->head;
+        d->head = 0;
+        return 0;
+    }
+    uint32_t cap = entries_cap(d);
+    if (cap > UINT32_MAX / 2)
+        return DF_ENOMEM;
+    return entries_grow(d, cap * 2);
+}
+
+static inline int append_entry(df_deferred *d, df_callback_fn cb,
+                               df_callback_fn eb, void *arg)
 {
     if (d->head == d->count) {
         d->head = 0;
         d->count = 0;
     }
-    if (d->count == d->cap) {
-        if (d->head > 0) {
-            /* Reuse the slots already run before growing. */
-            memmove(d->entries, d->entries + d->head,
-                    (d->count - d->head) * sizeof(entry));
-            d->count -= d->head;
-            d->head = 0;
-        } else {
-            if (d->cap > UINT32_MAX / 2)
-                return DF_ENOMEM;
-            uint32_t cap = d->cap * 2;
-            entry *e;
-            if (d->entries == d->inline_entries) {
-                e = df__malloc(d->loop, cap * sizeof(entry));
-                if (e != NULL)
-                    memcpy(e, d->inline_entries, d->count * sizeof(entry));
-            } else {
-                e = df__realloc(d->loop, d->entries, cap * sizeof(entry));
-            }
-            if (e == NULL)
-                return DF_ENOMEM;
-            d->entries = e;
-            d->cap = cap;
-        }
+    if (d->count == entries_cap(d)) {
+        int rc = entries_make_room(d);
+        if (rc != 0)
+            return rc;
     }
-    d->entries[d->count].cb = cb;
-    d->entries[d->count].eb = eb;
-    d->entries[d->count].arg = arg;
+    entry *e = &entries(d)[d->count];
+    e->cb = cb;
+    e->eb = eb;
+    e->arg = arg;
     d->count++;
     return 0;
 }
@@ -191,25 +265,37 @@ static int append_entry(df_deferred *d, df_callback_fn cb, df_callback_fn eb,
 
 static void push(df_deferred **top, df_deferred *d)
 {
-    assert(!(d->flags & F_IN_RUN));
+    assert(!(d->flags & F_IN_RUN) && d->link == NULL); /* it does not wait */
     d->refs++;
     d->flags |= F_IN_RUN;
-    d->stack_next = *top;
+    d->link = *top;
     *top = d;
 }
 
 static void pop(df_deferred **top)
 {
     df_deferred *d = *top;
-    *top = d->stack_next;
-    d->stack_next = NULL;
+    *top = d->link;
+    d->link = NULL;
+    d->flags &= ~(F_IN_RUN | F_CHAIN_BASE);
+    unref_checked(d);
+}
+
+/* pop() for the top deferred, which has just started to wait for `inner`:
+ * `link` becomes its chained_to once it is off the stack (and before the
+ * stack's reference goes, whose release must see the wait). */
+static void pop_to_wait(df_deferred **top, df_deferred *inner)
+{
+    df_deferred *d = *top;
+    *top = d->link;
+    d->link = inner;
     d->flags &= ~(F_IN_RUN | F_CHAIN_BASE);
     unref_checked(d);
 }
 
 /* Takes the result of `inner` for `cur` if it is there, else makes `cur`
- * wait for it.  Consumes the reference to inner.  Returns true when cur
- * must stop (it now waits). */
+ * wait for it (the caller then records inner in cur->link).  Consumes the
+ * reference to inner.  Returns true when cur must stop (it now waits). */
 static bool wait_for(df_deferred *cur, df_deferred *inner)
 {
     if (inner == cur || inner->loop != cur->loop) {
@@ -240,8 +326,31 @@ static bool wait_for(df_deferred *cur, df_deferred *inner)
         return false;
     }
     cur->paused++;
-    cur->chained_to = inner;
     return true;
+}
+
+/* Runs one ordinary callback pair's `fn` on `r`, d's result taken out of
+ * it, with `mark` set in d's flags while it runs, and takes what it
+ * returns: d's new result, or a deferred to wait for.  Returns that inner
+ * deferred if d now waits for it (not recorded in d->link yet: the caller
+ * does it), else NULL. */
+static inline df_deferred *call_entry(df_deferred *d, df_callback_fn fn,
+                                      df_result r, void *arg, uint32_t mark)
+{
+    d->flags |= mark;
+    df_result out = fn(r, arg);
+    d->flags &= ~mark;
+    if (out.wait == NULL) {
+        put_result(d, out);
+        return NULL;
+    }
+    df_deferred *inner = out.wait;
+    if (out.failure != NULL || out.free != NULL) {
+        /* Only df_wait() may set wait: drop the rest. */
+        out.wait = NULL;
+        df_result_clear(&out);
+    }
+    return wait_for(d, inner) ? inner : NULL;
 }
 
 /* Runs self's chain.  resume: self's first callback has just run in
@@ -252,6 +361,8 @@ static void run_callbacks_from(df_deferred *self, bool resume)
 {
     if (self->flags & F_IN_RUN)
         return; /* the run already under way will see the new entries */
+    if (self->paused && !resume)
+        return; /* nothing can run until it is unpaused (or stops waiting) */
     df_deferred *top = NULL;
     push(&top, self);
 
@@ -280,14 +391,14 @@ static void run_callbacks_from(df_deferred *self, bool resume)
         }
         bool finished = true;
         while (cur->head < cur->count) {
-            entry e = cur->entries[cur->head++];
+            entry e = entries(cur)[cur->head++];
             df_callback_fn fn = cur->failure != NULL ? e.eb : e.cb;
 
             if (e.cb == continue_mark) {
                 df_deferred *outer = e.arg;
                 put_result(outer, take_result(cur));
                 outer->paused--;
-                outer->chained_to = NULL;
+                outer->link = NULL; /* it waits no more */
                 df_deferred_unref(cur); /* outer's reference; ours remains */
                 push(&top, outer);
                 finished = false;
@@ -310,7 +421,7 @@ static void run_callbacks_from(df_deferred *self, bool resume)
                     continue;
                 }
                 df_result r = take_result(cur);
-                put_result(other, r);
+                put_result(other, r); /* over its canceller: it fires */
                 other->flags |= F_CALLED;
                 if (other->paused || (other->flags & F_IN_RUN)) {
                     df_deferred_unref(other);
@@ -331,20 +442,12 @@ static void run_callbacks_from(df_deferred *self, bool resume)
             if (fn == NULL)
                 continue; /* pass through */
 
-            cur->flags |= F_IN_CALLBACK;
-            df_result out = fn(take_result(cur), e.arg);
-            cur->flags &= ~F_IN_CALLBACK;
-            if (out.wait != NULL) {
-                df_deferred *inner = out.wait;
-                if (out.failure != NULL || out.free != NULL) {
-                    /* Only df_wait() may set wait: drop the rest. */
-                    out.wait = NULL;
-                    df_result_clear(&out);
-                }
-                if (wait_for(cur, inner))
-                    break;
-            } else {
-                put_result(cur, out);
+            df_deferred *inner =
+                call_entry(cur, fn, take_result(cur), e.arg, F_IN_CALLBACK);
+            if (inner != NULL) {
+                pop_to_wait(&top, inner);
+                finished = false;
+                break;
             }
         }
         if (finished)
@@ -362,36 +465,38 @@ static void run_callbacks(df_deferred *self)
  * list's member callback), run without the explicit stack: the same steps
  * as the first turn of run_callbacks() for a deferred alone on its stack,
  * with F_IN_RUN set while the callback runs so that anything it adds, and
- * any run it asks for, waits for us as it would for run_callbacks().  The
- * caller holds a reference.  Returns SINGLE_DONE, SINGLE_NOT (nothing ran:
- * the chain is not that simple) or SINGLE_MORE (the callback added
- * entries: run_callbacks_from(d, true) goes on with them).
+ * any run it asks for, waits for us as it would for run_callbacks().  `r`
+ * is the result d has just fired with (F_CALLED is set), not stored in d
+ * yet: it goes straight to the callback, and d holds what take_result()
+ * would have left meanwhile.  The caller holds a reference.  Returns
+ * SINGLE_DONE, SINGLE_NOT (nothing ran, r is stored: the chain is not that
+ * simple) or SINGLE_MORE (the callback added entries:
+ * run_callbacks_from(d, true) goes on with them).
  */
 enum { SINGLE_DONE, SINGLE_NOT, SINGLE_MORE };
 
-static inline int run_single(df_deferred *d)
+static inline int run_single(df_deferred *d, df_result r)
 {
-    if ((d->flags & F_IN_RUN) || d->paused || d->count - d->head != 1)
+    if ((d->flags & F_IN_RUN) || d->paused || d->count - d->head != 1) {
+        put_result(d, r);
         return SINGLE_NOT;
-    entry e = d->entries[d->head];
-    if (e.cb == continue_mark || e.cb == chain_mark)
+    }
+    entry e = entries(d)[d->head];
+    if (e.cb == continue_mark || e.cb == chain_mark) {
+        put_result(d, r);
         return SINGLE_NOT;
+    }
     d->head++;
-    df_callback_fn fn = d->failure != NULL ? e.eb : e.cb;
-    if (fn != NULL) {
-        d->flags |= F_IN_RUN | F_IN_CALLBACK;
-        df_result out = fn(take_result(d), e.arg);
-        d->flags &= ~(uint32_t)(F_IN_RUN | F_IN_CALLBACK);
-        if (out.wait != NULL) {
-            df_deferred *inner = out.wait;
-            if (out.failure != NULL || out.free != NULL) {
-                out.wait = NULL;
-                df_result_clear(&out);
-            }
-            if (wait_for(d, inner))
-                return SINGLE_DONE; /* it waits: the rest runs later */
-        } else {
-            put_result(d, out);
+    df_callback_fn fn = r.failure != NULL ? e.eb : e.cb;
+    if (fn == NULL) {
+        put_result(d, r); /* pass through */
+    } else {
+        put_result(d, df_ok(NULL, NULL)); /* over the canceller */
+        df_deferred *inner =
+            call_entry(d, fn, r, e.arg, F_IN_RUN | F_IN_CALLBACK);
+        if (inner != NULL) {
+            d->link = inner;
+            return SINGLE_DONE; /* it waits: the rest runs later */
         }
     }
     return d->head < d->count ? SINGLE_MORE : SINGLE_DONE;
@@ -410,7 +515,7 @@ static inline df__slab *slab_of(df_loop *loop, bool ext)
 }
 
 /* Gives a deferred's block back to its loop's slab. */
-static void block_put(df_deferred *d)
+static inline void block_put(df_deferred *d)
 {
     df_loop *loop = d->loop;
     assert(loop->deferreds > 0);
@@ -418,14 +523,14 @@ static void block_put(df_deferred *d)
     df__slab_put_inline(loop, slab_of(loop, d->flags & F_EXT), d);
 }
 
-static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
+/* A new, unfired deferred with one reference and the canceller fn (arg),
+ * or NULL.  Loop thread: the caller has checked. */
+static inline df_deferred *block_get(df_loop *loop, bool ext,
+                                     df_canceller_fn fn, void *arg)
 {
-    if (loop == NULL || out == NULL)
-        return DF_EINVAL;
-    DF__CHECK_THREAD(loop);
     df_deferred *d = df__slab_get_inline(loop, slab_of(loop, ext));
     if (d == NULL)
-        return DF_ENOMEM;
+        return NULL;
     loop->deferreds++;
     /* Every member before the inline entries, written once (a call to
      * memset costs more than these stores). */
@@ -436,49 +541,47 @@ static int deferred_alloc_size(df_loop *loop, bool ext, df_deferred **out)
     d->head = 0;
     d->count = 0;
     d->cap = ext ? INLINE_ENTRIES_JOB : INLINE_ENTRIES;
-    d->value = NULL;
-    d->value_free = NULL;
+    d->canceller = fn;
+    d->canceller_arg = arg;
     d->failure = NULL;
-    d->chained_to = NULL;
-    d->stack_next = NULL;
-    d->canceller = NULL;
-    d->canceller_arg = NULL;
-    d->entries = d->inline_entries;
-    *out = d;
-    return 0;
+    d->link = NULL;
+    return d;
 }
 
-static int deferred_alloc(df_loop *loop, df_deferred **out)
+static int deferred_alloc(df_loop *loop, df_canceller_fn fn, void *arg,
+                          df_deferred **out)
 {
-    return deferred_alloc_size(loop, false, out);
+    if (loop == NULL || out == NULL)
+        return DF_EINVAL;
+    DF__CHECK_THREAD(loop);
+    df_deferred *d = block_get(loop, false, fn, arg);
+    if (d == NULL)
+        return DF_ENOMEM;
+    *out = d;
+    return 0;
 }
 
 int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                          df_deferred **out, void **job)
 {
-    int rc = deferred_alloc_size(loop, true, out);
-    if (rc == 0) {
-        *job = (char *)*out + EXT_OFFSET;
-        (*out)->canceller = fn;
-        (*out)->canceller_arg = *job;
-    }
-    return rc;
+    assert(df__on_loop_thread(loop));
+    df_deferred *d = block_get(loop, true, fn, NULL);
+    if (d == NULL)
+        return DF_ENOMEM;
+    d->canceller_arg = *job = (char *)d + EXT_OFFSET;
+    *out = d;
+    return 0;
 }
 
 int df_deferred_new(df_loop *loop, df_deferred **out)
 {
-    return deferred_alloc(loop, out);
+    return deferred_alloc(loop, NULL, NULL, out);
 }
 
 int df_deferred_new_cancellable(df_loop *loop, df_canceller_fn fn, void *arg,
                                 df_deferred **out)
 {
-    int rc = deferred_alloc(loop, out);
-    if (rc == 0) {
-        (*out)->canceller = fn;
-        (*out)->canceller_arg = arg;
-    }
-    return rc;
+    return deferred_alloc(loop, fn, arg, out);
 }
 
 /* Frees a deferred nobody has seen yet (no entries, unfired). */
@@ -510,12 +613,12 @@ void df_deferred_unref(df_deferred *d)
 /* Removes outer's continuation entry from inner (outer is going away). */
 static void unlink_continuation(df_deferred *inner, df_deferred *outer)
 {
+    entry *v = entries(inner);
     for (uint32_t i = inner->head; i < inner->count; i++) {
-        if (inner->entries[i].cb == continue_mark &&
-            inner->entries[i].arg == outer) {
-            inner->entries[i].cb = NULL;
-            inner->entries[i].eb = NULL;
-            inner->entries[i].arg = NULL;
+        if (v[i].cb == continue_mark && v[i].arg == outer) {
+            v[i].cb = NULL;
+            v[i].eb = NULL;
+            v[i].arg = NULL;
             return;
         }
     }
@@ -534,25 +637,35 @@ static void unlink_continuation(df_deferred *inner, df_deferred *outer)
  * may release that one, and so on down a chain of any length: iterate,
  * never recurse.
  */
+static DF__NOINLINE void deferred_release_slow(df_deferred *d);
+
 static DF__NOINLINE void deferred_release(df_deferred *d)
 {
     /* The common end: fired, chain run, nothing owned, nothing waited on.
-     * The loop below would only give the block back. */
-    if (d->chained_to == NULL && (d->flags & F_CALLED) &&
-        d->head == d->count && d->failure == NULL && d->value_free == NULL &&
-        d->entries == d->inline_entries) {
+     * The loop in deferred_release_slow() would only give the block back
+     * (a function of its own, so that this path does not pay for its
+     * registers). */
+    if (d->link == NULL && (d->flags & (F_CALLED | F_HEAP)) == F_CALLED &&
+        d->head == d->count && d->failure == NULL && d->value_free == NULL)
         block_put(d);
-        return;
-    }
+    else
+        deferred_release_slow(d);
+}
+
+static DF__NOINLINE void deferred_release_slow(df_deferred *d)
+{
     while (d != NULL) {
-        assert(d->refs == 0);
-        df_deferred *next = d->chained_to;
+        /* Nothing runs it (refs is 0), so link is chained_to. */
+        assert(d->refs == 0 && !(d->flags & F_IN_RUN));
+        df_deferred *next = d->link;
         if (next != NULL) {
             unlink_continuation(next, d);
-            d->chained_to = NULL;
+            d->link = NULL;
         }
         if (next != NULL || !(d->flags & F_CALLED)) {
-            d->failure = df__failure_released(d->loop);
+            /* Over the canceller if unfired; a waiting deferred's result
+             * went to the callback that made it wait. */
+            put_result(d, df_err(df__failure_released(d->loop)));
             d->flags |= F_CALLED;
         }
         while (d->head < d->count) {
@@ -564,13 +677,13 @@ static DF__NOINLINE void deferred_release(df_deferred *d)
                 df_deferred_unref(next);
                 return;
             }
-            if (d->chained_to == NULL)
+            if (chained(d) == NULL)
                 break;
             /* A callback made it wait again, but nobody is left to take
              * that result: give up the wait and go on as above. */
-            df_deferred *again = d->chained_to;
+            df_deferred *again = d->link;
             unlink_continuation(again, d);
-            d->chained_to = NULL;
+            d->link = NULL;
             df_deferred_unref(again);
             d->failure = df__failure_released(d->loop);
         }
@@ -578,16 +691,17 @@ static DF__NOINLINE void deferred_release(df_deferred *d)
             df__report_unhandled(d->loop, d->failure);
 
         /* Unrun chain entries (left by a pause): drop their references. */
+        entry *v = entries(d);
         for (uint32_t i = d->head; i < d->count; i++) {
-            if (d->entries[i].cb == chain_mark)
-                df_deferred_unref(d->entries[i].arg);
+            if (v[i].cb == chain_mark)
+                df_deferred_unref(v[i].arg);
         }
         if (d->failure != NULL || d->value_free != NULL) {
             df_result r = take_result(d);
             df_result_clear(&r);
         }
-        if (d->entries != d->inline_entries)
-            df__free(d->loop, d->entries);
+        if (d->flags & F_HEAP)
+            df__free(d->loop, d->heap.v);
         block_put(d);
 
         d = NULL;
@@ -629,10 +743,9 @@ int df__deferred_resolve(df_deferred *d, df_result r)
         }
         return DF_EALREADY_CALLED;
     }
-    put_result(d, r);
     d->flags |= F_CALLED;
     d->refs++; /* callbacks may drop the caller's reference */
-    int single = run_single(d);
+    int single = run_single(d, r);
     if (single != SINGLE_DONE)
         run_callbacks_from(d, single == SINGLE_MORE);
     unref_checked(d);
@@ -654,7 +767,7 @@ int df_deferred_errback(df_deferred *d, df_failure *f)
 int df_succeed(df_loop *loop, void *value, df_free_fn free_fn,
                df_deferred **out)
 {
-    int rc = deferred_alloc(loop, out);
+    int rc = deferred_alloc(loop, NULL, NULL, out);
     if (rc == 0) {
         put_result(*out, df_ok(value, free_fn));
         (*out)->flags |= F_CALLED;
@@ -666,7 +779,7 @@ int df_fail(df_loop *loop, df_failure *f, df_deferred **out)
 {
     if (f == NULL)
         return DF_EINVAL;
-    int rc = deferred_alloc(loop, out);
+    int rc = deferred_alloc(loop, NULL, NULL, out);
     if (rc == 0) {
         put_result(*out, df_err(f));
         (*out)->flags |= F_CALLED;
@@ -679,7 +792,7 @@ int df_maybe(df_loop *loop, df_run_fn fn, void *arg, df_deferred **out)
     if (fn == NULL || out == NULL)
         return DF_EINVAL;
     df_deferred *d;
-    int rc = deferred_alloc(loop, &d); /* before fn: fn runs only on 0 */
+    int rc = deferred_alloc(loop, NULL, NULL, &d); /* before fn: fn runs only on 0 */
     if (rc != 0)
         return rc;
     df_result r = fn(arg);
@@ -720,6 +833,7 @@ int df_deferred_add_callbacks(df_deferred *d, df_callback_fn cb,
 
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg)
 {
+    d->flags &= ~(uint32_t)F_SCAN_MARK; /* see df__deferred_reserve_members */
     int rc = append_entry(d, fn, fn, arg);
     if (rc == 0 && (d->flags & F_CALLED))
         run_callbacks(d);
@@ -780,7 +894,7 @@ int df_deferred_unpause(df_deferred *d)
         return DF_EINVAL;
     DF__CHECK_THREAD(d->loop);
     /* Pauses made by waiting on an inner deferred cannot be undone here. */
-    if (d->paused <= (d->chained_to != NULL ? 1u : 0u))
+    if (d->paused <= (chained(d) != NULL ? 1u : 0u))
         return DF_ESTATE;
     d->paused--;
     if (d->paused == 0 && (d->flags & F_CALLED))
@@ -795,15 +909,17 @@ int df_deferred_cancel(df_deferred *d)
     DF__CHECK_THREAD(d->loop);
     /* A fired deferred that waits forwards the cancel to what it waits on;
      * follow the chain with a loop, however long it is. */
-    while ((d->flags & F_CALLED) && d->chained_to != NULL)
-        d = d->chained_to;
+    while ((d->flags & F_CALLED) && chained(d) != NULL)
+        d = d->link;
     if (d->flags & (F_CALLED | F_CANCELLING))
         return 0; /* a canceller cancelling its own deferred: no recursion */
 
+    /* Unfired, so the canceller is there (firing replaces it). */
+    df_canceller_fn canceller = d->canceller;
     d->refs++;
-    if (d->canceller != NULL) {
+    if (canceller != NULL) {
         d->flags |= F_CANCELLING;
-        d->canceller(d, d->canceller_arg);
+        canceller(d, d->canceller_arg);
         d->flags &= ~F_CANCELLING;
     }
     if (!(d->flags & F_CALLED) && !(d->flags & F_CANCEL_WAITS)) {
@@ -811,48 +927,90 @@ int df_deferred_cancel(df_deferred *d)
         df_deferred_resolve(d, df_err(f));
         /* Without a canceller the producer does not know: swallow its
          * later fire (with one, the producer was told, as in Twisted). */
-        if (d->canceller == NULL)
+        if (canceller == NULL)
             d->flags |= F_SUPPRESS;
     }
     df_deferred_unref(d);
     return 0;
 }
 
-int df__deferred_reserve(df_deferred *d, size_t extra)
+/* Makes room for `extra` more callback pairs on d, so that adding that
+ * many allocates nothing. */
+static int reserve_slow(df_deferred *d, size_t extra)
 {
     size_t live = d->count - d->head;
-    /* append_entry() moves the live entries to the front before it grows,
-     * so room for live + extra entries is enough. */
-    if (extra <= d->cap && live <= d->cap - extra)
-        return 0;
+    uint32_t have = entries_cap(d);
     if (extra > UINT32_MAX - live)
         return DF_ENOMEM;
     uint32_t cap = (uint32_t)(live + extra);
-    if (d->cap <= UINT32_MAX / 2 && cap < d->cap * 2)
-        cap = d->cap * 2;
-    entry *e;
-    if (d->entries == d->inline_entries) {
-        e = df__malloc(d->loop, cap * sizeof(entry));
-        if (e != NULL)
-            memcpy(e, d->inline_entries, d->count * sizeof(entry));
-    } else {
-        e = df__realloc(d->loop, d->entries, cap * sizeof(entry));
-    }
-    if (e == NULL)
-        return DF_ENOMEM;
-    d->entries = e;
-    d->cap = cap;
-    return 0;
+    if (have <= UINT32_MAX / 2 && cap < have * 2)
+        cap = have * 2;
+    if (cap < d->count)
+        cap = d->count; /* the entries already run are copied too */
+    return entries_grow(d, cap);
 }
 
-bool df__deferred_scan_mark(df_deferred *d)
+static inline int reserve(df_deferred *d, size_t extra)
 {
-    bool was = (d->flags & F_SCAN_MARK) != 0;
-    d->flags |= F_SCAN_MARK;
-    return was;
+    size_t live = d->count - d->head;
+    uint32_t have = entries_cap(d);
+    /* append_entry() moves the live entries to the front before it grows,
+     * so room for live + extra entries is enough. */
+    if (extra <= have && live <= have - extra)
+        return 0;
+    return reserve_slow(d, extra);
 }
 
-void df__deferred_scan_unmark(df_deferred *d)
+static int cmp_ptr(const void *a, const void *b)
+{
+    uintptr_t x = (uintptr_t)*(df_deferred *const *)a;
+    uintptr_t y = (uintptr_t)*(df_deferred *const *)b;
+    return x < y ? -1 : x > y;
+}
+
+/*
+ * The common case, every member once and with room for one more entry, in
+ * one pass: a scratch mark finds repeats, and the marks stay until
+ * df__deferred_add_both() (or df__deferred_unmark()) clears them,
+ * one by one.  A mark left on a member that a callback run meanwhile puts
+ * in another list only makes that list take the slow path below, which
+ * counts repeats exactly and clears every mark it finds.
+ */
+int df__deferred_reserve_members(df_loop *loop, df_deferred *const *members,
+                                 size_t n)
+{
+    bool repeats = false, short_of_room = false;
+    for (size_t i = 0; i < n; i++) {
+        df_deferred *m = members[i];
+        repeats |= (m->flags & F_SCAN_MARK) != 0;
+        short_of_room |= m->count - m->head >= m->cap;
+        m->flags |= F_SCAN_MARK;
+    }
+    if (!repeats && !short_of_room)
+        return 0; /* the marks stay */
+    int rc = 0;
+    for (size_t i = 0; i < n; i++) {
+        members[i]->flags &= ~(uint32_t)F_SCAN_MARK;
+        if (!repeats && rc == 0)
+            rc = reserve(members[i], 1);
+    }
+    if (!repeats)
+        return rc;
+    df_deferred **sorted = df__malloc(loop, n * sizeof *sorted);
+    if (sorted == NULL)
+        return DF_ENOMEM;
+    memcpy(sorted, members, n * sizeof *sorted);
+    qsort(sorted, n, sizeof *sorted, cmp_ptr);
+    for (size_t i = 0, j; i < n && rc == 0; i = j) {
+        for (j = i + 1; j < n && sorted[j] == sorted[i]; j++)
+            ;
+        rc = reserve(sorted[i], j - i);
+    }
+    df__free(loop, sorted);
+    return rc;
+}
+
+void df__deferred_unmark(df_deferred *d)
 {
     d->flags &= ~(uint32_t)F_SCAN_MARK;
 }
@@ -892,7 +1050,7 @@ int df_deferred_peek(const df_deferred *d, void **value, df_failure **failure)
     if (d == NULL)
         return DF_EINVAL;
     DF__CHECK_THREAD(d->loop);
-    if (!(d->flags & F_CALLED) || d->chained_to != NULL)
+    if (!(d->flags & F_CALLED) || chained(d) != NULL)
         return DF_ENOT_CALLED;
     if (value != NULL)
         *value = d->failure == NULL ? d->value : NULL;

@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: MIT */
 /* Deferred lists and gather: aggregate the results of many deferreds. */
-#include <stdlib.h>
 #include <string.h>
 
 #include "deferred-internal.h"
@@ -82,21 +81,46 @@
      DF_LIST_CONSUME_ERRORS | DF_LIST_CANCEL_REMAINING)
 #define GATHER_FLAGS (DF_LIST_CONSUME_ERRORS | DF_LIST_CANCEL_REMAINING)
 
+/*
+ * A slot is 24 bytes.  `free` says what the slot holds: slot_unfired
+ * until the member's result is recorded (then the first word is the
+ * owner, the block, which the member's callback needs to find its list:
+ * the callback's argument is the slot), slot_failed for a failure, else
+ * the value's destructor (or NULL).  Both words are written once, by the
+ * member's callback while the list collects, before the result can reach
+ * the application, so the accessors may read them on any thread that
+ * owns the result.  `member` (the member's address, a reference while
+ * members_held, with SLOT_DONE in its low bit once the list callback on
+ * the member has run) is the collector's: loop thread only.
+ */
 struct list_slot {
-    /* Result part: written only while collecting, read by the accessors.
-     * `ok` says which member of the union is valid (40 bytes a slot). */
     union {
-        void *value;         /* ok */
-        df_failure *failure; /* !ok: owned reference */
+        struct df_list_result *owner; /* until recorded */
+        void *value;                  /* recorded success */
+        df_failure *failure;          /* recorded failure: owned reference */
     };
-    df_free_fn free;         /* ok: the value's destructor */
-    df_deferred *member; /* reference, while members_held */
-    struct df_list_result *owner; /* the block; the callback's argument */
-    bool fired;          /* recorded before the list fired */
-    bool ok;
-    /* Collector part (loop thread only). */
-    bool done;           /* the list callback on this member has run */
+    df_free_fn free; /* slot_unfired, slot_failed or the value's */
+    uintptr_t member;
 };
+#define SLOT_DONE ((uintptr_t)1)
+_Static_assert(sizeof(struct list_slot) == 3 * sizeof(void *),
+               "a list slot is three words (issue 11)");
+
+/* The tags of `free`; slot_failed is also what frees a recorded failure. */
+static void slot_unfired(void *p)
+{
+    DF__UNUSED(p);
+}
+
+static void slot_failed(void *p)
+{
+    df_failure_unref(p);
+}
+
+static inline df_deferred *slot_member(const struct list_slot *s)
+{
+    return (df_deferred *)(s->member & ~SLOT_DONE);
+}
 
 struct df_list_result {
     atomic_uint refs;   /* the result's and the collector's */
@@ -134,12 +158,8 @@ void df_list_result_free(void *p)
         return;
     for (size_t i = 0; i < l->count; i++) {
         struct list_slot *s = &l->slots[i];
-        if (!s->fired)
-            continue;
-        if (s->ok && s->free != NULL)
-            s->free(s->value);
-        else if (!s->ok)
-            df_failure_unref(s->failure);
+        if (s->free != slot_unfired && s->free != NULL)
+            s->free(s->value); /* slot_failed drops the failure */
     }
     list_block_unref(l);
 }
@@ -157,22 +177,26 @@ static void list_enter(struct df_list_result *l)
  * dropping the collector's reference when nothing can call back any more.
  * Nothing in the block may be touched after this returns.
  */
-static void list_leave(struct df_list_result *l)
+static void list_drop_members(struct df_list_result *l)
+{
+    l->members_held = false;
+    for (size_t i = 0; i < l->count; i++) {
+        df_deferred *m = slot_member(&l->slots[i]);
+        l->slots[i].member &= SLOT_DONE;
+        if (m != NULL)
+            df__deferred_unref(m); /* on the loop thread (callback) */
+    }
+}
+
+static inline void list_leave(struct df_list_result *l)
 {
     assert(l->busy > 0);
     if (l->busy > 1) {
         l->busy--;
         return;
     }
-    if (!l->collecting && l->members_held) {
-        l->members_held = false;
-        for (size_t i = 0; i < l->count; i++) {
-            df_deferred *m = l->slots[i].member;
-            l->slots[i].member = NULL;
-            if (m != NULL)
-                df__deferred_unref(m); /* on the loop thread (callback) */
-        }
-    }
+    if (!l->collecting && l->members_held)
+        list_drop_members(l);
     l->busy = 0;
     if (l->npending == 0 && !l->sentinel_pending)
         list_block_unref(l);
@@ -213,8 +237,8 @@ static void list_fire(struct df_list_result *l, df_result r)
      * references stay valid: list_leave() drops them only later. */
     if (l->flags & DF_LIST_CANCEL_REMAINING) {
         for (size_t i = 0; i < l->count; i++) {
-            if (!l->slots[i].done)
-                df_deferred_cancel(l->slots[i].member);
+            if (!(l->slots[i].member & SLOT_DONE))
+                df_deferred_cancel(slot_member(&l->slots[i]));
         }
     }
 }
@@ -223,20 +247,18 @@ static void list_fire(struct df_list_result *l, df_result r)
 static df_result list_member_done(df_result r, void *arg)
 {
     struct list_slot *s = arg;
-    struct df_list_result *l = s->owner;
+    struct df_list_result *l = s->owner; /* not recorded yet: see above */
     bool failed = r.failure != NULL;
-    size_t index = (size_t)(s - l->slots);
 
     assert(r.wait == NULL);
-    assert(!s->done);
+    assert(!(s->member & SLOT_DONE) && s->free == slot_unfired);
     list_enter(l);
-    s->done = true;
+    s->member |= SLOT_DONE;
     l->npending--;
     if (l->collecting) {
-        s->fired = true;
-        s->ok = !failed;
         if (failed) {
             s->failure = df_failure_ref(r.failure);
+            s->free = slot_failed;
         } else {
             /* The value moves into the result; the member's chain goes on
              * with the same pointer, borrowed. */
@@ -246,11 +268,11 @@ static df_result list_member_done(df_result r, void *arg)
         }
         l->nfired++;
         if (!failed && (l->flags & DF_LIST_FIRE_ON_ONE_CALLBACK)) {
-            l->fired_index = (long)index;
+            l->fired_index = (long)(s - l->slots);
             list_fire(l, df_ok(l, df_list_result_free));
         } else if (failed && (l->flags & DF_LIST_FIRE_ON_ONE_ERRBACK)) {
-            list_fire(
-                l, df_err(df__failure_first_error(l->loop, index, r.failure)));
+            list_fire(l, df_err(df__failure_first_error(
+                             l->loop, (size_t)(s - l->slots), r.failure)));
         } else if (l->nfired == l->count) {
             list_fire(l, df_ok(l, df_list_result_free));
         }
@@ -285,53 +307,9 @@ static void list_cancel(df_deferred *d, void *arg)
     list_enter(l);
     if (l->members_held) {
         for (size_t i = 0; i < l->count; i++)
-            df_deferred_cancel(l->slots[i].member);
+            df_deferred_cancel(slot_member(&l->slots[i]));
     }
     list_leave(l);
-}
-
-static int cmp_ptr(const void *a, const void *b)
-{
-    uintptr_t x = (uintptr_t)*(df_deferred *const *)a;
-    uintptr_t y = (uintptr_t)*(df_deferred *const *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Makes room on each member for the list callbacks it will get (one per
- * position), so that attaching them allocates nothing. */
-static int reserve_members(df_loop *loop, df_deferred *const *members,
-                           size_t n)
-{
-    if (n == 0)
-        return 0;
-    /* The common case, every member once, in O(n): a scratch mark finds
-     * repeats; only then are the members sorted to count them. */
-    bool repeats = false;
-    for (size_t i = 0; i < n; i++)
-        repeats |= df__deferred_scan_mark(members[i]);
-    for (size_t i = 0; i < n; i++)
-        df__deferred_scan_unmark(members[i]);
-    if (!repeats) {
-        for (size_t i = 0; i < n; i++) {
-            int rc = df__deferred_reserve(members[i], 1);
-            if (rc != 0)
-                return rc;
-        }
-        return 0;
-    }
-    df_deferred **sorted = df__malloc(loop, n * sizeof *sorted);
-    if (sorted == NULL)
-        return DF_ENOMEM;
-    memcpy(sorted, members, n * sizeof *sorted);
-    qsort(sorted, n, sizeof *sorted, cmp_ptr);
-    int rc = 0;
-    for (size_t i = 0, j; i < n && rc == 0; i = j) {
-        for (j = i + 1; j < n && sorted[j] == sorted[i]; j++)
-            ;
-        rc = df__deferred_reserve(sorted[i], j - i);
-    }
-    df__free(loop, sorted);
-    return rc;
 }
 
 int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
@@ -353,7 +331,7 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     if (n > (SIZE_MAX - sizeof *l) / sizeof l->slots[0])
         return DF_ENOMEM;
     for (i = 0; i < n; i++) {
-        if (members[i] == NULL || df_deferred_loop(members[i]) != loop)
+        if (members[i] == NULL || df__deferred_loop(members[i]) != loop)
             return DF_EINVAL;
     }
     l = df__malloc(loop, sizeof *l + n * sizeof l->slots[0]);
@@ -362,7 +340,7 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     /* Every allocation happens before the first callback is attached (see
      * the top of the file); room made on members that is not used is
      * harmless. */
-    rc = reserve_members(loop, members, n);
+    rc = df__deferred_reserve_members(loop, members, n);
     if (rc != 0) {
         df__free(loop, l);
         return rc;
@@ -378,6 +356,8 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
 
     rc = df_deferred_new_cancellable(loop, list_cancel, l, &self);
     if (rc != 0) {
+        for (i = 0; i < n; i++)
+            df__deferred_unmark(members[i]);
         df__free(loop, l);
         return rc;
     }
@@ -388,6 +368,8 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
          * cancellation, then drop it. */
         df_deferred_callback(self, NULL, NULL);
         df_deferred_unref(self);
+        for (i = 0; i < n; i++)
+            df__deferred_unmark(members[i]);
         df__free(loop, l);
         return rc;
     }
@@ -398,13 +380,10 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     l->busy = 1;
     for (i = 0; i < n; i++) {
         struct list_slot *s = &l->slots[i];
-        s->value = NULL;
-        s->free = NULL;
-        s->member = df__deferred_ref(members[i]);
         s->owner = l;
-        s->fired = false;
-        s->ok = false;
-        s->done = false;
+        s->free = slot_unfired;
+        s->member = (uintptr_t)df__deferred_ref(members[i]);
+        assert(!(s->member & SLOT_DONE)); /* deferreds are 8-byte aligned */
     }
     *out = self;
     if (n == 0)
@@ -415,13 +394,15 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     for (i = 0; i < n; i++) {
         struct list_slot *s = &l->slots[i];
         l->npending++;
-        rc = df__deferred_add_both(s->member, list_member_done, s);
+        rc = df__deferred_add_both(slot_member(s), list_member_done, s);
         if (rc != 0) {
             /* Only if callbacks run meanwhile used the room made above
              * and memory then ran out: see the header. */
             l->npending--;
-            for (; i < n; i++)
-                l->slots[i].done = true;
+            for (; i < n; i++) {
+                df__deferred_unmark(slot_member(&l->slots[i]));
+                l->slots[i].member |= SLOT_DONE;
+            }
             if (l->collecting)
                 list_fire(l, df_err(df_failure_new(
                                  loop, rc, "df_list_new: cannot attach to a "
@@ -454,28 +435,36 @@ size_t df_list_result_count(const df_list_result *r)
     return r != NULL ? r->count : 0;
 }
 
+/* Slot i's tag, or slot_unfired when there is no such slot.  The exported
+ * accessors below do not call one another: a call between two exported
+ * functions goes through the PLT. */
+static inline df_free_fn slot_tag(const df_list_result *r, size_t i)
+{
+    return r != NULL && i < r->count ? r->slots[i].free : slot_unfired;
+}
+
 bool df_list_result_ok(const df_list_result *r, size_t i)
 {
-    return r != NULL && i < r->count && r->slots[i].fired && r->slots[i].ok;
+    df_free_fn tag = slot_tag(r, i);
+    return tag != slot_unfired && tag != slot_failed;
 }
 
 bool df_list_result_fired(const df_list_result *r, size_t i)
 {
-    return r != NULL && i < r->count && r->slots[i].fired;
+    return slot_tag(r, i) != slot_unfired;
 }
 
 void *df_list_result_value(const df_list_result *r, size_t i)
 {
-    if (!df_list_result_ok(r, i))
+    df_free_fn tag = slot_tag(r, i);
+    if (tag == slot_unfired || tag == slot_failed)
         return NULL;
     return r->slots[i].value;
 }
 
 df_failure *df_list_result_failure(const df_list_result *r, size_t i)
 {
-    if (!df_list_result_fired(r, i) || r->slots[i].ok)
-        return NULL;
-    return r->slots[i].failure;
+    return slot_tag(r, i) == slot_failed ? r->slots[i].failure : NULL;
 }
 
 long df_list_result_index(const df_list_result *r)

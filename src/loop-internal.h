@@ -245,7 +245,7 @@ void df__timers_fini(df_loop *loop);
 static inline bool df__loop_should_return(const df_loop *loop,
                                           df_deferred *until)
 {
-    return loop->stop || (until != NULL && df_deferred_called(until));
+    return loop->stop || (until != NULL && df__deferred_called(until));
 }
 
 #endif /* DEFERRED_LOOP_INTERNAL_H */

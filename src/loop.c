@@ -212,7 +212,7 @@ static int loop_run(df_loop *loop, df_deferred *until)
             rc = until != NULL ? DF_ECANCELLED : 0;
             break;
         }
-        if (until != NULL && df_deferred_called(until)) {
+        if (until != NULL && df__deferred_called(until)) {
             rc = 0;
             break;
         }

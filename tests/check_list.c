@@ -1968,6 +1968,67 @@ START_TEST(test_list_attach_out_of_memory_fails_list)
 }
 END_TEST
 
+/* df_list_new marks its members while it attaches to them, and a list
+ * made meanwhile (by a callback that attaching runs) over members not
+ * reached yet finds the marks: it must still count each of its members
+ * once, attach to each, and leave nothing behind that upsets a third
+ * list over the same members. */
+static df_deferred *nested_m[2];
+static df_deferred *nested_dl;
+
+static df_result make_nested_list(df_result r, void *arg)
+{
+    (void)arg;
+    TU_OK(df_list_new(loop, nested_m, 2, 0, &nested_dl));
+    return r;
+}
+
+START_TEST(test_list_made_while_attaching_over_later_members)
+{
+    df_deferred *d0 = new_deferred(), *d1 = new_deferred();
+    df_deferred *d2 = new_deferred(), *w = NULL;
+    df_deferred *m[3] = {d0, d1, d2};
+    df_deferred *dl = NULL, *l3 = NULL;
+
+    nested_m[0] = d2;
+    nested_m[1] = d1;
+    nested_dl = NULL;
+    TU_OK(df_succeed(loop, NULL, NULL, &w));
+    TU_OK(df_deferred_add_callback(w, wait_for_arg, d0));
+    TU_OK(df_deferred_pause(w));
+    TU_OK(df_deferred_add_callback(d0, make_nested_list, NULL));
+    fire(d0, 3); /* stalls at w: make_nested_list has not run */
+    ck_assert_ptr_null(nested_dl);
+    TU_OK(df_list_new(loop, m, 3, 0, &dl));
+    ck_assert_ptr_nonnull(nested_dl);
+    TU_OK(df_list_new(loop, &m[1], 2, 0, &l3));
+    fire(d1, 1);
+    fire(d2, 2);
+    const df_list_result *rn = success_result_of(nested_dl);
+    const df_list_result *r = success_result_of(dl);
+    const df_list_result *r3 = success_result_of(l3);
+    ck_assert_uint_eq(df_list_result_count(rn), 2);
+    ck_assert_int_eq(entry_int(rn, 0), 2);
+    ck_assert_int_eq(entry_int(rn, 1), 1);
+    ck_assert_uint_eq(df_list_result_count(r), 3);
+    ck_assert(df_list_result_ok(r, 0));
+    ck_assert_int_eq(entry_int(r, 1), 1);
+    ck_assert_int_eq(entry_int(r, 2), 2);
+    ck_assert_int_eq(entry_int(r3, 0), 1);
+    ck_assert_int_eq(entry_int(r3, 1), 2);
+    TU_OK(df_deferred_unpause(w));
+    df_deferred_unref(l3);
+    df_deferred_unref(dl);
+    df_deferred_unref(nested_dl);
+    df_deferred_unref(d0);
+    df_deferred_unref(d1);
+    df_deferred_unref(d2);
+    df_deferred_unref(w);
+    ck_assert_int_eq(nfreed, 3);
+    ck_assert_int_eq(nunhandled, 0);
+}
+END_TEST
+
 static void add_fidelity_tests(Suite *s)
 {
     TCase *tc = tcase("twisted_fidelity");
@@ -1978,6 +2039,7 @@ static void add_fidelity_tests(Suite *s)
     tcase_add_test(tc, test_list_repeat_attached_in_turn);
     tcase_add_test(tc, test_list_attach_runs_stalled_chain_at_once);
     tcase_add_test(tc, test_list_attach_out_of_memory_fails_list);
+    tcase_add_test(tc, test_list_made_while_attaching_over_later_members);
     suite_add_tcase(s, tc);
 }
 
