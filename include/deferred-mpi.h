@@ -30,7 +30,9 @@ extern "C" {
  * MPI_COMM_WORLD, so its messages never mix with the application's.
  *
  * Threads: df_mpi_init(), df_mpi_register(), df_mpi_worker_run() and
- * df_mpi_finalize() are called on the thread that initialised MPI.  The
+ * df_mpi_finalize() are called on the thread that initialised MPI (not
+ * from a work function: df_mpi_finalize() returns DF_EBUSY there, even in
+ * the inline mode where the work function runs on that thread).  The
  * pool's functions are loop-thread functions, like every libdeferred
  * object: from another thread they return DF_EWRONG_THREAD (after the
  * DF_EINVAL checks of their arguments).  df_mpi_task_* are for the work
@@ -44,7 +46,10 @@ extern "C" {
  * thread never calls MPI after
  * df_mpi_pool_new() returns and sleeps in the loop as usual.  MPI must
  * therefore provide MPI_THREAD_SERIALIZED or better (df_mpi_init()
- * requests MPI_THREAD_SERIALIZED and checks).
+ * requests MPI_THREAD_SERIALIZED and checks).  The library's own threads
+ * (the master's progress thread, a worker's df_pool threads and its
+ * sentry) block every asynchronous signal: those belong to the
+ * application's threads.
  *
  * Encoding contract: inputs and outputs are byte strings.  The library
  * moves them unchanged (MPI_BYTE) and never looks inside.  The user
@@ -153,7 +158,8 @@ typedef int (*df_mpi_fn)(df_mpi_task *t, const void *in, size_t len,
 DF_EXPORT int df_mpi_init(int *argc, char ***argv, df_mpi **out);
 /* Frees the context and, if df_mpi_init() initialised MPI, calls
  * MPI_Finalize.  DF_EBUSY (nothing done) while a pool made from it
- * exists.  NULL: DF_EINVAL.  On a rank that never started a pool or a
+ * exists, and while df_mpi_worker_run() runs on it (a work function that
+ * calls it).  NULL: DF_EINVAL.  On a rank that never started a pool or a
  * worker (an error path, say), it first joins the start-up exchange as
  * "leaving", so that ranks waiting in df_mpi_pool_new() or
  * df_mpi_worker_run() return DF_ESTATE instead of hanging; every rank
@@ -235,8 +241,10 @@ typedef struct df_mpi_worker_options {
  * sentry, parked while the rank is idle) looks at MPI whenever nobody has
  * for 2 ms: a cancel of the running item sets the flag
  * df_mpi_task_cancelled() reads, a cancel of an item received and not
- * started answers it at once (it never runs).
- * Every MPI call on the rank is made under one mutex.
+ * started answers it at once (it never runs).  While the worker runs
+ * items, every MPI call on the rank is made under one mutex.  The work
+ * function runs on the calling thread, with the application's signal
+ * mask there (the sentry blocks every signal).
  *
  * Pool (threads > 1, or DF_MPI_NO_INLINE): the items run on a df_pool of
  * `threads` threads; the calling thread only receives and replies, and

@@ -207,7 +207,11 @@ int df_mpi_finalize(df_mpi *ctx)
 {
     if (ctx == NULL)
         return DF_EINVAL;
-    if (ctx->pools > 0)
+    /* While df_mpi_worker_run runs, only a work function can call this:
+     * on the MPI thread itself in the inline mode, where freeing the
+     * context and finalizing MPI would pull them from under the sentry
+     * and the reply. */
+    if (ctx->pools > 0 || ctx->working)
         return DF_EBUSY;
     if (!ctx->started && ctx->size > 1) {
         /* This rank never joined the start-up exchange; others may be

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <sys/prctl.h>
 #include <stdlib.h>
@@ -43,8 +44,9 @@
  *     The other three quarters are for the hops that follow (the loop
  *     thread, the send, the worker's receive), each of which waits for a
  *     core on a busy machine: with half the margin, the workers ran dry
- *     under load.  With the default credit (2 x threads) the margin is
- *     one item's run time.
+ *     under load.  With the default credit (2 x threads + 2) the margin
+ *     is (t_r + 2) / t_r items' run time: 3 items for an inline worker
+ *     (one thread), 2 for two threads.
  * Sleeps and wake-ups are costly here (context switches, hypervisor
  * exits), and the ranks compete with the master for the same cores when
  * the job is oversubscribed: bench/RESULTS.md has the measurements.
@@ -854,7 +856,15 @@ int df_mpi_pool_new(df_mpi *ctx, df_loop *loop,
         pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
         pthread_cond_init(&p->cv, &ca);
         pthread_condattr_destroy(&ca);
-        if (pthread_create(&p->thread, NULL, progress_main, p) != 0) {
+        /* The progress thread starts with every signal blocked, as
+         * df_pool's threads do: asynchronous signals belong to the
+         * application's threads. */
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        int crc = pthread_create(&p->thread, NULL, progress_main, p);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (crc != 0) {
             /* The workers are running and wait for orders: with no thread
              * to send them STOP, the job cannot end cleanly. */
             fprintf(stderr, "df_mpi: master: cannot start the progress "

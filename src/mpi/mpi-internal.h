@@ -57,6 +57,9 @@ struct df_mpi {
     bool we_init;     /* df_mpi_init called MPI_Init_thread */
     bool started;     /* a pool or worker has started: table frozen */
     int pools;        /* live pools made from this context (0 or 1) */
+    bool working;     /* df_mpi_worker_run is running: a work function
+                         calling df_mpi_finalize gets DF_EBUSY (set before
+                         any item runs, cleared after none can) */
     df_mpi__entry *tab; /* sorted by name once started */
     size_t n, cap;
     uint64_t hash;    /* of the sorted names, once started */

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -59,7 +60,9 @@
 typedef struct worker worker;
 
 struct df_mpi_task {
-    df_mpi_task *prev, *next; /* active list, then graveyard (loop thread) */
+    /* Pool mode: the active list, then the graveyard (loop thread).
+     * Inline mode: `next` links the queue qhead..qtail, under `mu`. */
+    df_mpi_task *prev, *next;
     worker *wk;
     uint64_t id;
     const df_mpi__entry *e;
@@ -67,8 +70,10 @@ struct df_mpi_task {
     const unsigned char *in;
     size_t in_len;
     df_deferred *d;     /* the pool job; our reference */
-    /* Written by the pool thread inside the work function, read by the
-     * loop thread after the pool's completion (which orders them). */
+    /* Written inside the work function, read after it: pool mode, by
+     * the pool thread, then by the loop thread after the pool's
+     * completion (which orders them); inline mode, by the main thread
+     * both times. */
     df_work *w;
     unsigned char *out;
     size_t out_len;
@@ -539,7 +544,12 @@ static void *sentry_main(void *arg)
     worker *wk = arg;
     pthread_mutex_lock(&wk->mu);
     while (!wk->sentry_quit) {
-        if (wk->running == NULL) {
+        /* With `stop` set receive() takes nothing, so looked_ns would
+         * never move and the loop below would spin holding `mu`: park as
+         * when idle.  (The master sends STOP only once every item has
+         * been answered, so it cannot arrive while one runs; this guards
+         * against that changing.) */
+        if (wk->running == NULL || wk->stop) {
             wk->sentry_parked = true;
             pthread_cond_wait(&wk->cv, &wk->mu);
             wk->sentry_parked = false;
@@ -556,10 +566,8 @@ static void *sentry_main(void *arg)
                 rc = pthread_cond_timedwait(&wk->cv, &wk->mu, &ts);
             continue; /* the main thread may have looked meanwhile */
         }
-        if (wk->running != NULL && !wk->stop) {
-            receive(wk);
-            wk->looked_ns = now_ns();
-        }
+        receive(wk);
+        wk->looked_ns = now_ns();
     }
     pthread_mutex_unlock(&wk->mu);
     return NULL;
@@ -720,8 +728,11 @@ int df_mpi_worker_run(df_mpi *ctx, const df_mpi_worker_options *opts)
         return DF_EINVAL;
     if (ctx->rank == 0)
         return DF_MPI_EROLE;
-    if (ctx->started)
+    if (ctx->started || ctx->working)
         return DF_ESTATE;
+    /* Set before any item can run (a work function calling
+     * df_mpi_finalize gets DF_EBUSY), cleared once none can. */
+    ctx->working = true;
     df_mpi_worker_options o = DF_MPI_WORKER_OPTIONS_INIT;
     if (opts != NULL)
         o = *opts;
@@ -761,12 +772,19 @@ int df_mpi_worker_run(df_mpi *ctx, const df_mpi_worker_options *opts)
             pthread_condattr_destroy(&ca);
         }
         if (sync_ok) {
+            /* The sentry starts with every signal blocked, as df_pool's
+             * threads do: asynchronous signals belong to the
+             * application's threads. */
+            sigset_t all, old;
+            sigfillset(&all);
+            pthread_sigmask(SIG_SETMASK, &all, &old);
             if (pthread_create(&sentry, NULL, sentry_main, &wk) == 0) {
                 sentry_ok = true;
                 pthread_setname_np(sentry, "df-mpi-sentry"); /* top -H */
             } else {
                 status = DF_ENOMEM;
             }
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
         }
     } else if (status == 0) {
         status = df_loop_new(NULL, &wk.loop);
@@ -814,5 +832,6 @@ int df_mpi_worker_run(df_mpi *ctx, const df_mpi_worker_options *opts)
             fprintf(stderr, "df_mpi: worker rank %d: df_loop_free: %s\n",
                     ctx->rank, df_strerror(frc));
     }
+    ctx->working = false;
     return rc;
 }

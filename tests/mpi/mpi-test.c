@@ -4,9 +4,11 @@
 
 #include "mpi/mpi-internal.h"
 
+#include <dirent.h>
 #include <inttypes.h>
 #include <mpi.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -24,14 +26,27 @@
  *            the pool mode)
  *   main1    the same with workers of 1 thread (the inline mode: items
  *            run on the worker's main thread)
- *   cshut    shutdown with DF_POOL_CANCEL while items run and wait
+ *   cshut    shutdown with DF_POOL_CANCEL while items run and wait,
+ *            within 10 s (the items would run 20 s)
  *   cshut1   the same, inline workers
  *   cshut1p  the same, workers of 1 thread with DF_MPI_NO_INLINE
- *   badflags rank 1 asks for DF_MPI_INLINE with 2 threads: DF_EINVAL
+ *   badflags (5 ranks) rank 1 asks for DF_MPI_INLINE with 2 threads,
+ *            rank 2 for an unknown flag, rank 3 for DF_MPI_INLINE |
+ *            DF_MPI_NO_INLINE: DF_EINVAL; rank 4 for DF_MPI_INLINE with
+ *            1 thread, valid: DF_ESTATE, as the master
  *   table    rank 2 registers one name more: DF_MPI_ETABLE everywhere
+ *   table1   the same, inline workers (the sentry started, then stopped)
  *   noname   DF_MPI_NO_TABLE_CHECK and a name only rank 0 knows
  *   thread   MPI initialised with MPI_THREAD_FUNNELED: DF_MPI_ETHREAD_LEVEL
  *   early    the master finalizes without a pool: workers get DF_ESTATE
+ *   early1   the same, inline workers
+ *   fin      a work function calls df_mpi_finalize(): DF_EBUSY, and the
+ *            run goes on (pool workers)
+ *   fin1     the same, inline workers (the function on the MPI thread)
+ *
+ * Scenarios main and main1 also check that the library's threads (the
+ * master's progress thread, the inline worker's sentry) block every
+ * asynchronous signal (Linux: /proc/self/task).
  *
  * Check is not used: its forking mode and MPI do not mix, and one MPI
  * process runs one scenario.  Each failed check prints a line; every rank
@@ -177,12 +192,92 @@ static int fn_slow(df_mpi_task *t, const void *in, size_t len, void *arg)
     return df_mpi_task_reply(t, "late", 4);
 }
 
+static int fn_sigmask(df_mpi_task *t, const void *in, size_t len, void *arg);
+
 static void register_common(df_mpi *ctx)
 {
     OK(df_mpi_register(ctx, "xorshift", fn_xorshift, NULL));
     OK(df_mpi_register(ctx, "echo", fn_echo, NULL));
     OK(df_mpi_register(ctx, "big", fn_big, NULL));
     OK(df_mpi_register(ctx, "slow", fn_slow, NULL));
+    OK(df_mpi_register(ctx, "sigmask", fn_sigmask, NULL));
+}
+
+/* The blocked-signal mask (SigBlk in /proc) of the threads of this
+ * process named `name`, in *mask when exactly one is found; returns how
+ * many were found, -1 without /proc. */
+static int thread_sigblk(const char *name, uint64_t *mask)
+{
+    DIR *dir = opendir("/proc/self/task");
+    if (dir == NULL)
+        return -1;
+    int found = 0;
+    struct dirent *de;
+    while ((de = readdir(dir)) != NULL) {
+        if (de->d_name[0] == '.')
+            continue;
+        char path[300], line[256];
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", de->d_name);
+        FILE *f = fopen(path, "r");
+        if (f == NULL)
+            continue;
+        bool same = fgets(line, sizeof line, f) != NULL &&
+                    strncmp(line, name, strlen(name)) == 0 &&
+                    line[strlen(name)] == '\n';
+        fclose(f);
+        if (!same)
+            continue;
+        snprintf(path, sizeof path, "/proc/self/task/%s/status", de->d_name);
+        f = fopen(path, "r");
+        if (f == NULL)
+            continue;
+        while (fgets(line, sizeof line, f) != NULL) {
+            unsigned long long m;
+            if (sscanf(line, "SigBlk: %llx", &m) == 1) {
+                *mask = m;
+                found++;
+            }
+        }
+        fclose(f);
+    }
+    closedir(dir);
+    return found;
+}
+
+/* True if `mask` blocks the usual asynchronous signals. */
+static bool blocks_async(uint64_t mask)
+{
+    static const int sigs[] = {SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1,
+                               SIGUSR2, SIGCHLD, SIGALRM, SIGPIPE};
+    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+        if (!(mask & (UINT64_C(1) << (sigs[i] - 1))))
+            return false;
+    return true;
+}
+
+/* "sigmask": the SigBlk mask of this rank's sentry thread as one int64,
+ * or -(threads found) when there is not exactly one (pool mode: none). */
+static int fn_sigmask(df_mpi_task *t, const void *in, size_t len, void *arg)
+{
+    (void)in, (void)len, (void)arg;
+    note_thread();
+    uint64_t mask = 0;
+    int n = thread_sigblk("df-mpi-sentry", &mask);
+    int64_t v = n == 1 ? (int64_t)(mask & INT64_MAX)
+                 : n < 0 ? -1000 : -(int64_t)(n + 1);
+    return df_mpi_task_reply(t, &v, sizeof v);
+}
+
+/* "fin": calls df_mpi_finalize() from the work function (not allowed
+ * while the worker runs: DF_EBUSY) and returns its code as one int64. */
+static df_mpi *ctx_;
+
+static int fn_fin(df_mpi_task *t, const void *in, size_t len, void *arg)
+{
+    (void)in, (void)len, (void)arg;
+    note_thread();
+    int64_t v = df_mpi_finalize(ctx_);
+    return df_mpi_task_reply(t, &v, sizeof v);
 }
 
 /* ------------------------------------------------------------- helpers */
@@ -779,6 +874,53 @@ static void test_drain(df_loop *loop, df_mpi_pool *pool)
 
 /* The workers' options in this scenario. */
 static unsigned worker_threads = 2, worker_flags;
+
+/* The library's threads block the asynchronous signals: the master's
+ * progress thread here, the inline workers' sentries (asked with
+ * "sigmask"; pool workers have none). */
+static void test_sigmask(df_loop *loop, df_mpi_pool *pool)
+{
+    uint64_t mask = 0;
+    int n = thread_sigblk("df-mpi-progress", &mask);
+    if (n < 0) {
+        printf("mpi-test: no /proc/self/task: signal masks not checked\n");
+        return;
+    }
+    CHECK(n == 1 && blocks_async(mask),
+          "%d progress threads, mask %016" PRIx64, n, mask);
+    bool inl = worker_threads == 1 && !(worker_flags & DF_MPI_NO_INLINE);
+    enum { N = 4 };
+    outcome out[N];
+    memset(out, 0, sizeof out);
+    for (int i = 0; i < N; i++) {
+        df_deferred *d;
+        OK(df_mpi_submit(pool, "sigmask", NULL, 0, &d));
+        watch(d, &out[i]);
+    }
+    df_loop_run(loop);
+    for (int i = 0; i < N; i++) {
+        int64_t v = 0;
+        CHECK(out[i].fired == 1 && out[i].code == 0 && out[i].buf != NULL &&
+                  out[i].buf->len == sizeof v,
+              "sigmask item %d: fired %d code %d", i, out[i].fired,
+              out[i].code);
+        if (out[i].buf == NULL || out[i].buf->len != sizeof v)
+            continue;
+        memcpy(&v, out[i].buf->data, sizeof v);
+        df_mpi_buf_free(out[i].buf);
+        if (v == -1000)
+            continue; /* no /proc there */
+        if (inl && v < 0)
+            CHECK(0, "%" PRId64 " sentries on an inline worker", -v - 1);
+        else if (inl)
+            CHECK(blocks_async((uint64_t)v), "sentry mask %016" PRIx64,
+                  (uint64_t)v);
+        else
+            CHECK(v == -1, "%" PRId64 " sentries in the pool mode", -v - 1);
+    }
+    printf("mpi-test: signal masks: progress thread %016" PRIx64 "%s\n",
+           mask, inl ? ", sentries checked" : "");
+}
 static bool expect_work = true; /* items run on every worker */
 
 static int worker(df_mpi *ctx, int expect)
@@ -825,7 +967,8 @@ static void scenario_main(df_mpi *ctx)
     po.max_bytes = 1 << 20;
     OK(df_mpi_pool_new(ctx, loop, &po, &pool));
     CHECK(df_mpi_finalize(ctx) == DF_EBUSY, "finalize with a pool");
-    test_sem(loop, pool);
+    test_sem(loop, pool); /* first: it checks the pool's max_outstanding */
+    test_sigmask(loop, pool);
     test_idle(loop);
     test_map(loop, pool);
     test_cancel(loop, pool);
@@ -863,6 +1006,7 @@ static void scenario_cshut(df_mpi *ctx)
     CHECK(st.sent == st.credit && st.queued == N - st.credit,
           "sent %" PRIu64 " queued %" PRIu64, st.sent, st.queued);
     df_deferred *done;
+    double w0 = wall_seconds();
     OK(df_mpi_pool_shutdown(pool, DF_POOL_CANCEL, &done));
     int now = 0;
     for (int i = 0; i < N; i++)
@@ -873,6 +1017,11 @@ static void scenario_cshut(df_mpi *ctx)
           "second shutdown");
     run_until(loop, done);
     df_deferred_unref(done);
+    /* The running items see their cancel within milliseconds; one that
+     * never did would end only after its 20 s. */
+    double w = wall_seconds() - w0;
+    CHECK(w < 10, "the cancelling shutdown took %.1f s", w);
+    printf("mpi-test: cancel shutdown took %.3f s\n", w);
     for (int i = 0; i < N; i++)
         CHECK(out[i].fired == 1 && out[i].code == DF_ECANCELLED,
               "item %d: fired %d code %d", i, out[i].fired, out[i].code);
@@ -943,18 +1092,38 @@ static void scenario_noname(df_mpi *ctx)
     OK(df_loop_free(loop));
 }
 
-/* Rank 1 asks for DF_MPI_INLINE with 2 threads: it refuses with
- * DF_EINVAL, and the others learn at start-up that the pool cannot
+/* Bad worker options (one per rank; run with 5 ranks): rank 1 asks for
+ * DF_MPI_INLINE with 2 threads, rank 2 for an unknown flag, rank 3 for
+ * DF_MPI_INLINE | DF_MPI_NO_INLINE: each refuses with DF_EINVAL.  Rank 4
+ * asks for DF_MPI_INLINE with 1 thread, which is valid, and, like any
+ * further rank and the master, learns at start-up that the pool cannot
  * start (DF_ESTATE), so nobody hangs. */
 static void scenario_badflags(df_mpi *ctx)
 {
     register_common(ctx);
     if (!df_mpi_is_master(ctx)) {
-        if (df_mpi_rank(ctx) == 1) {
+        switch (df_mpi_rank(ctx)) {
+        case 1:
             worker_flags = DF_MPI_INLINE;
             worker(ctx, DF_EINVAL);
-        } else {
+            break;
+        case 2:
+            worker_flags = 1u << 7;
+            worker(ctx, DF_EINVAL);
+            break;
+        case 3:
+            worker_threads = 1;
+            worker_flags = DF_MPI_INLINE | DF_MPI_NO_INLINE;
+            worker(ctx, DF_EINVAL);
+            break;
+        case 4:
+            worker_threads = 1;
+            worker_flags = DF_MPI_INLINE;
             worker(ctx, DF_ESTATE);
+            break;
+        default:
+            worker(ctx, DF_ESTATE);
+            break;
         }
         return;
     }
@@ -976,15 +1145,78 @@ static void scenario_early(df_mpi *ctx)
     /* The master goes straight to df_mpi_finalize (in main). */
 }
 
+/* A work function calls df_mpi_finalize(): refused with DF_EBUSY while
+ * the worker runs (in the inline mode the function runs on the MPI thread,
+ * which the header names for df_mpi_finalize), and the run goes on: later
+ * items are answered and the rank's own df_mpi_finalize() after
+ * df_mpi_worker_run() succeeds (in main). */
+static void scenario_fin(df_mpi *ctx)
+{
+    register_common(ctx);
+    OK(df_mpi_register(ctx, "fin", fn_fin, NULL));
+    if (!df_mpi_is_master(ctx)) {
+        worker(ctx, 0);
+        return;
+    }
+    df_loop *loop;
+    OK(df_loop_new(NULL, &loop));
+    df_mpi_pool *pool;
+    OK(df_mpi_pool_new(ctx, loop, NULL, &pool));
+    enum { NF = 6, NE = 20 };
+    static outcome f[NF], e[NE];
+    df_deferred *d;
+    for (int i = 0; i < NF; i++) {
+        OK(df_mpi_submit(pool, "fin", NULL, 0, &d));
+        watch(d, &f[i]);
+    }
+    for (int i = 0; i < NE; i++) {
+        OK(df_mpi_submit(pool, "echo", "abc", 3, &d));
+        watch(d, &e[i]);
+    }
+    OK(df_mpi_pool_shutdown(pool, DF_POOL_DRAIN, &d));
+    run_until(loop, d);
+    df_deferred_unref(d);
+    for (int i = 0; i < NF; i++) {
+        int64_t v = 0;
+        CHECK(f[i].fired == 1 && f[i].code == 0 && f[i].buf != NULL &&
+                  f[i].buf->len == sizeof v,
+              "fin %d: fired %d code %d", i, f[i].fired, f[i].code);
+        if (f[i].buf != NULL && f[i].buf->len == sizeof v) {
+            memcpy(&v, f[i].buf->data, sizeof v);
+            CHECK(v == DF_EBUSY, "fin %d: df_mpi_finalize returned %s", i,
+                  df_mpi_err_name((int)v));
+        }
+        df_mpi_buf_free(f[i].buf);
+    }
+    for (int i = 0; i < NE; i++) {
+        CHECK(e[i].fired == 1 && e[i].code == 0 && e[i].buf != NULL &&
+                  e[i].buf->len == 3 && memcmp(e[i].buf->data, "abc", 3) == 0,
+              "echo %d after fin: fired %d code %d", i, e[i].fired,
+              e[i].code);
+        df_mpi_buf_free(e[i].buf);
+    }
+    OK(df_mpi_pool_free(pool));
+    OK(df_loop_free(loop));
+    printf("mpi-test: master: %d work functions got DF_EBUSY from "
+           "df_mpi_finalize, %d items after them answered\n", NF, NE);
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc != 2) {
-        fprintf(stderr, "usage: mpi-test main|main1|cshut|cshut1|cshut1p|badflags|"
-                        "table|noname|thread|early\n");
+        fprintf(stderr, "usage: mpi-test main|main1|cshut|cshut1|cshut1p|"
+                        "badflags|table|table1|noname|thread|early|early1|"
+                        "fin|fin1\n");
         return 2;
     }
     const char *sc = argv[1];
+    /* Nothing blocked on the application's thread, whatever the launcher
+     * left: a library thread that inherited this mask would then fail
+     * test_sigmask. */
+    sigset_t none;
+    sigemptyset(&none);
+    pthread_sigmask(SIG_SETMASK, &none, NULL);
     if (strcmp(sc, "thread") == 0) {
         int provided;
         MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
@@ -1008,23 +1240,34 @@ int main(int argc, char **argv)
             return 1;
         }
         rank_ = df_mpi_rank(ctx);
-        if (strcmp(sc, "main1") == 0 || strcmp(sc, "cshut1") == 0 ||
-            strcmp(sc, "cshut1p") == 0)
+        ctx_ = ctx;
+        /* NAME1: workers of one thread (inline); NAME1p: the same with
+         * DF_MPI_NO_INLINE (pool). */
+        char base[32];
+        snprintf(base, sizeof base, "%s", sc);
+        size_t n = strlen(base);
+        if (n > 2 && strcmp(base + n - 2, "1p") == 0) {
             worker_threads = 1;
-        if (strcmp(sc, "cshut1p") == 0)
             worker_flags = DF_MPI_NO_INLINE;
-        if (strcmp(sc, "main") == 0 || strcmp(sc, "main1") == 0)
+            base[n - 2] = '\0';
+        } else if (n > 1 && base[n - 1] == '1') {
+            worker_threads = 1;
+            base[n - 1] = '\0';
+        }
+        if (strcmp(base, "main") == 0)
             scenario_main(ctx);
-        else if (strncmp(sc, "cshut", 5) == 0)
+        else if (strcmp(base, "cshut") == 0)
             scenario_cshut(ctx);
         else if (strcmp(sc, "badflags") == 0)
             scenario_badflags(ctx);
-        else if (strcmp(sc, "table") == 0)
+        else if (strcmp(base, "table") == 0)
             scenario_table(ctx);
         else if (strcmp(sc, "noname") == 0)
             scenario_noname(ctx);
-        else if (strcmp(sc, "early") == 0)
+        else if (strcmp(base, "early") == 0)
             scenario_early(ctx);
+        else if (strcmp(base, "fin") == 0)
+            scenario_fin(ctx);
         else
             CHECK(0, "unknown scenario %s", sc);
         OK(df_mpi_finalize(ctx));
