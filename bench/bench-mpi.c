@@ -39,8 +39,9 @@
  * the CPU time of its main thread (receiving, replying, sleeping and
  * waking) and of its pool thread(s) per item it ran, from its first item
  * to its last (so the start-up exchange and MPI_Finalize stay out), read
- * with pthread_getcpuclockid() in the work function: two more system calls
- * per item, so leave it off for timings of short items; and the main
+ * with pthread_getcpuclockid() in the work function: four more system
+ * calls per item (two clock_gettime() of thread CPU clocks and two
+ * getrusage()), so leave it off for timings of short items; and the main
  * thread's context switches (voluntary and not) per item, from its first
  * item to the end of df_mpi_worker_run(); other_cpu_ns_per_item, the CPU
  * of every thread of the rank but the one(s) computing (in the inline

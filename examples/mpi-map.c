@@ -36,8 +36,9 @@ static uint64_t kernel(uint64_t i, uint64_t iters)
     return x;
 }
 
-/* The work function, on a worker's pool thread: input (i, iters) as two
- * little-endian int64, output the 8-byte result. */
+/* The work function, on a worker rank (on its main thread with the
+ * default -t 1, the inline mode; on a pool thread with more): input
+ * (i, iters) as two little-endian int64, output the 8-byte result. */
 static int step(df_mpi_task *t, const void *in, size_t len, void *arg)
 {
     (void)arg;
