@@ -125,11 +125,18 @@ static inline bool df__cache_put(df__cache *c, void *p)
 
 /* ------------------------------------------------------------------ slabs */
 /* Per-loop slabs of fixed-size blocks (alloc.c): a burst of N live blocks
- * costs N/64 allocations and steady traffic none.  Loop thread only. */
+ * costs N/64 allocations and steady traffic none.  Loop thread only.  The
+ * first word of a block handed out holds its chunk, which the slab wrote
+ * and which its user must leave alone; the chunk's first member is its
+ * loop, so a block finds its loop through it (df__chunk_loop). */
 typedef struct df__chunk df__chunk;
+static inline df_loop *df__chunk_loop(const df__chunk *c)
+{
+    return *(df_loop *const *)(const void *)c; /* alloc.c checks the layout */
+}
 typedef struct df__slab {
     df__chunk *partial; /* chunks with a free block */
-    size_t size;        /* block size, header included */
+    size_t size;        /* block size */
     size_t chunks;      /* chunks allocated */
     size_t empty;       /* chunks with no block handed out (0 or 1) */
 } df__slab;
@@ -137,7 +144,8 @@ typedef struct df__slab {
 enum { DF__SLAB_DEFERRED, DF__SLAB_DEFERRED_JOB, DF__SLABS };
 df__slab *df__loop_slab(df_loop *loop, int which);
 void df__slab_init(df__slab *s, size_t size);
-/* A block of s->size bytes (8-byte aligned), or NULL. */
+/* A block of s->size bytes (8-byte aligned) whose first word is its
+ * chunk, or NULL. */
 void *df__slab_get(df_loop *loop, df__slab *s);
 void df__slab_put(df_loop *loop, df__slab *s, void *p);
 /* The size of a deferred's block (deferred.c), with room for a job. */
@@ -151,7 +159,7 @@ void df__report_unhandled(df_loop *loop, df_failure *f);
 /* The first members of struct df_deferred (deferred.c checks the layout),
  * so that the library's hot paths take and drop references inline. */
 typedef struct df__deferred_head {
-    df_loop *loop;
+    const df__chunk *chunk; /* its slab chunk, which knows the loop */
     uint32_t refs;
     uint32_t flags; /* DF__DEFERRED_CALLED: fired */
 } df__deferred_head;
@@ -170,7 +178,7 @@ void df__deferred_release(df_deferred *d);
  * runs inside a callback of that loop); d is not NULL. */
 static inline df_loop *df__deferred_loop(const df_deferred *d)
 {
-    return ((const df__deferred_head *)(const void *)d)->loop;
+    return df__chunk_loop(((const df__deferred_head *)(const void *)d)->chunk);
 }
 static inline df_deferred *df__deferred_ref(df_deferred *d)
 {
