@@ -194,11 +194,21 @@ static inline void df__deferred_unref(df_deferred *d)
 }
 /* Pool jobs: df_deferred_cancel() on a deferred with this flag set calls the
  * canceller but does not fail the deferred itself; the producer fires it
- * (with DF_ECANCELLED) when the work has really stopped. */
-void df__deferred_set_cancel_waits(df_deferred *d);
+ * (with DF_ECANCELLED) when the work has really stopped.  Inline (one
+ * store): deferred.c checks that the flag is its F_CANCEL_WAITS. */
+#define DF__DEFERRED_CANCEL_WAITS (1u << 3)
+static inline void df__deferred_set_cancel_waits(df_deferred *d)
+{
+    ((df__deferred_head *)(void *)d)->flags |= DF__DEFERRED_CANCEL_WAITS;
+}
 /* df_deferred_resolve for library code on d's loop thread (r.wait is
  * NULL): the same, without the argument and thread checks. */
 int df__deferred_resolve(df_deferred *d, df_result r);
+/* A producer's last word on d (loop thread, r.wait NULL): resolves d with
+ * r as df__deferred_resolve does (r is freed if d has fired already, as
+ * when it was cancelled), then drops the caller's reference, in one call.
+ * The caller's reference keeps d alive while its callbacks run. */
+void df__deferred_resolve_drop(df_deferred *d, df_result r);
 /* df_deferred_add_both for library code on d's loop thread (fn is not
  * NULL): the same, without the argument and thread checks. */
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg);

@@ -146,7 +146,8 @@ _Static_assert(offsetof(df_deferred, chunk) == 0 &&
                        offsetof(df__deferred_head, refs) &&
                    offsetof(df_deferred, flags) ==
                        offsetof(df__deferred_head, flags) &&
-                   F_CALLED == DF__DEFERRED_CALLED,
+                   F_CALLED == DF__DEFERRED_CALLED &&
+                   F_CANCEL_WAITS == DF__DEFERRED_CANCEL_WAITS,
                "df__deferred_head must match struct df_deferred");
 _Static_assert(EXT_OFFSET % 8 == 0, "a job needs 8-byte alignment");
 _Static_assert(offsetof(df_deferred, inline_entries) <= 64,
@@ -757,6 +758,25 @@ int df__deferred_resolve(df_deferred *d, df_result r)
     return 0;
 }
 
+void df__deferred_resolve_drop(df_deferred *d, df_result r)
+{
+    assert(r.wait == NULL && df__on_loop_thread(LOOP(d)) && d->refs > 0);
+    if (d->flags & F_CALLED) {
+        /* Cancelled earlier (F_SUPPRESS: the late result is dropped, as
+         * in df__deferred_resolve) or fired already: r is ours to free. */
+        d->flags &= ~(uint32_t)F_SUPPRESS;
+        df_result_clear(&r);
+    } else {
+        /* df__deferred_resolve without its extra reference: the caller's
+         * stays held until the callbacks have run. */
+        d->flags |= F_CALLED;
+        int single = run_single(d, r);
+        if (single != SINGLE_DONE)
+            run_callbacks_from(d, single == SINGLE_MORE);
+    }
+    unref_checked(d);
+}
+
 int df_deferred_callback(df_deferred *d, void *value, df_free_fn free_fn)
 {
     return df_deferred_resolve(d, df_ok(value, free_fn));
@@ -1018,11 +1038,6 @@ int df__deferred_reserve_members(df_loop *loop, df_deferred *const *members,
 void df__deferred_unmark(df_deferred *d)
 {
     d->flags &= ~(uint32_t)F_SCAN_MARK;
-}
-
-void df__deferred_set_cancel_waits(df_deferred *d)
-{
-    d->flags |= F_CANCEL_WAITS;
 }
 
 bool df__deferred_mark_timeout(df_deferred *d)

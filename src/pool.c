@@ -399,11 +399,10 @@ df_result df__job_result_slow(df__job *j, int status)
 static void plain_done(df__job *j, int status)
 {
     plain_job *pj = DF__CONTAINER_OF(j, plain_job, job);
-    df_deferred *d = df__job_deferred(pj);
     df_result r = df__job_result(j, status);
-    if (df__deferred_resolve(d, r) != 0)
-        df_result_clear(&r);
-    df__deferred_unref(d); /* may free the block, and the job with it */
+    /* Fires the deferred and drops the job's reference: may free the
+     * block, and the job with it. */
+    df__deferred_resolve_drop(df__job_deferred(pj), r);
 }
 
 static const df__job_ops plain_ops = {NULL, plain_done};

@@ -500,10 +500,9 @@ static void job_give_back(df_sem *s)
  * (struct rip, below), at the start of the job's room. */
 static inline void rip_resolve(df__sem_job *sj, df_result r)
 {
-    df_deferred *d = df__job_deferred(sj);
-    if (df__deferred_resolve(d, r) != 0)
-        df_result_clear(&r);
-    df__deferred_unref(d); /* may free the block */
+    /* Fires the deferred and drops the job's reference: may free the
+     * block. */
+    df__deferred_resolve_drop(df__job_deferred(sj), r);
 }
 
 static void job_done(df__job *j, int status)
