@@ -228,15 +228,21 @@ void df__deferred_unmark(df_deferred *d);
 bool df__deferred_mark_timeout(df_deferred *d);
 void df__deferred_unmark_timeout(df_deferred *d);
 /* A cancellable deferred and a pool job in one block (the caller has
- * checked that it runs on loop's thread): *job points to
- * DF__JOB_SIZE bytes, 8-byte aligned, that live as long as the deferred
- * and are also the canceller's argument (pool.c and sem.c check the
- * size).  The job starts DF__JOB_OFFSET bytes into the block (deferred.c
- * checks it), so the job finds its deferred without keeping a pointer. */
+ * checked that it runs on loop's thread), or NULL (out of memory).  Its
+ * job, df__deferred_job(d), is DF__JOB_SIZE bytes, 8-byte aligned, that
+ * live as long as the deferred and are also the canceller's argument
+ * (pool.c and sem.c check the size).  flags is 0 or
+ * DF__DEFERRED_CANCEL_WAITS (set as df__deferred_set_cancel_waits does).
+ * The job starts DF__JOB_OFFSET bytes into the block (deferred.c checks
+ * it), so the job finds its deferred without keeping a pointer. */
 #define DF__JOB_SIZE 72
 #define DF__JOB_OFFSET 88
-int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
-                         df_deferred **out, void **job);
+df_deferred *df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
+                                  uint32_t flags);
+static inline void *df__deferred_job(df_deferred *d)
+{
+    return (char *)d + DF__JOB_OFFSET;
+}
 static inline df_deferred *df__job_deferred(void *job)
 {
     return (df_deferred *)(void *)((char *)job - DF__JOB_OFFSET);

@@ -567,16 +567,17 @@ static int deferred_alloc(df_loop *loop, df_canceller_fn fn, void *arg,
     return 0;
 }
 
-int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
-                         df_deferred **out, void **job)
+df_deferred *df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
+                                  uint32_t flags)
 {
     assert(df__on_loop_thread(loop));
+    assert((flags & ~(uint32_t)F_CANCEL_WAITS) == 0);
     df_deferred *d = block_get(loop, true, fn, NULL);
-    if (d == NULL)
-        return DF_ENOMEM;
-    d->canceller_arg = *job = (char *)d + EXT_OFFSET;
-    *out = d;
-    return 0;
+    if (d != NULL) {
+        d->flags |= flags;
+        d->canceller_arg = (char *)d + EXT_OFFSET;
+    }
+    return d;
 }
 
 int df_deferred_new(df_loop *loop, df_deferred **out)

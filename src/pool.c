@@ -425,14 +425,12 @@ int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
     DF__CHECK_THREAD(p->loop);
     if (p->state != DF__POOL_OPEN)
         return DF_ESHUTDOWN;
-    df_deferred *d;
-    void *mem;
-    int rc = df__deferred_new_job(p->loop, plain_cancel, &d, &mem);
-    if (rc != 0)
-        return rc;
-    plain_job *pj = mem;
+    df_deferred *d = df__deferred_new_job(p->loop, plain_cancel,
+                                          DF__DEFERRED_CANCEL_WAITS);
+    if (d == NULL)
+        return DF_ENOMEM;
+    plain_job *pj = df__deferred_job(d);
     df__job_init(&pj->job, p, NULL, work, arg);
-    df__deferred_set_cancel_waits(d);
     assert(df__job_deferred(pj) == d);
     *out = df__deferred_ref(d); /* the first reference is the job's */
     df__pool_start(p, &pj->job);
