@@ -78,8 +78,11 @@ df__slab *df__loop_slab(df_loop *loop, int which)
  * A slab hands out blocks of one size carved from chunks of SLAB_BLOCKS
  * blocks, so that a burst of N live deferreds costs N/SLAB_BLOCKS calls to
  * the allocator instead of N, and steady traffic costs none.  Each block
- * is preceded by a header naming its chunk; a free block's header holds
- * the link of its chunk's free list instead.  Chunks with a free block are
+ * handed out starts with a word naming its chunk (the slab writes it, the
+ * block's user reads it and leaves it alone: a deferred's first member is
+ * that word, and the chunk's first member is the loop, so the block needs
+ * no header of its own); a free block's first word holds the link of its
+ * chunk's free list instead.  Chunks with a free block are
  * on the slab's `partial` list (doubly linked, newest first), full chunks
  * on no list.  A chunk whose last block comes back is freed unless it is
  * the only empty one, which is kept so that traffic around one chunk's
@@ -88,16 +91,17 @@ df__slab *df__loop_slab(df_loop *loop, int which)
  * blocks of partly used chunks, and df_loop_free (which requires every
  * object gone) finds at most one chunk per slab.  Loop thread only.
  *
- * Blocks are 8-byte aligned (an 8-byte header, sizes rounded to 8), not
- * 16 as malloc's: what lives in them (deferreds, pool jobs) holds
- * pointers and 64-bit integers only, and a job-carrying block then costs
- * what malloc would charge for it.
+ * Blocks are 8-byte aligned (sizes rounded to 8), not 16 as malloc's:
+ * what lives in them (deferreds, pool jobs) holds pointers and 64-bit
+ * integers only.
  */
 #define SLAB_BLOCKS DF__SLAB_BLOCKS
 
 #define POISON DF__POISON
 #define UNPOISON DF__UNPOISON
 #define CHUNK_HDR ((sizeof(df__chunk) + 15u) & ~(size_t)15u)
+
+_Static_assert(offsetof(df__chunk, loop) == 0, "df__chunk_loop reads it");
 
 void df__chunk_free(df_loop *loop, df__slab *s, df__chunk *c)
 {
@@ -111,7 +115,7 @@ void df__chunk_free(df_loop *loop, df__slab *s, df__chunk *c)
 void df__slab_init(df__slab *s, size_t size)
 {
     s->partial = NULL;
-    s->size = DF__SLAB_HDR + ((size + 7u) & ~(size_t)7u);
+    s->size = (size + 7u) & ~(size_t)7u;
     s->chunks = 0;
     s->empty = 0;
 }
@@ -121,6 +125,7 @@ void *df__slab_get_slow(df_loop *loop, df__slab *s)
     df__chunk *c = df__malloc(loop, CHUNK_HDR + SLAB_BLOCKS * s->size);
     if (c == NULL)
         return NULL;
+    c->loop = loop;
     c->free = NULL;
     c->bump = (char *)c + CHUNK_HDR;
     c->end = c->bump + SLAB_BLOCKS * s->size;

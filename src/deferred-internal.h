@@ -125,11 +125,18 @@ static inline bool df__cache_put(df__cache *c, void *p)
 
 /* ------------------------------------------------------------------ slabs */
 /* Per-loop slabs of fixed-size blocks (alloc.c): a burst of N live blocks
- * costs N/64 allocations and steady traffic none.  Loop thread only. */
+ * costs N/64 allocations and steady traffic none.  Loop thread only.  The
+ * first word of a block handed out holds its chunk, which the slab wrote
+ * and which its user must leave alone; the chunk's first member is its
+ * loop, so a block finds its loop through it (df__chunk_loop). */
 typedef struct df__chunk df__chunk;
+static inline df_loop *df__chunk_loop(const df__chunk *c)
+{
+    return *(df_loop *const *)(const void *)c; /* alloc.c checks the layout */
+}
 typedef struct df__slab {
     df__chunk *partial; /* chunks with a free block */
-    size_t size;        /* block size, header included */
+    size_t size;        /* block size */
     size_t chunks;      /* chunks allocated */
     size_t empty;       /* chunks with no block handed out (0 or 1) */
 } df__slab;
@@ -137,7 +144,8 @@ typedef struct df__slab {
 enum { DF__SLAB_DEFERRED, DF__SLAB_DEFERRED_JOB, DF__SLABS };
 df__slab *df__loop_slab(df_loop *loop, int which);
 void df__slab_init(df__slab *s, size_t size);
-/* A block of s->size bytes (8-byte aligned), or NULL. */
+/* A block of s->size bytes (8-byte aligned) whose first word is its
+ * chunk, or NULL. */
 void *df__slab_get(df_loop *loop, df__slab *s);
 void df__slab_put(df_loop *loop, df__slab *s, void *p);
 /* The size of a deferred's block (deferred.c), with room for a job. */
@@ -151,7 +159,7 @@ void df__report_unhandled(df_loop *loop, df_failure *f);
 /* The first members of struct df_deferred (deferred.c checks the layout),
  * so that the library's hot paths take and drop references inline. */
 typedef struct df__deferred_head {
-    df_loop *loop;
+    const df__chunk *chunk; /* its slab chunk, which knows the loop */
     uint32_t refs;
     uint32_t flags; /* DF__DEFERRED_CALLED: fired */
 } df__deferred_head;
@@ -170,7 +178,7 @@ void df__deferred_release(df_deferred *d);
  * runs inside a callback of that loop); d is not NULL. */
 static inline df_loop *df__deferred_loop(const df_deferred *d)
 {
-    return ((const df__deferred_head *)(const void *)d)->loop;
+    return df__chunk_loop(((const df__deferred_head *)(const void *)d)->chunk);
 }
 static inline df_deferred *df__deferred_ref(df_deferred *d)
 {
@@ -186,11 +194,21 @@ static inline void df__deferred_unref(df_deferred *d)
 }
 /* Pool jobs: df_deferred_cancel() on a deferred with this flag set calls the
  * canceller but does not fail the deferred itself; the producer fires it
- * (with DF_ECANCELLED) when the work has really stopped. */
-void df__deferred_set_cancel_waits(df_deferred *d);
+ * (with DF_ECANCELLED) when the work has really stopped.  Inline (one
+ * store): deferred.c checks that the flag is its F_CANCEL_WAITS. */
+#define DF__DEFERRED_CANCEL_WAITS (1u << 3)
+static inline void df__deferred_set_cancel_waits(df_deferred *d)
+{
+    ((df__deferred_head *)(void *)d)->flags |= DF__DEFERRED_CANCEL_WAITS;
+}
 /* df_deferred_resolve for library code on d's loop thread (r.wait is
  * NULL): the same, without the argument and thread checks. */
 int df__deferred_resolve(df_deferred *d, df_result r);
+/* A producer's last word on d (loop thread, r.wait NULL): resolves d with
+ * r as df__deferred_resolve does (r is freed if d has fired already, as
+ * when it was cancelled), then drops the caller's reference, in one call.
+ * The caller's reference keeps d alive while its callbacks run. */
+void df__deferred_resolve_drop(df_deferred *d, df_result r);
 /* df_deferred_add_both for library code on d's loop thread (fn is not
  * NULL): the same, without the argument and thread checks. */
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg);
@@ -210,15 +228,21 @@ void df__deferred_unmark(df_deferred *d);
 bool df__deferred_mark_timeout(df_deferred *d);
 void df__deferred_unmark_timeout(df_deferred *d);
 /* A cancellable deferred and a pool job in one block (the caller has
- * checked that it runs on loop's thread): *job points to
- * DF__JOB_SIZE bytes, 8-byte aligned, that live as long as the deferred
- * and are also the canceller's argument (pool.c and sem.c check the
- * size).  The job starts DF__JOB_OFFSET bytes into the block (deferred.c
- * checks it), so the job finds its deferred without keeping a pointer. */
+ * checked that it runs on loop's thread), or NULL (out of memory).  Its
+ * job, df__deferred_job(d), is DF__JOB_SIZE bytes, 8-byte aligned, that
+ * live as long as the deferred and are also the canceller's argument
+ * (pool.c and sem.c check the size).  flags is 0 or
+ * DF__DEFERRED_CANCEL_WAITS (set as df__deferred_set_cancel_waits does).
+ * The job starts DF__JOB_OFFSET bytes into the block (deferred.c checks
+ * it), so the job finds its deferred without keeping a pointer. */
 #define DF__JOB_SIZE 72
 #define DF__JOB_OFFSET 88
-int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
-                         df_deferred **out, void **job);
+df_deferred *df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
+                                  uint32_t flags);
+static inline void *df__deferred_job(df_deferred *d)
+{
+    return (char *)d + DF__JOB_OFFSET;
+}
 static inline df_deferred *df__job_deferred(void *job)
 {
     return (df_deferred *)(void *)((char *)job - DF__JOB_OFFSET);

@@ -104,7 +104,7 @@ _Static_assert(sizeof(heap_entries) <= INLINE_ENTRIES_JOB * sizeof(entry),
  *   - the inline entries and the heap array's address (F_HEAP).
  */
 struct df_deferred {
-    df_loop *loop;
+    df__chunk *chunk;         /* its slab chunk (the slab wrote it): LOOP() */
     uint32_t refs;
     uint32_t flags;
     uint32_t paused;
@@ -130,18 +130,24 @@ struct df_deferred {
     };
 };
 
+/* A deferred's loop: its chunk's (the chunk outlives every block it hands
+ * out). */
+#define LOOP(d) df__chunk_loop((d)->chunk)
+
 /* Where a block made with room for a pool job starts that room: right
  * after its INLINE_ENTRIES_JOB inline entries. */
 #define EXT_OFFSET                                                             \
     (offsetof(df_deferred, inline_entries) + INLINE_ENTRIES_JOB * sizeof(entry))
 _Static_assert(EXT_OFFSET == DF__JOB_OFFSET, "fix DF__JOB_OFFSET");
-_Static_assert(offsetof(df_deferred, loop) ==
-                       offsetof(df__deferred_head, loop) &&
+_Static_assert(offsetof(df_deferred, chunk) == 0 &&
+                   offsetof(df_deferred, chunk) ==
+                       offsetof(df__deferred_head, chunk) &&
                    offsetof(df_deferred, refs) ==
                        offsetof(df__deferred_head, refs) &&
                    offsetof(df_deferred, flags) ==
                        offsetof(df__deferred_head, flags) &&
-                   F_CALLED == DF__DEFERRED_CALLED,
+                   F_CALLED == DF__DEFERRED_CALLED &&
+                   F_CANCEL_WAITS == DF__DEFERRED_CANCEL_WAITS,
                "df__deferred_head must match struct df_deferred");
 _Static_assert(EXT_OFFSET % 8 == 0, "a job needs 8-byte alignment");
 _Static_assert(offsetof(df_deferred, inline_entries) <= 64,
@@ -210,9 +216,9 @@ static int entries_grow(df_deferred *d, uint32_t cap)
 {
     entry *e;
     if (d->flags & F_HEAP) {
-        e = df__realloc(d->loop, d->heap.v, cap * sizeof(entry));
+        e = df__realloc(LOOP(d), d->heap.v, cap * sizeof(entry));
     } else {
-        e = df__malloc(d->loop, cap * sizeof(entry));
+        e = df__malloc(LOOP(d), cap * sizeof(entry));
         if (e != NULL)
             memcpy(e, d->inline_entries, d->count * sizeof(entry));
     }
@@ -298,9 +304,9 @@ static void pop_to_wait(df_deferred **top, df_deferred *inner)
  * reference to inner.  Returns true when cur must stop (it now waits). */
 static bool wait_for(df_deferred *cur, df_deferred *inner)
 {
-    if (inner == cur || inner->loop != cur->loop) {
+    if (inner == cur || LOOP(inner) != LOOP(cur)) {
         df_deferred_unref(inner);
-        put_result(cur, df_errf(cur->loop, DF_EINVAL,
+        put_result(cur, df_errf(LOOP(cur), DF_EINVAL,
                                 inner == cur ? "callback returned its own "
                                                "deferred"
                                              : "callback returned a deferred "
@@ -322,7 +328,7 @@ static bool wait_for(df_deferred *cur, df_deferred *inner)
     int rc = append_entry(inner, continue_mark, continue_mark, cur);
     if (rc != 0) {
         df_deferred_unref(inner);
-        put_result(cur, df_errf(cur->loop, rc, "cannot wait for a deferred"));
+        put_result(cur, df_errf(LOOP(cur), rc, "cannot wait for a deferred"));
         return false;
     }
     cur->paused++;
@@ -413,7 +419,7 @@ static void run_callbacks_from(df_deferred *self, bool resume)
                         /* Cancelled without a canceller: swallowed. */
                         other->flags &= ~F_SUPPRESS;
                     } else {
-                        put_result(cur, df_errf(cur->loop, DF_EALREADY_CALLED,
+                        put_result(cur, df_errf(LOOP(cur), DF_EALREADY_CALLED,
                                                 "chained deferred already "
                                                 "fired"));
                     }
@@ -517,7 +523,7 @@ static inline df__slab *slab_of(df_loop *loop, bool ext)
 /* Gives a deferred's block back to its loop's slab. */
 static inline void block_put(df_deferred *d)
 {
-    df_loop *loop = d->loop;
+    df_loop *loop = LOOP(d);
     assert(loop->deferreds > 0);
     loop->deferreds--;
     df__slab_put_inline(loop, slab_of(loop, d->flags & F_EXT), d);
@@ -534,7 +540,7 @@ static inline df_deferred *block_get(df_loop *loop, bool ext,
     loop->deferreds++;
     /* Every member before the inline entries, written once (a call to
      * memset costs more than these stores). */
-    d->loop = loop;
+    assert(df__chunk_loop(d->chunk) == loop);
     d->refs = 1;
     d->flags = ext ? F_EXT : 0;
     d->paused = 0;
@@ -561,16 +567,17 @@ static int deferred_alloc(df_loop *loop, df_canceller_fn fn, void *arg,
     return 0;
 }
 
-int df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
-                         df_deferred **out, void **job)
+df_deferred *df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
+                                  uint32_t flags)
 {
     assert(df__on_loop_thread(loop));
+    assert((flags & ~(uint32_t)F_CANCEL_WAITS) == 0);
     df_deferred *d = block_get(loop, true, fn, NULL);
-    if (d == NULL)
-        return DF_ENOMEM;
-    d->canceller_arg = *job = (char *)d + EXT_OFFSET;
-    *out = d;
-    return 0;
+    if (d != NULL) {
+        d->flags |= flags;
+        d->canceller_arg = (char *)d + EXT_OFFSET;
+    }
+    return d;
 }
 
 int df_deferred_new(df_loop *loop, df_deferred **out)
@@ -595,7 +602,7 @@ df_deferred *df_deferred_ref(df_deferred *d)
 {
     if (d == NULL)
         return NULL;
-    if (!df__loop_usable(d->loop, __func__))
+    if (!df__loop_usable(LOOP(d), __func__))
         return d;
     d->refs++;
     return d;
@@ -605,7 +612,7 @@ void df_deferred_unref(df_deferred *d)
 {
     if (d == NULL)
         return;
-    if (!df__loop_usable(d->loop, __func__))
+    if (!df__loop_usable(LOOP(d), __func__))
         return;
     unref_checked(d); /* the release is out of line: this path is short */
 }
@@ -665,7 +672,7 @@ static DF__NOINLINE void deferred_release_slow(df_deferred *d)
         if (next != NULL || !(d->flags & F_CALLED)) {
             /* Over the canceller if unfired; a waiting deferred's result
              * went to the callback that made it wait. */
-            put_result(d, df_err(df__failure_released(d->loop)));
+            put_result(d, df_err(df__failure_released(LOOP(d))));
             d->flags |= F_CALLED;
         }
         while (d->head < d->count) {
@@ -685,10 +692,10 @@ static DF__NOINLINE void deferred_release_slow(df_deferred *d)
             unlink_continuation(again, d);
             d->link = NULL;
             df_deferred_unref(again);
-            d->failure = df__failure_released(d->loop);
+            d->failure = df__failure_released(LOOP(d));
         }
         if (d->failure != NULL && !df__failure_is_released(d->failure))
-            df__report_unhandled(d->loop, d->failure);
+            df__report_unhandled(LOOP(d), d->failure);
 
         /* Unrun chain entries (left by a pause): drop their references. */
         entry *v = entries(d);
@@ -701,7 +708,7 @@ static DF__NOINLINE void deferred_release_slow(df_deferred *d)
             df_result_clear(&r);
         }
         if (d->flags & F_HEAP)
-            df__free(d->loop, d->heap.v);
+            df__free(LOOP(d), d->heap.v);
         block_put(d);
 
         d = NULL;
@@ -717,7 +724,7 @@ void df__deferred_release(df_deferred *d)
 
 df_loop *df_deferred_loop(const df_deferred *d)
 {
-    return d != NULL ? d->loop : NULL;
+    return d != NULL ? LOOP(d) : NULL;
 }
 
 /* ----------------------------------------------------------------- firing */
@@ -726,13 +733,13 @@ int df_deferred_resolve(df_deferred *d, df_result r)
 {
     if (d == NULL || r.wait != NULL)
         return DF_EINVAL;
-    DF__CHECK_THREAD(d->loop);
+    DF__CHECK_THREAD(LOOP(d));
     return df__deferred_resolve(d, r);
 }
 
 int df__deferred_resolve(df_deferred *d, df_result r)
 {
-    assert(r.wait == NULL && df__on_loop_thread(d->loop));
+    assert(r.wait == NULL && df__on_loop_thread(LOOP(d)));
     if (d->flags & F_CALLED) {
         if (d->flags & F_SUPPRESS) {
             /* Cancelled earlier: the producer's late result is dropped, as
@@ -750,6 +757,25 @@ int df__deferred_resolve(df_deferred *d, df_result r)
         run_callbacks_from(d, single == SINGLE_MORE);
     unref_checked(d);
     return 0;
+}
+
+void df__deferred_resolve_drop(df_deferred *d, df_result r)
+{
+    assert(r.wait == NULL && df__on_loop_thread(LOOP(d)) && d->refs > 0);
+    if (d->flags & F_CALLED) {
+        /* Cancelled earlier (F_SUPPRESS: the late result is dropped, as
+         * in df__deferred_resolve) or fired already: r is ours to free. */
+        d->flags &= ~(uint32_t)F_SUPPRESS;
+        df_result_clear(&r);
+    } else {
+        /* df__deferred_resolve without its extra reference: the caller's
+         * stays held until the callbacks have run. */
+        d->flags |= F_CALLED;
+        int single = run_single(d, r);
+        if (single != SINGLE_DONE)
+            run_callbacks_from(d, single == SINGLE_MORE);
+    }
+    unref_checked(d);
 }
 
 int df_deferred_callback(df_deferred *d, void *value, df_free_fn free_fn)
@@ -820,7 +846,7 @@ int df_deferred_add_callbacks(df_deferred *d, df_callback_fn cb,
 {
     if (d == NULL)
         return DF_EINVAL;
-    DF__CHECK_THREAD(d->loop);
+    DF__CHECK_THREAD(LOOP(d));
     if (cb == NULL && eb == NULL)
         return 0; /* a pass-through pair changes nothing */
     int rc = append_entry(d, cb, eb, arg);
@@ -865,8 +891,8 @@ int df_deferred_chain(df_deferred *d, df_deferred *other)
 {
     if (d == NULL || other == NULL || d == other)
         return DF_EINVAL;
-    DF__CHECK_THREAD(d->loop);
-    if (other->loop != d->loop)
+    DF__CHECK_THREAD(LOOP(d));
+    if (LOOP(other) != LOOP(d))
         return DF_EINVAL;
     int rc = append_entry(d, chain_mark, chain_mark, other);
     if (rc != 0)
@@ -883,7 +909,7 @@ int df_deferred_pause(df_deferred *d)
 {
     if (d == NULL)
         return DF_EINVAL;
-    DF__CHECK_THREAD(d->loop);
+    DF__CHECK_THREAD(LOOP(d));
     d->paused++;
     return 0;
 }
@@ -892,7 +918,7 @@ int df_deferred_unpause(df_deferred *d)
 {
     if (d == NULL)
         return DF_EINVAL;
-    DF__CHECK_THREAD(d->loop);
+    DF__CHECK_THREAD(LOOP(d));
     /* Pauses made by waiting on an inner deferred cannot be undone here. */
     if (d->paused <= (chained(d) != NULL ? 1u : 0u))
         return DF_ESTATE;
@@ -906,7 +932,7 @@ int df_deferred_cancel(df_deferred *d)
 {
     if (d == NULL)
         return DF_EINVAL;
-    DF__CHECK_THREAD(d->loop);
+    DF__CHECK_THREAD(LOOP(d));
     /* A fired deferred that waits forwards the cancel to what it waits on;
      * follow the chain with a loop, however long it is. */
     while ((d->flags & F_CALLED) && chained(d) != NULL)
@@ -923,7 +949,7 @@ int df_deferred_cancel(df_deferred *d)
         d->flags &= ~F_CANCELLING;
     }
     if (!(d->flags & F_CALLED) && !(d->flags & F_CANCEL_WAITS)) {
-        df_failure *f = df_failure_new(d->loop, DF_ECANCELLED, NULL);
+        df_failure *f = df_failure_new(LOOP(d), DF_ECANCELLED, NULL);
         df_deferred_resolve(d, df_err(f));
         /* Without a canceller the producer does not know: swallow its
          * later fire (with one, the producer was told, as in Twisted). */
@@ -1015,11 +1041,6 @@ void df__deferred_unmark(df_deferred *d)
     d->flags &= ~(uint32_t)F_SCAN_MARK;
 }
 
-void df__deferred_set_cancel_waits(df_deferred *d)
-{
-    d->flags |= F_CANCEL_WAITS;
-}
-
 bool df__deferred_mark_timeout(df_deferred *d)
 {
     if (d->flags & F_TIMEOUT)
@@ -1049,7 +1070,7 @@ int df_deferred_peek(const df_deferred *d, void **value, df_failure **failure)
 {
     if (d == NULL)
         return DF_EINVAL;
-    DF__CHECK_THREAD(d->loop);
+    DF__CHECK_THREAD(LOOP(d));
     if (!(d->flags & F_CALLED) || chained(d) != NULL)
         return DF_ENOT_CALLED;
     if (value != NULL)

@@ -102,7 +102,6 @@ void df__alloc_fini(df_loop *loop);
 /* The slabs' fast paths, inline for the files on the hot path (the design
  * is described in alloc.c). */
 #define DF__SLAB_BLOCKS 64
-#define DF__SLAB_HDR 8 /* blocks are 8-byte aligned (alloc.c) */
 
 #if defined(__SANITIZE_ADDRESS__)
 #define DF__ASAN 1
@@ -123,8 +122,9 @@ void df__alloc_fini(df_loop *loop);
 #endif
 
 struct df__chunk {
+    df_loop *loop;          /* first: df__chunk_loop */
     df__chunk *prev, *next; /* on slab->partial */
-    char *free;             /* free blocks (their headers link them) */
+    char *free;             /* free blocks (their first words link them) */
     char *bump;             /* first block never handed out */
     char *end;
     uint32_t used;          /* blocks handed out */
@@ -175,12 +175,12 @@ static inline void *df__slab_get_inline(df_loop *loop, df__slab *s)
     if (c->free == NULL && c->bump == c->end)
         df__chunk_unlist(s, c);
     *(df__chunk **)(void *)b = c;
-    return b + DF__SLAB_HDR;
+    return b;
 }
 
 static inline void df__slab_put_inline(df_loop *loop, df__slab *s, void *p)
 {
-    char *b = (char *)p - DF__SLAB_HDR;
+    char *b = p;
     df__chunk *c = *(df__chunk **)(void *)b;
     assert(c->used > 0);
     if (--c->used == 0) {

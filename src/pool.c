@@ -399,11 +399,10 @@ df_result df__job_result_slow(df__job *j, int status)
 static void plain_done(df__job *j, int status)
 {
     plain_job *pj = DF__CONTAINER_OF(j, plain_job, job);
-    df_deferred *d = df__job_deferred(pj);
     df_result r = df__job_result(j, status);
-    if (df__deferred_resolve(d, r) != 0)
-        df_result_clear(&r);
-    df__deferred_unref(d); /* may free the block, and the job with it */
+    /* Fires the deferred and drops the job's reference: may free the
+     * block, and the job with it. */
+    df__deferred_resolve_drop(df__job_deferred(pj), r);
 }
 
 static const df__job_ops plain_ops = {NULL, plain_done};
@@ -426,14 +425,12 @@ int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
     DF__CHECK_THREAD(p->loop);
     if (p->state != DF__POOL_OPEN)
         return DF_ESHUTDOWN;
-    df_deferred *d;
-    void *mem;
-    int rc = df__deferred_new_job(p->loop, plain_cancel, &d, &mem);
-    if (rc != 0)
-        return rc;
-    plain_job *pj = mem;
+    df_deferred *d = df__deferred_new_job(p->loop, plain_cancel,
+                                          DF__DEFERRED_CANCEL_WAITS);
+    if (d == NULL)
+        return DF_ENOMEM;
+    plain_job *pj = df__deferred_job(d);
     df__job_init(&pj->job, p, NULL, work, arg);
-    df__deferred_set_cancel_waits(d);
     assert(df__job_deferred(pj) == d);
     *out = df__deferred_ref(d); /* the first reference is the job's */
     df__pool_start(p, &pj->job);

@@ -500,10 +500,9 @@ static void job_give_back(df_sem *s)
  * (struct rip, below), at the start of the job's room. */
 static inline void rip_resolve(df__sem_job *sj, df_result r)
 {
-    df_deferred *d = df__job_deferred(sj);
-    if (df__deferred_resolve(d, r) != 0)
-        df_result_clear(&r);
-    df__deferred_unref(d); /* may free the block */
+    /* Fires the deferred and drops the job's reference: may free the
+     * block. */
+    df__deferred_resolve_drop(df__job_deferred(sj), r);
 }
 
 static void job_done(df__job *j, int status)
@@ -767,11 +766,10 @@ int df_sem_acquire(df_sem *s, df_deferred **out)
 
     /* The waiter lives in its deferred's block (no allocation of its
      * own); the block is also the canceller's argument. */
-    void *mem;
-    rc = df__deferred_new_job(s->loop, sem_cancel, &d, &mem);
-    if (rc != 0)
-        return rc;
-    sem_node *n = mem;
+    d = df__deferred_new_job(s->loop, sem_cancel, 0);
+    if (d == NULL)
+        return DF_ENOMEM;
+    sem_node *n = df__deferred_job(d);
     memset(n, 0, sizeof *n);
     n->w.owner = s;
     /* Our own reference: the application may drop its reference while the
@@ -811,17 +809,16 @@ int df_sem_run(df_sem *s, df_run_fn fn, void *arg, df_deferred **out)
 
     /* The run lives in *out's block, which is also the canceller's
      * argument (its first member is the node). */
-    df_deferred *d;
-    void *mem;
-    int rc = df__deferred_new_job(s->loop, sem_cancel, &d, &mem);
-    if (rc != 0)
-        return rc;
-    sem_run *run = mem;
-    /* Cancelling *out never fails it behind our back: while waiting, the
-     * canceller fails it; once fn's deferred is pending, *out fires with
-     * what that deferred gives after the cancel, and only after the token
-     * is back, so that a cancelled run never frees its token early. */
-    df__deferred_set_cancel_waits(d);
+    /* Cancelling *out never fails it behind our back (cancel-waits): while
+     * waiting, the canceller fails it; once fn's deferred is pending, *out
+     * fires with what that deferred gives after the cancel, and only after
+     * the token is back, so that a cancelled run never frees its token
+     * early. */
+    df_deferred *d =
+        df__deferred_new_job(s->loop, sem_cancel, DF__DEFERRED_CANCEL_WAITS);
+    if (d == NULL)
+        return DF_ENOMEM;
+    sem_run *run = df__deferred_job(d);
     memset(run, 0, sizeof *run);
     run->node.w.owner = s;
     run->node.d = df_deferred_ref(d);
@@ -894,17 +891,15 @@ int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
         return DF_ESHUTDOWN;
     if (s->free_pending)
         return DF_ESTATE;
-    df_deferred *d;
-    void *mem;
-    int rc = df__deferred_new_job(loop, rip_cancel, &d, &mem);
-    if (rc != 0)
-        return rc;
-    rip *st = mem;
-    /* Cancelling *out never fails it behind our back: the job fires it
-     * once the token is back (see df__sem_job_cancel). */
-    df__deferred_set_cancel_waits(d);
+    /* Cancelling *out never fails it behind our back (cancel-waits): the
+     * job fires it once the token is back (see df__sem_job_cancel). */
+    df_deferred *d =
+        df__deferred_new_job(loop, rip_cancel, DF__DEFERRED_CANCEL_WAITS);
+    if (d == NULL)
+        return DF_ENOMEM;
+    rip *st = df__deferred_job(d);
     assert(df__job_deferred(st) == d);
-    rc = sem_job_run(s, p, &st->sj, work, arg);
+    int rc = sem_job_run(s, p, &st->sj, work, arg);
     if (rc != 0) {
         df_deferred_unref(d); /* unfired and never seen: reports nothing */
         return rc;
