@@ -41,10 +41,13 @@
  * reads the line under s->mu and finds the line proper empty, or looks for
  * one waiter, first moves `incoming` (reversed) to the line's end, so the
  * line is always the line proper followed by `incoming`, oldest first.
- * An eager burst of N df_sem_run_in_pool calls therefore takes no lock.
+ * Once the tokens are all taken, an eager burst of N df_sem_run_in_pool
+ * calls therefore takes no lock.
  *
- * Locks.  s->mu protects the line, `nwaiting` and the state of each waiter
- * on the line, since workers pop pool jobs from it.  It is a leaf: taken
+ * Locks.  s->mu protects the line proper and the state of each waiter on
+ * it, since workers pop pool jobs from it.  `nwaiting` is atomic: the
+ * loop thread adds to it when it pushes on `incoming`, without the lock;
+ * it subtracts when a waiter leaves the line.  It is a leaf: taken
  * with no other library lock held, and released before a job is queued on
  * a pool (pool.c states the one rule for every lock).  Everything else
  * (tokens, acquired, the ready list, the dispatcher flags, the pool
@@ -102,7 +105,7 @@ struct df_sem {
     pthread_mutex_t mu;       /* the line (see above)                     */
     df__ilink line;           /* every waiter without a token, FIFO       */
     _Atomic(df__ilink *) incoming; /* the line's newest end (see above)   */
-    atomic_size_t nwaiting;   /* on the line (written under mu)           */
+    atomic_size_t nwaiting;   /* on the line or `incoming` (atomic)       */
     /* Loop thread only. */
     unsigned limit;
     unsigned tokens;          /* free now                                 */
