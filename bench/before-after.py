@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+# Times two builds of the bench programs interleaved, round by round, with the peers.
+#
+# usage: bench/before-after.py BEFORE_BINDIR AFTER_BINDIR ROUNDS OUTFILE
+#
+# Each round runs every case: libuv (nowork64), bench-seq (the CPU cases)
+# and oneTBB (w20L2) from AFTER_BINDIR, then the BEFORE binaries, then the
+# AFTER ones.  The raw ns/item of every run and, at the end, the medians
+# and the medians of the per-round ratios are appended to OUTFILE.  The
+# CPU cases use WORK_ITERS calibrated for ~20 us from the fastest of five
+# short bench-seq runs.  Run it on a quiet machine; say the load.
+import subprocess, sys, os, re, statistics, time
+before, after, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out = open(sys.argv[4], 'a')
+def run(binary, *args):
+    r = subprocess.run([binary] + [str(a) for a in args], capture_output=True, text=True, timeout=600)
+    m = re.search(r'ns_per_item=([0-9.]+)', r.stdout)
+    if r.returncode != 0 or not m or 'check=ok' not in r.stdout:
+        print('FAIL', binary, args, r.stdout, r.stderr, file=sys.stderr); return None
+    return float(m.group(1))
+def calibrate(bindir):
+    best = min(run(f'{bindir}/bench-seq', 2000, 1, 1, 10000) for _ in range(5))
+    return int(10000 * 20000 / best / 100 + 0.5) * 100
+W = calibrate(after)
+print(f'# {time.strftime("%H:%M:%S")} load {os.getloadavg()} W={W} (20 us)', file=out, flush=True)
+cases = [
+ ('nowork64', 1000000, 64, 2, 0, ['uv'], ['bench-deferred', 'bench-deferred-cb', 'bench-deferred-map']),
+ ('nowork2', 200000, 2, 2, 0, [], ['bench-deferred', 'bench-deferred-map']),
+ ('w20L1', 30000, 1, 1, W, ['seq'], ['bench-deferred', 'bench-deferred-map']),
+ ('w20L2', 40000, 2, 2, W, ['seq', 'tbb'], ['bench-deferred', 'bench-deferred-map']),
+]
+res = {}
+for r in range(rounds):
+    for name, n, lim, th, w, peers, progs in cases:
+        row = {}
+        for p in peers:
+            args = (n, 1, 1, w) if p == 'seq' else (n, lim, th, w)
+            row[p] = run(f'{after}/bench-{p}', *args)
+        for tag, d in (('before', before), ('after', after)):
+            for p in progs:
+                row[f'{tag}-{p}'] = run(f'{d}/{p}', n, lim, th, w)
+        for k, v in row.items():
+            print(f'r{r+1} {name} {k} ns_per_item={v}', file=out, flush=True)
+        res.setdefault(name, []).append(row)
+print(f'# end {time.strftime("%H:%M:%S")} load {os.getloadavg()}', file=out, flush=True)
+def med(xs): xs = [x for x in xs if x]; return statistics.median(xs) if xs else float('nan')
+for name, rows in res.items():
+    keys = rows[0].keys()
+    print(f'## {name}: medians ns/item: ' + ', '.join(f'{k} {med([r[k] for r in rows]):.0f}' for k in keys), file=out)
+    ref = 'uv' if 'uv' in keys else ('seq' if 'seq' in keys else None)
+    if ref:
+        for k in keys:
+            if k == ref: continue
+            if ref == 'uv':
+                print(f'   {k}/uv = {med([r[k]/r[ref] for r in rows if r[k] and r[ref]]):.2f}', file=out)
+            else:
+                print(f'   speed {k} vs seq = {med([r[ref]/r[k] for r in rows if r[k] and r[ref]]):.3f}', file=out)
+    else:
+        for p in ('bench-deferred', 'bench-deferred-map'):
+            print(f'   {p} after/before = {med([r["after-"+p]/r["before-"+p] for r in rows]):.2f}', file=out)
+    for tag in ('before', 'after'):
+        e, m = f'{tag}-bench-deferred', f'{tag}-bench-deferred-map'
+        print(f'   {tag}: map/eager = {med([r[m]/r[e] for r in rows if r[m] and r[e]]):.2f}', file=out)
+out.flush()
