@@ -8,15 +8,7 @@
 /* Helgrind sees no order in C11 atomics, so the hand-over of a waiter
  * through the lock-free end of the line is told to it (nothing without
  * valgrind's headers). */
-#if defined(__has_include)
-#if __has_include(<valgrind/helgrind.h>)
-#include <valgrind/helgrind.h>
-#endif
-#endif
-#ifndef ANNOTATE_HAPPENS_BEFORE
-#define ANNOTATE_HAPPENS_BEFORE(obj) ((void)(obj))
-#define ANNOTATE_HAPPENS_AFTER(obj) ((void)(obj))
-#endif
+#include "annotate.h"
 
 /*
  * The line

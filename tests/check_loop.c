@@ -18,15 +18,7 @@
 
 /* Helgrind sees no order in C11 atomics: tests that hand memory over
  * through one say so (no-ops without valgrind's headers). */
-#if defined(__has_include)
-#if __has_include(<valgrind/helgrind.h>)
-#include <valgrind/helgrind.h>
-#endif
-#endif
-#ifndef ANNOTATE_HAPPENS_BEFORE
-#define ANNOTATE_HAPPENS_BEFORE(obj) ((void)(obj))
-#define ANNOTATE_HAPPENS_AFTER(obj) ((void)(obj))
-#endif
+#include "annotate.h"
 
 #define MS (UINT64_C(1000000))
 

@@ -1030,6 +1030,19 @@ static void scenario_cshut(df_mpi *ctx)
     printf("mpi-test: cancel shutdown: %d items cancelled once each\n", N);
 }
 
+/* The master's side of a start-up that must fail: df_mpi_pool_new
+ * returns `want` and makes no pool. */
+static void master_pool_new_fails(df_mpi *ctx, int want)
+{
+    df_loop *loop;
+    OK(df_loop_new(NULL, &loop));
+    df_mpi_pool *pool = NULL;
+    int rc = df_mpi_pool_new(ctx, loop, NULL, &pool);
+    CHECK(rc == want && pool == NULL, "pool_new: %s", df_mpi_err_name(rc));
+    printf("mpi-test: master: pool_new returned %s\n", df_mpi_err_name(rc));
+    OK(df_loop_free(loop));
+}
+
 static void scenario_table(df_mpi *ctx)
 {
     register_common(ctx);
@@ -1039,14 +1052,7 @@ static void scenario_table(df_mpi *ctx)
         worker(ctx, DF_MPI_ETABLE);
         return;
     }
-    df_loop *loop;
-    OK(df_loop_new(NULL, &loop));
-    df_mpi_pool *pool = NULL;
-    int rc = df_mpi_pool_new(ctx, loop, NULL, &pool);
-    CHECK(rc == DF_MPI_ETABLE && pool == NULL, "pool_new: %s",
-          df_mpi_err_name(rc));
-    printf("mpi-test: master: pool_new returned %s\n", df_mpi_err_name(rc));
-    OK(df_loop_free(loop));
+    master_pool_new_fails(ctx, DF_MPI_ETABLE);
 }
 
 static int fn_master_only(df_mpi_task *t, const void *in, size_t len,
@@ -1127,14 +1133,7 @@ static void scenario_badflags(df_mpi *ctx)
         }
         return;
     }
-    df_loop *loop;
-    OK(df_loop_new(NULL, &loop));
-    df_mpi_pool *pool = NULL;
-    int rc = df_mpi_pool_new(ctx, loop, NULL, &pool);
-    CHECK(rc == DF_ESTATE && pool == NULL, "pool_new: %s",
-          df_mpi_err_name(rc));
-    printf("mpi-test: master: pool_new returned %s\n", df_mpi_err_name(rc));
-    OK(df_loop_free(loop));
+    master_pool_new_fails(ctx, DF_ESTATE);
 }
 
 static void scenario_early(df_mpi *ctx)
