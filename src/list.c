@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "deferred-internal.h"
+#include "hot-assert.h"
 
 /*
  * Design
@@ -190,7 +191,7 @@ static void list_drop_members(struct df_list_result *l)
 
 static inline void list_leave(struct df_list_result *l)
 {
-    assert(l->busy > 0);
+    DF__HOT_ASSERT(l->busy > 0);
     if (l->busy > 1) {
         l->busy--;
         return;
@@ -250,8 +251,8 @@ static df_result list_member_done(df_result r, void *arg)
     struct df_list_result *l = s->owner; /* not recorded yet: see above */
     bool failed = r.failure != NULL;
 
-    assert(r.wait == NULL);
-    assert(!(s->member & SLOT_DONE) && s->free == slot_unfired);
+    DF__HOT_ASSERT(r.wait == NULL);
+    DF__HOT_ASSERT(!(s->member & SLOT_DONE) && s->free == slot_unfired);
     list_enter(l);
     s->member |= SLOT_DONE;
     l->npending--;
@@ -383,7 +384,7 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
         s->owner = l;
         s->free = slot_unfired;
         s->member = (uintptr_t)df__deferred_ref(members[i]);
-        assert(!(s->member & SLOT_DONE)); /* deferreds are 8-byte aligned */
+        DF__HOT_ASSERT(!(s->member & SLOT_DONE)); /* deferreds are 8-byte aligned */
     }
     *out = self;
     if (n == 0)

@@ -4,6 +4,7 @@
 #define DEFERRED_LOOP_INTERNAL_H
 
 #include "deferred-internal.h"
+#include "hot-assert.h"
 
 /*
  * The loop is four files, one concept each:
@@ -182,7 +183,7 @@ static inline void df__slab_put_inline(df_loop *loop, df__slab *s, void *p)
 {
     char *b = p;
     df__chunk *c = *(df__chunk **)(void *)b;
-    assert(c->used > 0);
+    DF__HOT_ASSERT(c->used > 0);
     if (--c->used == 0) {
         if (s->empty > 0) {
             /* Another chunk is empty already: give this one back. */

@@ -66,7 +66,7 @@ void df__report_unhandled(df_loop *loop, df_failure *f)
 
 void df__loop_pending_add(df_loop *loop, long delta)
 {
-    assert(delta >= 0 || loop->jobs >= (size_t)-delta);
+    DF__HOT_ASSERT(delta >= 0 || loop->jobs >= (size_t)-delta);
     loop->jobs = (size_t)((long)loop->jobs + delta);
 }
 
