@@ -8,6 +8,7 @@
 #include <stdatomic.h>
 
 #include "deferred.h"
+#include "hot-assert.h"
 
 #define DF__UNUSED(x) ((void)(x))
 #define DF__CONTAINER_OF(ptr, type, member)                                   \
@@ -188,7 +189,7 @@ static inline df_deferred *df__deferred_ref(df_deferred *d)
 static inline void df__deferred_unref(df_deferred *d)
 {
     df__deferred_head *h = (df__deferred_head *)(void *)d;
-    assert(h->refs > 0);
+    DF__HOT_ASSERT(h->refs > 0);
     if (--h->refs == 0)
         df__deferred_release(d);
 }

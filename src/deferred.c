@@ -187,7 +187,7 @@ static DF__NOINLINE void deferred_release(df_deferred *d);
  * already: the checks cost more than the decrement. */
 static inline void unref_checked(df_deferred *d)
 {
-    assert(d->refs > 0);
+    DF__HOT_ASSERT(d->refs > 0);
     if (--d->refs == 0)
         deferred_release(d);
 }
@@ -524,7 +524,7 @@ static inline df__slab *slab_of(df_loop *loop, bool ext)
 static inline void block_put(df_deferred *d)
 {
     df_loop *loop = LOOP(d);
-    assert(loop->deferreds > 0);
+    DF__HOT_ASSERT(loop->deferreds > 0);
     loop->deferreds--;
     df__slab_put_inline(loop, slab_of(loop, d->flags & F_EXT), d);
 }
@@ -540,7 +540,7 @@ static inline df_deferred *block_get(df_loop *loop, bool ext,
     loop->deferreds++;
     /* Every member before the inline entries, written once (a call to
      * memset costs more than these stores). */
-    assert(df__chunk_loop(d->chunk) == loop);
+    DF__HOT_ASSERT(df__chunk_loop(d->chunk) == loop);
     d->refs = 1;
     d->flags = ext ? F_EXT : 0;
     d->paused = 0;
@@ -570,8 +570,8 @@ static int deferred_alloc(df_loop *loop, df_canceller_fn fn, void *arg,
 df_deferred *df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                                   uint32_t flags)
 {
-    assert(df__on_loop_thread(loop));
-    assert((flags & ~(uint32_t)F_CANCEL_WAITS) == 0);
+    DF__HOT_ASSERT(df__on_loop_thread(loop));
+    DF__HOT_ASSERT((flags & ~(uint32_t)F_CANCEL_WAITS) == 0);
     df_deferred *d = block_get(loop, true, fn, NULL);
     if (d != NULL) {
         d->flags |= flags;
@@ -761,7 +761,7 @@ int df__deferred_resolve(df_deferred *d, df_result r)
 
 void df__deferred_resolve_drop(df_deferred *d, df_result r)
 {
-    assert(r.wait == NULL && df__on_loop_thread(LOOP(d)) && d->refs > 0);
+    DF__HOT_ASSERT(r.wait == NULL && df__on_loop_thread(LOOP(d)) && d->refs > 0);
     if (d->flags & F_CALLED) {
         /* Cancelled earlier (F_SUPPRESS: the late result is dropped, as
          * in df__deferred_resolve) or fired already: r is ours to free. */

@@ -173,7 +173,7 @@ static void cancel_running(df_map *m)
 /* Stores the result of slot s (steals r) and queues it for delivery. */
 static void finish_slot(df_map *m, slot *s, df_result r)
 {
-    assert(s->state == SLOT_RUNNING && r.wait == NULL);
+    DF__HOT_ASSERT(s->state == SLOT_RUNNING && r.wait == NULL);
     s->result = r;
     s->state = SLOT_FINISHED;
     m->running--;
@@ -238,7 +238,7 @@ static slot *take_slot(df_map *m)
     } else {
         s = DF__ILIST_ENTRY(df__ilist_pop(&m->free_slots), slot, link);
     }
-    assert(s->state == SLOT_FREE);
+    DF__HOT_ASSERT(s->state == SLOT_FREE);
     return s;
 }
 

@@ -83,7 +83,7 @@ static void count(df_pool *p, long delta)
 
 void df__pool_start(df_pool *p, df__job *j)
 {
-    assert(df__pool_accepts(p) && j->pool == p);
+    DF__HOT_ASSERT(df__pool_accepts(p) && j->pool == p);
     count(p, 1);
     pthread_mutex_lock(&p->mu);
     j->h.queued = true;
@@ -123,7 +123,7 @@ static void job_posted(df_loop *loop, df__inbox_node *n, int status)
 {
     DF__UNUSED(loop);
     DF__UNUSED(status);
-    assert(status == 0); /* loops refuse to die while pools exist */
+    DF__HOT_ASSERT(status == 0); /* loops refuse to die while pools exist */
     df__job *j = DF__CONTAINER_OF(n, df__job, h.node);
     df_pool *p = j->pool;
     /* The job it handed its token to started on the worker: it counts
@@ -143,7 +143,7 @@ static bool job_of_pool(const df__inbox_node *n, void *arg)
 
 void df__pool_client_add(df_pool *p, df__pool_client *c)
 {
-    assert(df__pool_accepts(p));
+    DF__HOT_ASSERT(df__pool_accepts(p));
     c->pool = p;
     df__ilist_append(&p->clients, &c->link);
 }

@@ -599,7 +599,7 @@ static reg *reg_for(df_sem *s, df_pool *p)
 static inline int sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
                               df_work_fn work, void *arg)
 {
-    assert(df__pool_accepts(p));
+    DF__HOT_ASSERT(df__pool_accepts(p));
     df__job_init(&sj->job, p, s, work, arg);
     sj->job.h.kind = W_JOB;
     if (s->tokens > 0) {
