@@ -5,6 +5,12 @@
 #include "deferred-internal.h"
 #include "hot-assert.h"
 
+#if defined(__GNUC__) || defined(__clang__)
+#define LIST_NOINLINE __attribute__((noinline))
+#else
+#define LIST_NOINLINE
+#endif
+
 /*
  * Design
  * ======
@@ -135,6 +141,12 @@ struct df_list_result {
     unsigned flags;
     size_t nfired;         /* members recorded */
     size_t npending;       /* members whose list callback has not run */
+    size_t quiet;          /* successes that can be recorded before one
+                            * fires the list: count - nfired - 1 while
+                            * collecting without FIRE_ON_ONE_CALLBACK,
+                            * else 0 (list_member_done's fast path) */
+    size_t nowned;         /* recorded slots that own something: a
+                            * failure, or a value with a destructor */
     unsigned busy;         /* list code on the stack */
     bool collecting;       /* the list has not fired */
     bool delivered;        /* the result went down the list's chain */
@@ -157,7 +169,9 @@ void df_list_result_free(void *p)
 
     if (l == NULL)
         return;
-    for (size_t i = 0; i < l->count; i++) {
+    /* nowned, like the slots, is written only while the list collects,
+     * before the result can reach another thread. */
+    for (size_t i = 0; l->nowned > 0 && i < l->count; i++) {
         struct list_slot *s = &l->slots[i];
         if (s->free != slot_unfired && s->free != NULL)
             s->free(s->value); /* slot_failed drops the failure */
@@ -180,13 +194,11 @@ static void list_enter(struct df_list_result *l)
  */
 static void list_drop_members(struct df_list_result *l)
 {
+    /* Once members_held is false nothing reads slot[i].member again
+     * except for its SLOT_DONE bit, so the pointers are left in place. */
     l->members_held = false;
-    for (size_t i = 0; i < l->count; i++) {
-        df_deferred *m = slot_member(&l->slots[i]);
-        l->slots[i].member &= SLOT_DONE;
-        if (m != NULL)
-            df__deferred_unref(m); /* on the loop thread (callback) */
-    }
+    for (size_t i = 0; i < l->count; i++)
+        df__deferred_unref(slot_member(&l->slots[i])); /* loop thread */
 }
 
 static inline void list_leave(struct df_list_result *l)
@@ -208,6 +220,7 @@ static inline void list_leave(struct df_list_result *l)
 static void list_abandon(struct df_list_result *l)
 {
     l->collecting = false;
+    l->quiet = 0;
     l->self = NULL;
     df_list_result_free(l);
 }
@@ -222,6 +235,7 @@ static void list_fire(struct df_list_result *l, df_result r)
 
     assert(l->collecting);
     l->collecting = false;
+    l->quiet = 0;
     l->self = NULL;
     l->delivered = df_result_ok(&r);
     if (df_deferred_resolve(self, r) != 0) {
@@ -244,30 +258,32 @@ static void list_fire(struct df_list_result *l, df_result r)
     }
 }
 
-/* The callback and errback on every member. */
-static df_result list_member_done(df_result r, void *arg)
+/* list_member_done's general path: whatever the result does to the list.
+ * The caller has marked the slot done and counted the member out of
+ * npending. */
+static LIST_NOINLINE df_result member_done_slow(struct df_list_result *l,
+                                                struct list_slot *s,
+                                                df_result r)
 {
-    struct list_slot *s = arg;
-    struct df_list_result *l = s->owner; /* not recorded yet: see above */
     bool failed = r.failure != NULL;
 
-    DF__HOT_ASSERT(r.wait == NULL);
-    DF__HOT_ASSERT(!(s->member & SLOT_DONE) && s->free == slot_unfired);
     list_enter(l);
-    s->member |= SLOT_DONE;
-    l->npending--;
     if (l->collecting) {
         if (failed) {
             s->failure = df_failure_ref(r.failure);
             s->free = slot_failed;
+            l->nowned++;
         } else {
             /* The value moves into the result; the member's chain goes on
              * with the same pointer, borrowed. */
             s->value = r.value;
             s->free = r.free;
+            l->nowned += r.free != NULL;
             r.free = NULL;
         }
         l->nfired++;
+        if (l->quiet > 0)
+            l->quiet--; /* a failure that does not fire the list */
         if (!failed && (l->flags & DF_LIST_FIRE_ON_ONE_CALLBACK)) {
             l->fired_index = (long)(s - l->slots);
             list_fire(l, df_ok(l, df_list_result_free));
@@ -284,6 +300,33 @@ static df_result list_member_done(df_result r, void *arg)
     }
     list_leave(l);
     return r;
+}
+
+/* The callback and errback on every member. */
+static df_result list_member_done(df_result r, void *arg)
+{
+    struct list_slot *s = arg;
+    struct df_list_result *l = s->owner; /* not recorded yet: see above */
+
+    DF__HOT_ASSERT(r.wait == NULL);
+    DF__HOT_ASSERT(!(s->member & SLOT_DONE) && s->free == slot_unfired);
+    s->member |= SLOT_DONE;
+    l->npending--;
+    /* The common case, a success that the list records without firing
+     * (quiet > 0 only while it collects), calls nothing, so it needs no
+     * list_enter()/list_leave(): the collector stays needed, because the
+     * sentinel of a collecting list has not run, and no section of list
+     * code waits for this one to end. */
+    if (r.failure == NULL && l->quiet > 0) {
+        l->quiet--;
+        l->nfired++;
+        s->value = r.value;
+        s->free = r.free;
+        l->nowned += r.free != NULL;
+        r.free = NULL;
+        return r;
+    }
+    return member_done_slow(l, s, r);
 }
 
 /* The first callback pair on the list deferred: notices its firing. */
@@ -313,6 +356,30 @@ static void list_cancel(df_deferred *d, void *arg)
     list_leave(l);
 }
 
+/* True if every member is a deferred of `loop`. */
+static bool members_valid(df_loop *loop, df_deferred *const *members,
+                          size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (members[i] == NULL || df__deferred_loop(members[i]) != loop)
+            return false;
+    }
+    return true;
+}
+
+/* Undoes df_list_new's set-up of slots[0..n) when it fails before any
+ * callback is attached: drops the references (the caller holds its own,
+ * so none is the last) and any scratch mark df__deferred_reserve_members
+ * left. */
+static void release_members(struct df_list_result *l, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        df_deferred *m = slot_member(&l->slots[i]);
+        df__deferred_unmark(m);
+        df__deferred_unref(m);
+    }
+}
+
 int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
                 unsigned flags, df_deferred **out)
 {
@@ -331,18 +398,31 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
         return DF_EINVAL;
     if (n > (SIZE_MAX - sizeof *l) / sizeof l->slots[0])
         return DF_ENOMEM;
-    for (i = 0; i < n; i++) {
-        if (members[i] == NULL || df__deferred_loop(members[i]) != loop)
-            return DF_EINVAL;
-    }
     l = df__malloc(loop, sizeof *l + n * sizeof l->slots[0]);
     if (l == NULL)
-        return DF_ENOMEM;
+        return members_valid(loop, members, n) ? DF_ENOMEM : DF_EINVAL;
+    /* One pass checks the members, fills the slots and takes the list's
+     * references, which it holds from before the first callback is
+     * attached until the list has fired; a bad member undoes it. */
+    for (i = 0; i < n; i++) {
+        df_deferred *m = members[i];
+        if (m == NULL || df__deferred_loop(m) != loop) {
+            release_members(l, i);
+            df__free(loop, l);
+            return DF_EINVAL;
+        }
+        struct list_slot *s = &l->slots[i];
+        s->owner = l;
+        s->free = slot_unfired;
+        s->member = (uintptr_t)df__deferred_ref(m);
+        DF__HOT_ASSERT(!(s->member & SLOT_DONE)); /* 8-byte aligned */
+    }
     /* Every allocation happens before the first callback is attached (see
      * the top of the file); room made on members that is not used is
      * harmless. */
     rc = df__deferred_reserve_members(loop, members, n);
     if (rc != 0) {
+        release_members(l, n);
         df__free(loop, l);
         return rc;
     }
@@ -357,8 +437,7 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
 
     rc = df_deferred_new_cancellable(loop, list_cancel, l, &self);
     if (rc != 0) {
-        for (i = 0; i < n; i++)
-            df__deferred_unmark(members[i]);
+        release_members(l, n);
         df__free(loop, l);
         return rc;
     }
@@ -369,8 +448,7 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
          * cancellation, then drop it. */
         df_deferred_callback(self, NULL, NULL);
         df_deferred_unref(self);
-        for (i = 0; i < n; i++)
-            df__deferred_unmark(members[i]);
+        release_members(l, n);
         df__free(loop, l);
         return rc;
     }
@@ -379,27 +457,23 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     l->sentinel_pending = true;
     l->members_held = true;
     l->busy = 1;
-    for (i = 0; i < n; i++) {
-        struct list_slot *s = &l->slots[i];
-        s->owner = l;
-        s->free = slot_unfired;
-        s->member = (uintptr_t)df__deferred_ref(members[i]);
-        DF__HOT_ASSERT(!(s->member & SLOT_DONE)); /* deferreds are 8-byte aligned */
-    }
+    l->quiet = n > 0 && !(flags & DF_LIST_FIRE_ON_ONE_CALLBACK) ? n - 1 : 0;
     *out = self;
     if (n == 0)
         list_fire(l, df_ok(l, df_list_result_free));
 
     /* Attach in input order, each callback running at once on a member
-     * that has fired, as Twisted does. */
+     * that has fired, as Twisted does.  Every member counts as pending
+     * from here: none of their list callbacks has run. */
+    l->npending = n;
     for (i = 0; i < n; i++) {
         struct list_slot *s = &l->slots[i];
-        l->npending++;
         rc = df__deferred_add_both(slot_member(s), list_member_done, s);
         if (rc != 0) {
             /* Only if callbacks run meanwhile used the room made above
-             * and memory then ran out: see the header. */
-            l->npending--;
+             * and memory then ran out: see the header.  The members from
+             * i on never get their list callback. */
+            l->npending -= n - i;
             for (; i < n; i++) {
                 df__deferred_unmark(slot_member(&l->slots[i]));
                 l->slots[i].member |= SLOT_DONE;
