@@ -284,7 +284,10 @@ void df__inbox_collect(df_loop *loop)
         first = n;
         n = next;
     }
-    *loop->batch_tail = first;
+    if (loop->batch_head == NULL)
+        loop->batch_head = first; /* batch_tail may be stale */
+    else
+        *loop->batch_tail = first;
     loop->batch_tail = &last->next;
 }
 

@@ -72,7 +72,8 @@ struct df_loop {
 
     /* Loop thread only from here on. */
     df__inbox_node *batch_head; /* taken from the inbox, not yet run */
-    df__inbox_node **batch_tail;
+    df__inbox_node **batch_tail; /* the last entry's link; meaningful
+                                  * only while batch_head != NULL */
     df__inbox_node *spent_calls; /* run; returned to call_free later */
     size_t jobs;                 /* pool jobs whose completion is due */
     size_t pools;                /* pools made from this loop */
@@ -207,14 +208,14 @@ int df__inbox_init(df_loop *loop);
 void df__inbox_fini(df_loop *loop);
 /* Moves everything posted so far to the end of loop->batch. */
 void df__inbox_collect(df_loop *loop);
-/* Takes the first entry of loop->batch, or NULL. */
+/* Takes the first entry of loop->batch, or NULL.  Taking the last one
+ * leaves batch_tail stale, which the next append checks for (once per
+ * batch instead of once per entry). */
 static inline df__inbox_node *df__batch_pop(df_loop *loop)
 {
     df__inbox_node *n = loop->batch_head;
     if (n != NULL) {
         loop->batch_head = n->next;
-        if (loop->batch_head == NULL)
-            loop->batch_tail = &loop->batch_head;
         n->next = NULL;
     }
     return n;

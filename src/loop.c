@@ -222,16 +222,17 @@ static int loop_run(df_loop *loop, df_deferred *until)
             continue;
         df__inbox_collect(loop);
         df__inbox_node *n;
+        size_t k = 0; /* entries run in this turn */
         while ((n = df__batch_pop(loop)) != NULL) {
             n->run(loop, n, 0);
-            ran++;
-            drained++;
+            k++;
             if (df__loop_should_return(loop, until)) {
                 halt = true;
                 break;
             }
         }
-        if (halt || ran > 0)
+        drained += k;
+        if (halt || ran > 0 || k > 0)
             continue;
         if (pending(loop) == 0) {
             rc = until != NULL ? DF_ENOT_CALLED : 0;
