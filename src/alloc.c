@@ -176,8 +176,9 @@ void df__chunk_free(df_loop *loop, df__slab *s, df__chunk *c)
     s->chunks--;
     UNPOISON(c, c->bytes);
     if (c->mapped) {
+        size_t bytes = c->bytes; /* memcheck: c is freed from here on */
         VALGRIND_FREELIKE_BLOCK(c, 0);
-        s->pages->unmap(c, c->bytes);
+        s->pages->unmap(c, bytes);
     } else {
         df__free(loop, c);
     }

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include "deferred.h"
@@ -248,10 +249,11 @@ END_TEST
 
 /* Whether the kernel marked the mapping holding `p` for huge pages (the
  * "hg" flag of /proc/self/smaps); -1 if that cannot be told (no THP in
- * this kernel, no smaps). */
+ * this kernel, THP disabled for this process, no smaps). */
 static int advised_huge(const void *p)
 {
-    if (access("/sys/kernel/mm/transparent_hugepage/enabled", R_OK) != 0)
+    if (access("/sys/kernel/mm/transparent_hugepage/enabled", R_OK) != 0 ||
+        prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) > 0)
         return -1;
     FILE *f = fopen("/proc/self/smaps", "r");
     if (f == NULL)
