@@ -103,7 +103,10 @@ df__slab *df__loop_slab(df_loop *loop, int which)
  * free it over and over.  So memory held beyond the live blocks is at most
  * one chunk per slab (at most DF__SLAB_CHUNK_MAX bytes) plus the free
  * blocks of partly used chunks, and df_loop_free (which requires every
- * object gone) finds at most one chunk per slab.  Loop thread only.
+ * object gone) finds at most one chunk per slab.  The second term grew
+ * with the chunks: a few blocks that outlive a burst each keep their whole
+ * chunk, up to 2 MiB apiece, where 64-block chunks kept some kilobytes.
+ * Loop thread only.
  *
  * Chunk sizes.  A slab holding k chunks makes its next one 2^k times the
  * first (DF__SLAB_BLOCKS blocks), up to DF__SLAB_CHUNK_MAX bytes: a slab
