@@ -284,7 +284,11 @@ DF_EXPORT void df_result_clear(df_result *r);
 
 /* Allocator used for every allocation made on behalf of a loop.  The
  * functions must be thread-safe (pool threads allocate failures and
- * completion records).  realloc(NULL, n) must behave as malloc. */
+ * completion records).  realloc(NULL, n) must behave as malloc.  Without
+ * one (NULL), the loop takes its 2 MiB slab chunks from mmap instead of
+ * malloc and asks the kernel for transparent huge pages on them (madvise
+ * MADV_HUGEPAGE); a loop's own allocator gets every byte and its memory
+ * is never advised. */
 typedef struct df_allocator {
     void *(*malloc)(size_t size, void *ctx);
     void *(*realloc)(void *ptr, size_t size, void *ctx);

@@ -126,20 +126,30 @@ static inline bool df__cache_put(df__cache *c, void *p)
 
 /* ------------------------------------------------------------------ slabs */
 /* Per-loop slabs of fixed-size blocks (alloc.c): a burst of N live blocks
- * costs N/64 allocations and steady traffic none.  Loop thread only.  The
- * first word of a block handed out holds its chunk, which the slab wrote
- * and which its user must leave alone; the chunk's first member is its
- * loop, so a block finds its loop through it (df__chunk_loop). */
+ * costs about log2(N/64) + N*size/2MiB allocations and steady traffic
+ * none.  Loop thread only.  The first word of a block handed out holds its
+ * chunk, which the slab wrote and which its user must leave alone; the
+ * chunk's first member is its loop, so a block finds its loop through it
+ * (df__chunk_loop). */
 typedef struct df__chunk df__chunk;
 static inline df_loop *df__chunk_loop(const df__chunk *c)
 {
     return *(df_loop *const *)(const void *)c; /* alloc.c checks the layout */
 }
+/* Where a slab of the default allocator gets its biggest chunks: map()
+ * returns `bytes` (DF__SLAB_CHUNK_MAX) bytes aligned to that size or NULL,
+ * unmap() gives them back.  Tests replace them (df__slab.pages). */
+typedef struct df__pages {
+    void *(*map)(size_t bytes);
+    void (*unmap)(void *p, size_t bytes);
+} df__pages;
+extern const df__pages df__default_pages; /* mmap, THP advice, munmap */
 typedef struct df__slab {
-    df__chunk *partial; /* chunks with a free block */
-    size_t size;        /* block size */
-    size_t chunks;      /* chunks allocated */
-    size_t empty;       /* chunks with no block handed out (0 or 1) */
+    df__chunk *partial;      /* chunks with a free block */
+    size_t size;             /* block size */
+    size_t chunks;           /* chunks allocated */
+    size_t empty;            /* chunks with no block handed out (0 or 1) */
+    const df__pages *pages;  /* big chunks, default allocator only */
 } df__slab;
 /* The loop's slabs: deferreds, and deferreds with room for a pool job. */
 enum { DF__SLAB_DEFERRED, DF__SLAB_DEFERRED_JOB, DF__SLABS };
@@ -149,6 +159,11 @@ void df__slab_init(df__slab *s, size_t size);
  * chunk, or NULL. */
 void *df__slab_get(df_loop *loop, df__slab *s);
 void df__slab_put(df_loop *loop, df__slab *s, void *p);
+/* `size` bytes from the loop's allocator, freed by its free (df__free, or
+ * a copy of the allocator): for the default allocator and big sizes, the
+ * start is 2 MiB aligned and the kernel is asked for transparent huge
+ * pages, so that a large array costs few page faults.  Or NULL. */
+void *df__malloc_bulk(df_loop *loop, size_t size);
 /* The size of a deferred's block (deferred.c), with room for a job. */
 size_t df__deferred_block_size(bool job);
 

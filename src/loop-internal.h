@@ -103,7 +103,8 @@ void df__alloc_fini(df_loop *loop);
 
 /* The slabs' fast paths, inline for the files on the hot path (the design
  * is described in alloc.c). */
-#define DF__SLAB_BLOCKS 64
+#define DF__SLAB_BLOCKS 64                  /* blocks of a slab's first chunk */
+#define DF__SLAB_CHUNK_MAX ((size_t)2 << 20) /* bytes: one huge page */
 
 #if defined(__SANITIZE_ADDRESS__)
 #define DF__ASAN 1
@@ -129,8 +130,10 @@ struct df__chunk {
     char *free;             /* free blocks (their first words link them) */
     char *bump;             /* first block never handed out */
     char *end;
+    size_t bytes;           /* the chunk's allocation, header included */
     uint32_t used;          /* blocks handed out */
     bool listed;            /* on slab->partial */
+    bool mapped;            /* from slab->pages, not from the allocator */
 };
 
 void *df__slab_get_slow(df_loop *loop, df__slab *s);
