@@ -398,7 +398,9 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
         return DF_EINVAL;
     if (n > (SIZE_MAX - sizeof *l) / sizeof l->slots[0])
         return DF_ENOMEM;
-    l = df__malloc(loop, sizeof *l + n * sizeof l->slots[0]);
+    /* A big list's slots ask for huge pages (alloc.c, df__malloc_bulk):
+     * a burst of 10^6 members then costs a few hundred page faults. */
+    l = df__malloc_bulk(loop, sizeof *l + n * sizeof l->slots[0]);
     if (l == NULL)
         return members_valid(loop, members, n) ? DF_ENOMEM : DF_EINVAL;
     /* One pass checks the members, fills the slots and takes the list's
