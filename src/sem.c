@@ -516,7 +516,14 @@ static void job_done(df__job *j, int status)
         finish(sj, r);
 }
 
-static const df__job_ops sem_job_ops = {job_next, job_done};
+/* df_deferred_cancel() on df_sem_run_in_pool's deferred (its job lives in
+ * the deferred's block); a map cancels its jobs directly. */
+static void job_cancel(df__job *j)
+{
+    df__sem_job_cancel(DF__CONTAINER_OF(j, df__sem_job, job));
+}
+
+static const df__job_ops sem_job_ops = {job_next, job_done, job_cancel};
 
 #define SHUTDOWN_MSG "pool shut down before the job got a semaphore token"
 
@@ -859,18 +866,12 @@ typedef struct rip {
                      * reference for the job */
 } rip;
 
-_Static_assert(sizeof(rip) <= DF__JOB_SIZE, "raise DF__JOB_SIZE");
+_Static_assert(sizeof(rip) <= DF__POOL_JOB_SIZE, "raise DF__POOL_JOB_SIZE");
 
 static void rip_finish(df__sem_job *sj, df_result r)
 {
     _Static_assert(offsetof(rip, sj) == 0, "rip_resolve needs sj first");
     rip_resolve(sj, r);
-}
-
-static void rip_cancel(df_deferred *d, void *arg)
-{
-    DF__UNUSED(d);
-    df__sem_job_cancel(&((rip *)arg)->sj);
 }
 
 int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
@@ -887,9 +888,10 @@ int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
     if (s->free_pending)
         return DF_ESTATE;
     /* Cancelling *out never fails it behind our back (cancel-waits): the
-     * job fires it once the token is back (see df__sem_job_cancel). */
-    df_deferred *d =
-        df__deferred_new_job(loop, rip_cancel, DF__DEFERRED_CANCEL_WAITS);
+     * job fires it once the token is back (see df__sem_job_cancel).  Its
+     * canceller is the job's owner's (job_cancel), and the job's io lives
+     * in the deferred's result fields (deferred-internal.h). */
+    df_deferred *d = df__deferred_new_pool_job(loop);
     if (d == NULL)
         return DF_ENOMEM;
     rip *st = df__deferred_job(d);

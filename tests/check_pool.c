@@ -496,6 +496,70 @@ START_TEST(test_pool_cancel_running)
 }
 END_TEST
 
+/* The deferred of a pool job in flight (queued, running, or waiting for a
+ * semaphore token) is fired only by its job: firing it by hand is refused
+ * with DF_EBUSY and changes nothing, and a deferred chained to it goes on
+ * with DF_EBUSY; pausing and unpausing it work as on any deferred.  The
+ * job's result then arrives intact, and its destructor runs once. */
+static void check_fire_refused(df_loop *loop, df_deferred *d)
+{
+    df_failure *f = df_failure_new(loop, 77, "by hand");
+    TU_ERR(df_deferred_callback(d, &g_value_frees, NULL), DF_EBUSY);
+    TU_ERR(df_deferred_errback(d, f), DF_EBUSY);
+    TU_ERR(df_deferred_resolve(d, df_ok(NULL, NULL)), DF_EBUSY);
+    df_failure_unref(f);
+    ck_assert(!df_deferred_called(d));
+    TU_OK(df_deferred_pause(d));
+    TU_OK(df_deferred_unpause(d));
+    df_deferred *c;
+    TU_OK(df_deferred_new(loop, &c));
+    TU_OK(df_deferred_chain(c, d));
+    TU_OK(df_deferred_callback(c, NULL, NULL));
+    ck_assert_int_eq(result_code(c), DF_EBUSY);
+    ck_assert(!df_deferred_called(d));
+    drop(c);
+}
+
+START_TEST(test_pool_fire_in_flight_refused)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    df_sem *s;
+    TU_OK(df_sem_new(loop, 1, &s));
+    blocker b;
+    blocker_init(&b, false);
+    atomic_store(&g_value_frees, 0);
+    df_deferred *running, *queued, *waiting;
+    TU_OK(df_pool_submit(p, blocking_work, &b, &running));
+    TU_OK(df_pool_submit(p, return_arg, &b, &queued));
+    TU_OK(df_sem_run_in_pool(s, p, return_arg, &b, &waiting));
+    tu_gate_wait(&b.started);
+    check_fire_refused(loop, running);
+    check_fire_refused(loop, queued);
+    check_fire_refused(loop, waiting);
+    tu_gate_open(&b.release);
+    wait_for(loop, running);
+    wait_for(loop, queued);
+    wait_for(loop, waiting);
+    ck_assert_int_eq(result_code(running), 0);
+    void *v = NULL;
+    TU_OK(df_deferred_peek(queued, &v, NULL));
+    ck_assert_ptr_eq(v, &b);
+    TU_OK(df_deferred_peek(waiting, &v, NULL));
+    ck_assert_ptr_eq(v, &b);
+    /* Fired by its job: the usual refusal from now on. */
+    TU_ERR(df_deferred_callback(running, NULL, NULL), DF_EALREADY_CALLED);
+    df_deferred_unref(running);
+    ck_assert_int_eq(atomic_load(&g_value_frees), 1);
+    df_deferred_unref(queued);
+    df_deferred_unref(waiting);
+    TU_OK(df_sem_free(s));
+    df_pool_free(p);
+    blocker_destroy(&b);
+    tu_loop_free(loop);
+}
+END_TEST
+
 /* Cancelled after the work returned but before the loop saw it: the result
  * is dropped and the deferred fails with DF_ECANCELLED. */
 START_TEST(test_pool_cancel_just_completed)
@@ -2410,6 +2474,7 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, test_pool_cancel_just_completed);
     tcase_add_test(tc, test_pool_timeout_running);
     tcase_add_test(tc, test_pool_cancel_race);
+    tcase_add_test(tc, test_pool_fire_in_flight_refused);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("shutdown");
