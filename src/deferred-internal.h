@@ -218,6 +218,10 @@ int df__deferred_resolve(df_deferred *d, df_result r);
  * when it was cancelled), then drops the caller's reference, in one call.
  * The caller's reference keeps d alive while its callbacks run. */
 void df__deferred_resolve_drop(df_deferred *d, df_result r);
+/* df__deferred_resolve_drop for a pool job's producer whose job ran and
+ * left a result that is not df_wait() in its io (df__job_io_of): fires d
+ * with that result as it lies there, and drops the caller's reference. */
+void df__deferred_resolve_io_drop(df_deferred *d);
 /* df_deferred_add_both for library code on d's loop thread (fn is not
  * NULL): the same, without the argument and thread checks. */
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg);

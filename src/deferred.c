@@ -845,6 +845,22 @@ void df__deferred_resolve_drop(df_deferred *d, df_result r)
     unref_checked(d);
 }
 
+void df__deferred_resolve_io_drop(df_deferred *d)
+{
+    assert(df__on_loop_thread(LOOP(d)) && d->refs > 0 &&
+           (d->flags & (F_POOL_JOB_IO | F_CALLED)) == F_POOL_JOB_IO &&
+           d->link == NULL);
+    /* df__deferred_resolve_drop with the result where the job's worker
+     * wrote it, its wait (`link`) NULL: it goes to the callback from
+     * there, with no copy through the caller. */
+    d->flags = (d->flags & ~(uint32_t)F_POOL_JOB_IO) | F_CALLED;
+    df_result r = {d->value, d->value_free, d->failure, NULL};
+    int single = run_single(d, r);
+    if (single != SINGLE_DONE)
+        run_callbacks_from(d, single == SINGLE_MORE);
+    unref_checked(d);
+}
+
 int df_deferred_callback(df_deferred *d, void *value, df_free_fn free_fn)
 {
     return df_deferred_resolve(d, df_ok(value, free_fn));
@@ -926,7 +942,17 @@ int df_deferred_add_callbacks(df_deferred *d, df_callback_fn cb,
 
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg)
 {
-    d->flags &= ~(uint32_t)F_SCAN_MARK; /* see df__deferred_reserve_members */
+    uint32_t flags = d->flags & ~(uint32_t)F_SCAN_MARK;
+    d->flags = flags; /* see df__deferred_reserve_members */
+    if (!(flags & (F_CALLED | F_HEAP)) && d->count < d->cap) {
+        /* The common case: an unfired deferred with inline room (what
+         * append_entry does then, less its checks). */
+        entry *e = &d->inline_entries[d->count++];
+        e->cb = fn;
+        e->eb = fn;
+        e->arg = arg;
+        return 0;
+    }
     int rc = append_entry(d, fn, fn, arg);
     if (rc == 0 && (d->flags & F_CALLED))
         run_callbacks(d);

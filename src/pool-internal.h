@@ -116,14 +116,18 @@ bool df__job_unqueue(df__job *j);
  * result, or DF_ECANCELLED if status says so or the job was cancelled
  * while it ran, or DF_EINVAL if work returned df_wait().  Once only. */
 df_result df__job_result_slow(df__job *j, int status);
+/* Loop thread, in done(): true in the common case, where the job's final
+ * result is what work returned, as it lies in its io: work ran, was not
+ * cancelled, returned no df_wait(). */
+static inline bool df__job_result_ready(df__job *j, int status)
+{
+    return status == 0 && df__job_io_of(j)->result.wait == NULL &&
+           !atomic_load_explicit(&j->h.w.cancelled, memory_order_relaxed);
+}
 static inline df_result df__job_result(df__job *j, int status)
 {
-    /* The common case inline: work ran, was not cancelled, returned no
-     * df_wait(). */
-    df__job_io *io = df__job_io_of(j);
-    if (status == 0 && io->result.wait == NULL &&
-        !atomic_load_explicit(&j->h.w.cancelled, memory_order_relaxed))
-        return io->result;
+    if (df__job_result_ready(j, status))
+        return df__job_io_of(j)->result;
     return df__job_result_slow(j, status);
 }
 /* The first members of struct df_pool (pool.c checks the layout), so that

@@ -400,6 +400,12 @@ df_result df__job_result_slow(df__job *j, int status)
 static void plain_done(df__job *j, int status)
 {
     plain_job *pj = DF__CONTAINER_OF(j, plain_job, job);
+    if (df__job_result_ready(j, status)) {
+        /* The common case: the result goes from where the worker wrote
+         * it to the callbacks. */
+        df__deferred_resolve_io_drop(df__job_deferred(pj));
+        return;
+    }
     df_result r = df__job_result(j, status);
     /* Fires the deferred and drops the job's reference: may free the
      * block, and the job with it. */

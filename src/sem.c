@@ -212,7 +212,7 @@ static void sem_leave(df_sem *s, bool outer)
 /* Puts a waiter at the end of the line, with no lock: on `incoming`,
  * linked through link.next.  Loop thread (the only pusher, so a waiter
  * taken off the stack is never seen again: no ABA). */
-static void line_append(df_sem *s, df__waiter *w)
+static inline void line_append(df_sem *s, df__waiter *w)
 {
     w->state = ST_WAITING;
     /* A locked add, which helgrind understands (a plain store would be
@@ -509,11 +509,16 @@ static void job_done(df__job *j, int status)
     /* A job that handed its token on (the common case) skips this. */
     if (!j->h.handed)
         job_give_back(s); /* may free s: hence finish, read before */
-    df_result r = df__job_result(j, status);
-    if (finish == rip_finish)
-        rip_resolve(sj, r); /* the common finish, called directly */
-    else
-        finish(sj, r);
+    if (finish == rip_finish) {
+        /* The common finish, called directly; in the common case the
+         * result goes from where the worker wrote it to the callbacks. */
+        if (df__job_result_ready(j, status))
+            df__deferred_resolve_io_drop(df__job_deferred(sj));
+        else
+            rip_resolve(sj, df__job_result(j, status));
+        return;
+    }
+    finish(sj, df__job_result(j, status));
 }
 
 /* df_deferred_cancel() on df_sem_run_in_pool's deferred (its job lives in
