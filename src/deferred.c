@@ -853,11 +853,39 @@ void df__deferred_resolve_io_drop(df_deferred *d)
     /* df__deferred_resolve_drop with the result where the job's worker
      * wrote it, its wait (`link`) NULL: it goes to the callback from
      * there, with no copy through the caller. */
-    d->flags = (d->flags & ~(uint32_t)F_POOL_JOB_IO) | F_CALLED;
-    df_result r = {d->value, d->value_free, d->failure, NULL};
-    int single = run_single(d, r);
-    if (single != SINGLE_DONE)
-        run_callbacks_from(d, single == SINGLE_MORE);
+    uint32_t flags = (d->flags & ~(uint32_t)F_POOL_JOB_IO) | F_CALLED;
+    d->flags = flags;
+    /* run_single(), knowing that d has just fired: it is on no run stack
+     * and none of its entries has run (head is 0), and the result is in
+     * place already. */
+    assert(!(flags & F_IN_RUN) && d->head == 0);
+    bool more = false;
+    if (d->paused == 0 && d->count == 1 && !(flags & F_HEAP) &&
+        d->inline_entries[0].cb != continue_mark &&
+        d->inline_entries[0].cb != chain_mark) {
+        entry e = d->inline_entries[0];
+        df_result r = {d->value, d->value_free, d->failure, NULL};
+        df_callback_fn fn = r.failure != NULL ? e.eb : e.cb;
+        d->head = 1;
+        if (fn != NULL) {
+            d->value = NULL; /* df_ok(NULL, NULL), over the result */
+            d->value_free = NULL;
+            d->failure = NULL;
+            df_deferred *inner =
+                call_entry(d, fn, r, e.arg, F_IN_RUN | F_IN_CALLBACK);
+            if (inner != NULL) {
+                d->link = inner; /* it waits: the rest runs later */
+                unref_checked(d);
+                return;
+            }
+        }
+        more = d->head < d->count;
+        if (!more) {
+            unref_checked(d);
+            return;
+        }
+    }
+    run_callbacks_from(d, more);
     unref_checked(d);
 }
 
