@@ -363,7 +363,9 @@ unsigned df_pool_threads(const df_pool *p)
 /* ----------------------------------------------------------- plain submit */
 
 /* A df_pool_submit job lives in its deferred's block (no allocation of
- * its own); the deferred is the canceller's argument's owner. */
+ * its own), a pool job's block: its io is the deferred's result fields
+ * and its canceller is plain_cancel, through plain_ops
+ * (deferred-internal.h, df__deferred_new_pool_job). */
 typedef struct plain_job {
     df__job job; /* its deferred holds a reference for the job (the
                   * deferred is df__job_deferred(job)) */
