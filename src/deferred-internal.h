@@ -10,6 +10,13 @@
 #include "deferred.h"
 
 #define DF__UNUSED(x) ((void)(x))
+/* For a slow path kept out of line, so that the fast path that calls it
+ * saves no registers. */
+#if defined(__GNUC__) || defined(__clang__)
+#define DF__NOINLINE __attribute__((noinline))
+#else
+#define DF__NOINLINE
+#endif
 #define DF__CONTAINER_OF(ptr, type, member)                                   \
     ((type *)((char *)(ptr)-offsetof(type, member)))
 

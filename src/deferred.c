@@ -6,12 +6,6 @@
 
 #include "loop-internal.h" /* slabs and counters, inline */
 
-#if defined(__GNUC__) || defined(__clang__)
-#define DF__NOINLINE __attribute__((noinline))
-#else
-#define DF__NOINLINE
-#endif
-
 /*
  * State machine
  * -------------
@@ -275,6 +269,22 @@ static DF__NOINLINE int entries_make_room(df_deferred *d)
     if (cap > UINT32_MAX / 2)
         return DF_ENOMEM;
     return entries_grow(d, cap * 2);
+}
+
+/* append_entry's common case: an unfired deferred with inline room
+ * (nothing has run, so head is 0).  False: the caller takes the general
+ * path. */
+static inline bool append_inline(df_deferred *d, uint32_t flags,
+                                 df_callback_fn cb, df_callback_fn eb,
+                                 void *arg)
+{
+    if ((flags & (F_CALLED | F_HEAP)) || d->count >= d->cap)
+        return false;
+    entry *e = &d->inline_entries[d->count++];
+    e->cb = cb;
+    e->eb = eb;
+    e->arg = arg;
+    return true;
 }
 
 static inline int append_entry(df_deferred *d, df_callback_fn cb,
@@ -952,6 +962,17 @@ int df_maybe(df_loop *loop, df_run_fn fn, void *arg, df_deferred **out)
 
 /* -------------------------------------------------------------- callbacks */
 
+/* Appends a pair where append_inline() could not, and runs it if d has
+ * fired.  Out of line, so that the common path saves no registers. */
+static DF__NOINLINE int add_slow(df_deferred *d, df_callback_fn cb,
+                                 df_callback_fn eb, void *arg)
+{
+    int rc = append_entry(d, cb, eb, arg);
+    if (rc == 0 && (d->flags & F_CALLED))
+        run_callbacks(d);
+    return rc;
+}
+
 int df_deferred_add_callbacks(df_deferred *d, df_callback_fn cb,
                               df_callback_fn eb, void *arg)
 {
@@ -960,31 +981,18 @@ int df_deferred_add_callbacks(df_deferred *d, df_callback_fn cb,
     DF__CHECK_THREAD(LOOP(d));
     if (cb == NULL && eb == NULL)
         return 0; /* a pass-through pair changes nothing */
-    int rc = append_entry(d, cb, eb, arg);
-    if (rc != 0)
-        return rc;
-    if (d->flags & F_CALLED)
-        run_callbacks(d);
-    return 0;
+    if (append_inline(d, d->flags, cb, eb, arg))
+        return 0; /* unfired: nothing runs now */
+    return add_slow(d, cb, eb, arg);
 }
 
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg)
 {
     uint32_t flags = d->flags & ~(uint32_t)F_SCAN_MARK;
     d->flags = flags; /* see df__deferred_reserve_members */
-    if (!(flags & (F_CALLED | F_HEAP)) && d->count < d->cap) {
-        /* The common case: an unfired deferred with inline room (what
-         * append_entry does then, less its checks). */
-        entry *e = &d->inline_entries[d->count++];
-        e->cb = fn;
-        e->eb = fn;
-        e->arg = arg;
-        return 0;
-    }
-    int rc = append_entry(d, fn, fn, arg);
-    if (rc == 0 && (d->flags & F_CALLED))
-        run_callbacks(d);
-    return rc;
+    if (append_inline(d, flags, fn, fn, arg))
+        return 0; /* unfired: nothing runs now */
+    return add_slow(d, fn, fn, arg);
 }
 
 int df_deferred_add_callback(df_deferred *d, df_callback_fn cb, void *arg)

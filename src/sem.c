@@ -500,18 +500,17 @@ static inline void rip_resolve(df__sem_job *sj, df_result r)
     df__deferred_resolve_drop(df__job_deferred(sj), r);
 }
 
-static void job_done(df__job *j, int status)
+/* job_done, when its token went back here or its result is not simply
+ * work's (out of line, so that the common path saves no registers). */
+static DF__NOINLINE void job_done_slow(df__job *j, int status)
 {
     df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
     df_sem *s = j->h.owner;
     df__sem_job_fn finish = s->finish;
-    j->h.state = ST_DONE;
-    /* A job that handed its token on (the common case) skips this. */
     if (!j->h.handed)
         job_give_back(s); /* may free s: hence finish, read before */
     if (finish == rip_finish) {
-        /* The common finish, called directly; in the common case the
-         * result goes from where the worker wrote it to the callbacks. */
+        /* The common finish, called directly. */
         if (df__job_result_ready(j, status))
             df__deferred_resolve_io_drop(df__job_deferred(sj));
         else
@@ -519,6 +518,20 @@ static void job_done(df__job *j, int status)
         return;
     }
     finish(sj, df__job_result(j, status));
+}
+
+static void job_done(df__job *j, int status)
+{
+    j->h.state = ST_DONE;
+    /* The common case: a df_sem_run_in_pool job that handed its token on
+     * and whose result is work's, which goes from where the worker wrote
+     * it to the callbacks. */
+    if (j->h.handed && ((df_sem *)j->h.owner)->finish == rip_finish &&
+        df__job_result_ready(j, status)) {
+        df__deferred_resolve_io_drop(df__job_deferred(j));
+        return;
+    }
+    job_done_slow(j, status);
 }
 
 /* df_deferred_cancel() on df_sem_run_in_pool's deferred (its job lives in
