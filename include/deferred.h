@@ -470,12 +470,16 @@ DF_EXPORT void df_deferred_unref(df_deferred *d);
 DF_EXPORT df_loop *df_deferred_loop(const df_deferred *d);
 
 /* Fires with success; steals value on success.  DF_EALREADY_CALLED if it
- * has fired already (nothing changes, the caller keeps value). */
+ * has fired already (nothing changes, the caller keeps value).  DF_EBUSY
+ * (likewise) on the deferred of a df_pool_submit or df_sem_run_in_pool
+ * job that has not fired yet: only the job fires it (cancel it instead). */
 DF_EXPORT int df_deferred_callback(df_deferred *d, void *value,
                                    df_free_fn free_fn);
-/* Fires with failure; steals f on success.  DF_EALREADY_CALLED as above. */
+/* Fires with failure; steals f on success.  DF_EALREADY_CALLED and
+ * DF_EBUSY as above. */
 DF_EXPORT int df_deferred_errback(df_deferred *d, df_failure *f);
-/* Fires with `r` (success or failure, not df_wait): steals r on success. */
+/* Fires with `r` (success or failure, not df_wait): steals r on success.
+ * DF_EALREADY_CALLED and DF_EBUSY as above. */
 DF_EXPORT int df_deferred_resolve(df_deferred *d, df_result r);
 
 /* Appends a pair; NULL means pass the result through on that side.  If the
@@ -493,7 +497,8 @@ DF_EXPORT int df_deferred_add_both(df_deferred *d, df_callback_fn fn,
  * reference to other.  DF_EINVAL if other == d or belongs to another
  * loop.  If other has fired by the time d's chain gets there, d's chain
  * goes on with a DF_EALREADY_CALLED failure (Twisted: AlreadyCalledError)
- * and other keeps its result.  Until other's callbacks have run (as far as
+ * and other keeps its result; if other is a pool job's deferred that has
+ * not fired yet (see df_deferred_callback), with a DF_EBUSY failure.  Until other's callbacks have run (as far as
  * they can), d holds the result it fired other with: a callback there that
  * returns df_wait(d) gets that value again, without destructor (valid as
  * long as its owner in other's chain keeps it), or that failure (Twisted

@@ -11,6 +11,13 @@
 #include "hot-assert.h"
 
 #define DF__UNUSED(x) ((void)(x))
+/* For a slow path kept out of line, so that the fast path that calls it
+ * saves no registers. */
+#if defined(__GNUC__) || defined(__clang__)
+#define DF__NOINLINE __attribute__((noinline))
+#else
+#define DF__NOINLINE
+#endif
 #define DF__CONTAINER_OF(ptr, type, member)                                   \
     ((type *)((char *)(ptr)-offsetof(type, member)))
 
@@ -151,8 +158,16 @@ typedef struct df__slab {
     size_t empty;            /* chunks with no block handed out (0 or 1) */
     const df__pages *pages;  /* big chunks, default allocator only */
 } df__slab;
-/* The loop's slabs: deferreds, and deferreds with room for a pool job. */
-enum { DF__SLAB_DEFERRED, DF__SLAB_DEFERRED_JOB, DF__SLABS };
+/* The loop's slabs: deferreds, deferreds with room for a semaphore's
+ * waiter (DF__JOB_SIZE), and deferreds with room for a pool job
+ * (DF__POOL_JOB_SIZE); loop.c sets up all three, with the block sizes
+ * df__deferred_block_size gives. */
+enum {
+    DF__SLAB_DEFERRED,
+    DF__SLAB_DEFERRED_JOB,
+    DF__SLAB_DEFERRED_POOL_JOB,
+    DF__SLABS
+};
 df__slab *df__loop_slab(df_loop *loop, int which);
 void df__slab_init(df__slab *s, size_t size);
 /* A block of s->size bytes (8-byte aligned) whose first word is its
@@ -164,8 +179,8 @@ void df__slab_put(df_loop *loop, df__slab *s, void *p);
  * start is 2 MiB aligned and the kernel is asked for transparent huge
  * pages, so that a large array costs few page faults.  Or NULL. */
 void *df__malloc_bulk(df_loop *loop, size_t size);
-/* The size of a deferred's block (deferred.c), with room for a job. */
-size_t df__deferred_block_size(bool job);
+/* The size of the blocks of slab `which` (DF__SLAB_*; deferred.c). */
+size_t df__deferred_block_size(int which);
 
 /* ------------------------------------------------------ unhandled failure */
 /* Reports `f` (borrowed) through the loop's hook; counts it. */
@@ -225,6 +240,10 @@ int df__deferred_resolve(df_deferred *d, df_result r);
  * when it was cancelled), then drops the caller's reference, in one call.
  * The caller's reference keeps d alive while its callbacks run. */
 void df__deferred_resolve_drop(df_deferred *d, df_result r);
+/* df__deferred_resolve_drop for a pool job's producer whose job ran and
+ * left a result that is not df_wait() in its io (df__job_io_of): fires d
+ * with that result as it lies there, and drops the caller's reference. */
+void df__deferred_resolve_io_drop(df_deferred *d);
 /* df_deferred_add_both for library code on d's loop thread (fn is not
  * NULL): the same, without the argument and thread checks. */
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg);
@@ -243,18 +262,30 @@ void df__deferred_unmark(df_deferred *d);
  * not be set up after all. */
 bool df__deferred_mark_timeout(df_deferred *d);
 void df__deferred_unmark_timeout(df_deferred *d);
-/* A cancellable deferred and a pool job in one block (the caller has
- * checked that it runs on loop's thread), or NULL (out of memory).  Its
- * job, df__deferred_job(d), is DF__JOB_SIZE bytes, 8-byte aligned, that
- * live as long as the deferred and are also the canceller's argument
- * (pool.c and sem.c check the size).  flags is 0 or
- * DF__DEFERRED_CANCEL_WAITS (set as df__deferred_set_cancel_waits does).
- * The job starts DF__JOB_OFFSET bytes into the block (deferred.c checks
- * it), so the job finds its deferred without keeping a pointer. */
+/* A cancellable deferred and a job in one block (the caller has checked
+ * that it runs on loop's thread), or NULL (out of memory).  Its job,
+ * df__deferred_job(d), is DF__JOB_SIZE bytes, 8-byte aligned, that live
+ * as long as the deferred and are also the canceller's argument (sem.c
+ * checks the size).  flags is 0 or DF__DEFERRED_CANCEL_WAITS (set as
+ * df__deferred_set_cancel_waits does).  The job starts DF__JOB_OFFSET
+ * bytes into the block (deferred.c checks it), so the job finds its
+ * deferred without keeping a pointer.
+ *
+ * df__deferred_new_pool_job makes a pool job's block, cancel-waits, the
+ * same way but 32 bytes smaller: its job is DF__POOL_JOB_SIZE bytes, and what
+ * the job carries (its work function and argument, then its result: a
+ * df__job_io) lives in the deferred's own canceller and result fields,
+ * which are free until the deferred fires (pool-internal.h, df__job_io_of()).
+ * Until its producer fires it (df__deferred_resolve_drop), those bytes
+ * belong to the job, and to the worker that runs it: the deferred reads
+ * none of them, its canceller is df__pool_job_cancel(job), and firing it
+ * from anywhere else is refused with DF_EBUSY. */
 #define DF__JOB_SIZE 72
+#define DF__POOL_JOB_SIZE 40
 #define DF__JOB_OFFSET 88
 df_deferred *df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                                   uint32_t flags);
+df_deferred *df__deferred_new_pool_job(df_loop *loop);
 static inline void *df__deferred_job(df_deferred *d)
 {
     return (char *)d + DF__JOB_OFFSET;
@@ -263,6 +294,22 @@ static inline df_deferred *df__job_deferred(void *job)
 {
     return (df_deferred *)(void *)((char *)job - DF__JOB_OFFSET);
 }
+/* What a pool job carries, in 32 bytes: its work function and argument
+ * until a worker takes it, then the result the worker writes before it
+ * posts the job.  It lies DF__JOB_IO_BACK bytes before the job, in a
+ * pool job's block the deferred's result fields (deferred.c checks it);
+ * a job embedded elsewhere (a map's slot) is laid out the same way. */
+typedef union df__job_io {
+    struct {
+        df_work_fn work;
+        void *arg;
+    } in;
+    df_result result;
+} df__job_io;
+#define DF__JOB_IO_BACK 56
+/* The canceller of a pool job's block: calls the job's owner's cancel
+ * hook (pool.c).  Loop thread. */
+void df__pool_job_cancel(void *job);
 
 /* ---------------------------------------------------------------- failure */
 /* The shared static out-of-memory failure. */

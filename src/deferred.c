@@ -6,12 +6,6 @@
 
 #include "loop-internal.h" /* slabs and counters, inline */
 
-#if defined(__GNUC__) || defined(__clang__)
-#define DF__NOINLINE __attribute__((noinline))
-#else
-#define DF__NOINLINE
-#endif
-
 /*
  * State machine
  * -------------
@@ -58,13 +52,18 @@ enum {
     F_CANCEL_WAITS = 1u << 3,  /* canceller fires it later (pool jobs)      */
     F_CANCELLING = 1u << 4,    /* its canceller is running                  */
     F_TIMEOUT = 1u << 5,       /* a timeout was set (loop.c)                */
-    F_EXT = 1u << 6,           /* allocated with room for a pool job        */
     F_CHAIN_BASE = 1u << 7,    /* on the stack, pushed by a chain entry     */
     F_CHAIN_HELD = 1u << 8,    /* firing a chained deferred; holds a copy   */
     F_IN_CALLBACK = 1u << 9,   /* one of its callbacks is running           */
     F_SCAN_MARK = 1u << 10,    /* df__deferred_reserve_members' scratch   */
     F_HEAP = 1u << 11,         /* the entries are in a heap array           */
+    /* Bits 12-13: the block's class, its slab (DF__SLAB_*). */
+    F_POOL_JOB_IO = 1u << 14,  /* its pool job owns the result fields      */
 };
+#define CLASS_SHIFT 12
+#define F_CLASS (3u << CLASS_SHIFT)
+_Static_assert(DF__SLABS <= 4,
+               "the class takes two bits");
 
 typedef struct entry {
     df_callback_fn cb;
@@ -73,7 +72,7 @@ typedef struct entry {
 } entry;
 
 /* Callback pairs a deferred holds without an allocation of its own: two
- * for a plain deferred, one for a block with room for a pool job (its one
+ * for a plain deferred, one for a block with room for a job (its one
  * common pair is the application's, or a list's member callback), so that
  * the job starts right after that one entry. */
 #define INLINE_ENTRIES 2
@@ -101,7 +100,16 @@ _Static_assert(sizeof(heap_entries) <= INLINE_ENTRIES_JOB * sizeof(entry),
  *     continuation entry clears the wait before it pushes the outer), and
  *     one that starts waiting while on the stack is popped before `link`
  *     takes the inner deferred (pop_to_wait);
- *   - the inline entries and the heap array's address (F_HEAP).
+ *   - the inline entries and the heap array's address (F_HEAP);
+ *   - in a pool job's block, until its producer fires it (F_POOL_JOB_IO),
+ *     all 32 bytes from the canceller to `link` are the job's df__job_io:
+ *     its work and argument, then the result its worker writes.  The
+ *     canceller is known from the class (df__pool_job_cancel), `failure`
+ *     and `link` are read only once fired (chained() checks F_CALLED), so
+ *     nothing on the loop thread reads those bytes while the worker may
+ *     write them, and nobody else may fire the deferred meanwhile (that
+ *     would write them): DF_EBUSY.  The producer's fire reads the result
+ *     out first, then clears `link` (df__deferred_resolve_drop).
  */
 struct df_deferred {
     df__chunk *chunk;         /* its slab chunk (the slab wrote it): LOOP() */
@@ -112,17 +120,22 @@ struct df_deferred {
     uint32_t count;           /* entries in use    */
     uint32_t cap;             /* entries allocated */
     union {
-        struct {              /* until F_CALLED */
-            df_canceller_fn canceller;
-            void *canceller_arg;
+        struct {
+            union {
+                struct {      /* until F_CALLED */
+                    df_canceller_fn canceller;
+                    void *canceller_arg;
+                };
+                struct {      /* from F_CALLED on: the result */
+                    void *value;
+                    df_free_fn value_free;
+                };
+            };
+            df_failure *failure; /* the result's failure (NULL until fired) */
+            df_deferred *link;   /* see above: use chained() to read it */
         };
-        struct {              /* from F_CALLED on: the result */
-            void *value;
-            df_free_fn value_free;
-        };
+        df__job_io job_io;    /* F_POOL_JOB_IO: the pool job's (see above) */
     };
-    df_failure *failure;      /* the result's failure (NULL until fired) */
-    df_deferred *link;        /* see above: use chained() to read it */
     union {
         entry inline_entries[INLINE_ENTRIES]; /* last: a job block keeps
                                                  INLINE_ENTRIES_JOB */
@@ -134,8 +147,8 @@ struct df_deferred {
  * out). */
 #define LOOP(d) df__chunk_loop((d)->chunk)
 
-/* Where a block made with room for a pool job starts that room: right
- * after its INLINE_ENTRIES_JOB inline entries. */
+/* Where a block made with room for a job starts that room: right after
+ * its INLINE_ENTRIES_JOB inline entries. */
 #define EXT_OFFSET                                                             \
     (offsetof(df_deferred, inline_entries) + INLINE_ENTRIES_JOB * sizeof(entry))
 _Static_assert(EXT_OFFSET == DF__JOB_OFFSET, "fix DF__JOB_OFFSET");
@@ -150,13 +163,24 @@ _Static_assert(offsetof(df_deferred, chunk) == 0 &&
                    F_CANCEL_WAITS == DF__DEFERRED_CANCEL_WAITS,
                "df__deferred_head must match struct df_deferred");
 _Static_assert(EXT_OFFSET % 8 == 0, "a job needs 8-byte alignment");
+_Static_assert(offsetof(df_deferred, job_io) == offsetof(df_deferred, value) &&
+                   offsetof(df_deferred, job_io) ==
+                       offsetof(df_deferred, canceller) &&
+                   offsetof(df_deferred, link) + sizeof(df_deferred *) ==
+                       offsetof(df_deferred, job_io) + sizeof(df__job_io) &&
+                   EXT_OFFSET - offsetof(df_deferred, job_io) ==
+                       DF__JOB_IO_BACK,
+               "a pool job's io must be the deferred's canceller and result "
+               "fields, DF__JOB_IO_BACK bytes before the job");
 _Static_assert(offsetof(df_deferred, inline_entries) <= 64,
                "a deferred's header is 64 bytes at most (issue 11)");
 
-/* The inner deferred d waits on, or NULL. */
+/* The inner deferred d waits on, or NULL.  An unfired deferred waits on
+ * nothing, and its `link` is not read (a pool job's worker may be writing
+ * it: see above). */
 static inline df_deferred *chained(const df_deferred *d)
 {
-    return (d->flags & F_IN_RUN) ? NULL : d->link;
+    return (d->flags & (F_IN_RUN | F_CALLED)) == F_CALLED ? d->link : NULL;
 }
 
 static inline entry *entries(df_deferred *d)
@@ -245,6 +269,22 @@ static DF__NOINLINE int entries_make_room(df_deferred *d)
     if (cap > UINT32_MAX / 2)
         return DF_ENOMEM;
     return entries_grow(d, cap * 2);
+}
+
+/* append_entry's common case: an unfired deferred with inline room
+ * (nothing has run, so head is 0).  False: the caller takes the general
+ * path. */
+static inline bool append_inline(df_deferred *d, uint32_t flags,
+                                 df_callback_fn cb, df_callback_fn eb,
+                                 void *arg)
+{
+    if ((flags & (F_CALLED | F_HEAP)) || d->count >= d->cap)
+        return false;
+    entry *e = &d->inline_entries[d->count++];
+    e->cb = cb;
+    e->eb = eb;
+    e->arg = arg;
+    return true;
 }
 
 static inline int append_entry(df_deferred *d, df_callback_fn cb,
@@ -412,6 +452,18 @@ static void run_callbacks_from(df_deferred *self, bool resume)
             }
             if (e.cb == chain_mark) {
                 df_deferred *other = e.arg;
+                if ((other->flags & (F_CALLED | F_POOL_JOB_IO)) ==
+                    F_POOL_JOB_IO) {
+                    /* A pool job's, in flight: only its producer fires
+                     * it (see df_deferred_chain). */
+                    df_result old = take_result(cur);
+                    df_result_clear(&old);
+                    put_result(cur, df_errf(LOOP(cur), DF_EBUSY,
+                                            "chained deferred belongs to a "
+                                            "pool job in flight"));
+                    df_deferred_unref(other);
+                    continue;
+                }
                 if (other->flags & F_CALLED) {
                     df_result old = take_result(cur);
                     df_result_clear(&old);
@@ -510,14 +562,16 @@ static inline int run_single(df_deferred *d, df_result r)
 
 /* -------------------------------------------------------------- lifecycle */
 
-size_t df__deferred_block_size(bool job)
+size_t df__deferred_block_size(int which)
 {
-    return job ? EXT_OFFSET + DF__JOB_SIZE : sizeof(df_deferred);
-}
-
-static inline df__slab *slab_of(df_loop *loop, bool ext)
-{
-    return &loop->slabs[ext ? DF__SLAB_DEFERRED_JOB : DF__SLAB_DEFERRED];
+    switch (which) {
+    case DF__SLAB_DEFERRED_JOB:
+        return EXT_OFFSET + DF__JOB_SIZE;
+    case DF__SLAB_DEFERRED_POOL_JOB:
+        return EXT_OFFSET + DF__POOL_JOB_SIZE;
+    default:
+        return sizeof(df_deferred);
+    }
 }
 
 /* Gives a deferred's block back to its loop's slab. */
@@ -526,15 +580,17 @@ static inline void block_put(df_deferred *d)
     df_loop *loop = LOOP(d);
     DF__HOT_ASSERT(loop->deferreds > 0);
     loop->deferreds--;
-    df__slab_put_inline(loop, slab_of(loop, d->flags & F_EXT), d);
+    df__slab_put_inline(
+        loop, &loop->slabs[(d->flags & F_CLASS) >> CLASS_SHIFT], d);
 }
 
-/* A new, unfired deferred with one reference and the canceller fn (arg),
- * or NULL.  Loop thread: the caller has checked. */
-static inline df_deferred *block_get(df_loop *loop, bool ext,
+/* A new, unfired deferred of class `which` (DF__SLAB_*) with one
+ * reference and the canceller fn (arg), or NULL.  Loop thread: the caller
+ * has checked. */
+static inline df_deferred *block_get(df_loop *loop, unsigned which,
                                      df_canceller_fn fn, void *arg)
 {
-    df_deferred *d = df__slab_get_inline(loop, slab_of(loop, ext));
+    df_deferred *d = df__slab_get_inline(loop, &loop->slabs[which]);
     if (d == NULL)
         return NULL;
     loop->deferreds++;
@@ -542,11 +598,11 @@ static inline df_deferred *block_get(df_loop *loop, bool ext,
      * memset costs more than these stores). */
     DF__HOT_ASSERT(df__chunk_loop(d->chunk) == loop);
     d->refs = 1;
-    d->flags = ext ? F_EXT : 0;
+    d->flags = which << CLASS_SHIFT;
     d->paused = 0;
     d->head = 0;
     d->count = 0;
-    d->cap = ext ? INLINE_ENTRIES_JOB : INLINE_ENTRIES;
+    d->cap = which != DF__SLAB_DEFERRED ? INLINE_ENTRIES_JOB : INLINE_ENTRIES;
     d->canceller = fn;
     d->canceller_arg = arg;
     d->failure = NULL;
@@ -560,7 +616,7 @@ static int deferred_alloc(df_loop *loop, df_canceller_fn fn, void *arg,
     if (loop == NULL || out == NULL)
         return DF_EINVAL;
     DF__CHECK_THREAD(loop);
-    df_deferred *d = block_get(loop, false, fn, arg);
+    df_deferred *d = block_get(loop, DF__SLAB_DEFERRED, fn, arg);
     if (d == NULL)
         return DF_ENOMEM;
     *out = d;
@@ -572,11 +628,22 @@ df_deferred *df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
 {
     DF__HOT_ASSERT(df__on_loop_thread(loop));
     DF__HOT_ASSERT((flags & ~(uint32_t)F_CANCEL_WAITS) == 0);
-    df_deferred *d = block_get(loop, true, fn, NULL);
+    df_deferred *d = block_get(loop, DF__SLAB_DEFERRED_JOB, fn, NULL);
     if (d != NULL) {
         d->flags |= flags;
         d->canceller_arg = (char *)d + EXT_OFFSET;
     }
+    return d;
+}
+
+df_deferred *df__deferred_new_pool_job(df_loop *loop)
+{
+    DF__HOT_ASSERT(df__on_loop_thread(loop));
+    /* Its canceller is known from its class, and its job's io takes the
+     * canceller's bytes (df__job_init writes them). */
+    df_deferred *d = block_get(loop, DF__SLAB_DEFERRED_POOL_JOB, NULL, NULL);
+    if (d != NULL)
+        d->flags |= F_CANCEL_WAITS | F_POOL_JOB_IO;
     return d;
 }
 
@@ -740,7 +807,9 @@ int df_deferred_resolve(df_deferred *d, df_result r)
 int df__deferred_resolve(df_deferred *d, df_result r)
 {
     assert(r.wait == NULL && df__on_loop_thread(LOOP(d)));
-    if (d->flags & F_CALLED) {
+    if (d->flags & (F_CALLED | F_POOL_JOB_IO)) {
+        if (!(d->flags & F_CALLED))
+            return DF_EBUSY; /* a pool job's: its producer fires it */
         if (d->flags & F_SUPPRESS) {
             /* Cancelled earlier: the producer's late result is dropped, as
              * in Twisted.  We own it now (success returned), so free it. */
@@ -763,18 +832,67 @@ void df__deferred_resolve_drop(df_deferred *d, df_result r)
 {
     DF__HOT_ASSERT(r.wait == NULL && df__on_loop_thread(LOOP(d)) && d->refs > 0);
     if (d->flags & F_CALLED) {
+        assert(!(d->flags & F_POOL_JOB_IO));
         /* Cancelled earlier (F_SUPPRESS: the late result is dropped, as
          * in df__deferred_resolve) or fired already: r is ours to free. */
         d->flags &= ~(uint32_t)F_SUPPRESS;
         df_result_clear(&r);
     } else {
         /* df__deferred_resolve without its extra reference: the caller's
-         * stays held until the callbacks have run. */
-        d->flags |= F_CALLED;
+         * stays held until the callbacks have run.  A pool job's producer
+         * has read the job's io (r): the result fields are the
+         * deferred's again, and `link` (the io's last word) waits for
+         * nothing. */
+        d->flags = (d->flags & ~(uint32_t)F_POOL_JOB_IO) | F_CALLED;
+        d->link = NULL;
         int single = run_single(d, r);
         if (single != SINGLE_DONE)
             run_callbacks_from(d, single == SINGLE_MORE);
     }
+    unref_checked(d);
+}
+
+void df__deferred_resolve_io_drop(df_deferred *d)
+{
+    assert(df__on_loop_thread(LOOP(d)) && d->refs > 0 &&
+           (d->flags & (F_POOL_JOB_IO | F_CALLED)) == F_POOL_JOB_IO &&
+           d->link == NULL);
+    /* df__deferred_resolve_drop with the result where the job's worker
+     * wrote it, its wait (`link`) NULL: it goes to the callback from
+     * there, with no copy through the caller. */
+    uint32_t flags = (d->flags & ~(uint32_t)F_POOL_JOB_IO) | F_CALLED;
+    d->flags = flags;
+    /* run_single(), knowing that d has just fired: it is on no run stack
+     * and none of its entries has run (head is 0), and the result is in
+     * place already. */
+    assert(!(flags & F_IN_RUN) && d->head == 0);
+    bool more = false;
+    if (d->paused == 0 && d->count == 1 && !(flags & F_HEAP) &&
+        d->inline_entries[0].cb != continue_mark &&
+        d->inline_entries[0].cb != chain_mark) {
+        entry e = d->inline_entries[0];
+        df_result r = {d->value, d->value_free, d->failure, NULL};
+        df_callback_fn fn = r.failure != NULL ? e.eb : e.cb;
+        d->head = 1;
+        if (fn != NULL) {
+            d->value = NULL; /* df_ok(NULL, NULL), over the result */
+            d->value_free = NULL;
+            d->failure = NULL;
+            df_deferred *inner =
+                call_entry(d, fn, r, e.arg, F_IN_RUN | F_IN_CALLBACK);
+            if (inner != NULL) {
+                d->link = inner; /* it waits: the rest runs later */
+                unref_checked(d);
+                return;
+            }
+        }
+        more = d->head < d->count;
+        if (!more) {
+            unref_checked(d);
+            return;
+        }
+    }
+    run_callbacks_from(d, more);
     unref_checked(d);
 }
 
@@ -841,6 +959,17 @@ int df_maybe(df_loop *loop, df_run_fn fn, void *arg, df_deferred **out)
 
 /* -------------------------------------------------------------- callbacks */
 
+/* Appends a pair where append_inline() could not, and runs it if d has
+ * fired.  Out of line, so that the common path saves no registers. */
+static DF__NOINLINE int add_slow(df_deferred *d, df_callback_fn cb,
+                                 df_callback_fn eb, void *arg)
+{
+    int rc = append_entry(d, cb, eb, arg);
+    if (rc == 0 && (d->flags & F_CALLED))
+        run_callbacks(d);
+    return rc;
+}
+
 int df_deferred_add_callbacks(df_deferred *d, df_callback_fn cb,
                               df_callback_fn eb, void *arg)
 {
@@ -849,21 +978,18 @@ int df_deferred_add_callbacks(df_deferred *d, df_callback_fn cb,
     DF__CHECK_THREAD(LOOP(d));
     if (cb == NULL && eb == NULL)
         return 0; /* a pass-through pair changes nothing */
-    int rc = append_entry(d, cb, eb, arg);
-    if (rc != 0)
-        return rc;
-    if (d->flags & F_CALLED)
-        run_callbacks(d);
-    return 0;
+    if (append_inline(d, d->flags, cb, eb, arg))
+        return 0; /* unfired: nothing runs now */
+    return add_slow(d, cb, eb, arg);
 }
 
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg)
 {
-    d->flags &= ~(uint32_t)F_SCAN_MARK; /* see df__deferred_reserve_members */
-    int rc = append_entry(d, fn, fn, arg);
-    if (rc == 0 && (d->flags & F_CALLED))
-        run_callbacks(d);
-    return rc;
+    uint32_t flags = d->flags & ~(uint32_t)F_SCAN_MARK;
+    d->flags = flags; /* see df__deferred_reserve_members */
+    if (append_inline(d, flags, fn, fn, arg))
+        return 0; /* unfired: nothing runs now */
+    return add_slow(d, fn, fn, arg);
 }
 
 int df_deferred_add_callback(df_deferred *d, df_callback_fn cb, void *arg)
@@ -940,10 +1066,17 @@ int df_deferred_cancel(df_deferred *d)
     if (d->flags & (F_CALLED | F_CANCELLING))
         return 0; /* a canceller cancelling its own deferred: no recursion */
 
-    /* Unfired, so the canceller is there (firing replaces it). */
-    df_canceller_fn canceller = d->canceller;
+    /* Unfired, so the canceller is there (firing replaces it), unless
+     * the block is a pool job's, whose canceller is known. */
     d->refs++;
-    if (canceller != NULL) {
+    df_canceller_fn canceller;
+    if (d->flags & F_POOL_JOB_IO) {
+        assert(d->flags & F_CANCEL_WAITS);
+        canceller = NULL; /* never read: CANCEL_WAITS */
+        d->flags |= F_CANCELLING;
+        df__pool_job_cancel((char *)d + EXT_OFFSET);
+        d->flags &= ~F_CANCELLING;
+    } else if ((canceller = d->canceller) != NULL) {
         d->flags |= F_CANCELLING;
         canceller(d, d->canceller_arg);
         d->flags &= ~F_CANCELLING;

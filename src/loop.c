@@ -354,10 +354,8 @@ int df_loop_new(const df_loop_options *opts, df_loop **out)
         return rc;
     }
     loop->alloc = *a;
-    df__slab_init(&loop->slabs[DF__SLAB_DEFERRED],
-                  df__deferred_block_size(false));
-    df__slab_init(&loop->slabs[DF__SLAB_DEFERRED_JOB],
-                  df__deferred_block_size(true));
+    for (int i = 0; i < DF__SLABS; i++)
+        df__slab_init(&loop->slabs[i], df__deferred_block_size(i));
     if (df__thread_token == 0)
         df__thread_token = new_token();
     loop->token = df__thread_token;

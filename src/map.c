@@ -59,16 +59,20 @@
 enum { SLOT_FREE = 0, SLOT_RUNNING, SLOT_FINISHED };
 
 typedef struct slot {
-    df__sem_job sj; /* pool: the item's job */
+    df__job_io io;  /* pool: the job's io, DF__JOB_IO_BACK before it */
     df_map *map;
     uint64_t index; /* input position */
     void *item;     /* owned until delivered */
+    df__sem_job sj; /* pool: the item's job */
     df_free_fn item_free;
     df_deferred *d;    /* RUNNING, call: the item's deferred (own ref) */
     df_result result;  /* FINISHED: the result until delivered */
     df__ilink link;    /* unordered: free slots or finished queue */
     int state;
 } slot;
+
+_Static_assert(offsetof(slot, sj) - offsetof(slot, io) == DF__JOB_IO_BACK,
+               "a job's io lies DF__JOB_IO_BACK bytes before it");
 
 /* The done deferred's value.  df_free_fn gets only the pointer, so the
  * summary carries a copy of the loop's allocator to free itself with (it

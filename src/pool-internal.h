@@ -45,12 +45,15 @@ typedef struct df__job_ops {
      * through the loop (the token hand-off).  NULL: none.  May be NULL. */
     df__job *(*next)(df__job *j);
     /* Loop thread: the job is over and the pool has forgotten it.
-     * status 0: work ran, j->result holds its result (steal it) and
+     * status 0: work ran, its io holds its result (steal it) and
      * j->h.handed says whether its token went on to the next job.
      * DF_ECANCELLED: taken off the queue without running (a cancel, or
-     * df_pool_shutdown(CANCEL)); j->result holds nothing.  May run user
+     * df_pool_shutdown(CANCEL)); its io holds no result.  May run user
      * code and free the pool. */
     void (*done)(df__job *j, int status);
+    /* Loop thread: the application cancels the deferred whose block holds
+     * j (df__pool_job_cancel).  May run user code. */
+    void (*cancel)(df__job *j);
 } df__job_ops;
 
 /* A job's life, as the pool sees it:
@@ -64,23 +67,28 @@ typedef struct df__job_ops {
  * Only `queued` is recorded (pool->mu): every other state is "not on the
  * queue", and what matters then is only whether the worker has posted.
  *
- * What a job keeps is what a job waiting for a token or queued needs (the
- * work function and its argument) in the same bytes as what only a job
- * that has run needs (its result): the worker reads work and arg before it
- * calls work, and writes the result after.  The owner's hooks are found
- * through the owner.  72 bytes. */
+ * What a job carries is its io (deferred-internal.h): what a job waiting
+ * for a token or queued needs (the work function and its argument) in the
+ * same bytes as what only a job that has run needs (its result): the
+ * worker reads work and arg before it calls work, and writes the result
+ * after.  The io is not in the job but DF__JOB_IO_BACK bytes before it:
+ * in a pool job's block (df_pool_submit, df_sem_run_in_pool) it is the
+ * deferred's own result fields, free until the job's completion fires
+ * the deferred, which makes the block 32 bytes smaller; a map's slot
+ * puts its io there too.  The owner's hooks are found through the owner.
+ * 40 bytes. */
 
 struct df__job {
     df__job_head h;
     df_pool *pool;
-    union {
-        struct {
-            df_work_fn work;
-            void *arg;
-        } in;                 /* until a worker takes the job             */
-        df_result result;     /* written by the worker before posting     */
-    };
 };
+_Static_assert(sizeof(df__job) == DF__POOL_JOB_SIZE, "fix DF__POOL_JOB_SIZE");
+
+/* The io of j (see above).  The thread that owns j. */
+static inline df__job_io *df__job_io_of(df__job *j)
+{
+    return (df__job_io *)(void *)((char *)j - DF__JOB_IO_BACK);
+}
 
 /* Loop thread.  Prepares j to run work(w, arg) on p for `owner` (NULL,
  * or an object that starts with a `const df__job_ops *`). */
@@ -93,8 +101,9 @@ static inline void df__job_init(df__job *j, df_pool *p, void *owner,
     atomic_init(&j->h.w.cancelled, false);
     j->pool = p;
     j->h.owner = owner;
-    j->in.work = work;
-    j->in.arg = arg;
+    df__job_io *io = df__job_io_of(j);
+    io->in.work = work;
+    io->in.arg = arg;
 }
 /* Loop thread.  Queues j; the pool must accept work (df__pool_accepts).
  * Runs no user code. */
@@ -107,13 +116,18 @@ bool df__job_unqueue(df__job *j);
  * result, or DF_ECANCELLED if status says so or the job was cancelled
  * while it ran, or DF_EINVAL if work returned df_wait().  Once only. */
 df_result df__job_result_slow(df__job *j, int status);
+/* Loop thread, in done(): true in the common case, where the job's final
+ * result is what work returned, as it lies in its io: work ran, was not
+ * cancelled, returned no df_wait(). */
+static inline bool df__job_result_ready(df__job *j, int status)
+{
+    return status == 0 && df__job_io_of(j)->result.wait == NULL &&
+           !atomic_load_explicit(&j->h.w.cancelled, memory_order_relaxed);
+}
 static inline df_result df__job_result(df__job *j, int status)
 {
-    /* The common case inline: work ran, was not cancelled, returned no
-     * df_wait(). */
-    if (status == 0 && j->result.wait == NULL &&
-        !atomic_load_explicit(&j->h.w.cancelled, memory_order_relaxed))
-        return j->result;
+    if (df__job_result_ready(j, status))
+        return df__job_io_of(j)->result;
     return df__job_result_slow(j, status);
 }
 /* The first members of struct df_pool (pool.c checks the layout), so that

@@ -208,8 +208,9 @@ static void *worker_main(void *arg)
         unsigned unwoken = 0;
         while (j != NULL) {
             /* work and arg share their bytes with the result. */
-            df_work_fn work = j->in.work;
-            j->result = work(&j->h.w, j->in.arg);
+            df__job_io *io = df__job_io_of(j);
+            df_work_fn work = io->in.work;
+            io->result = work(&j->h.w, io->in.arg);
             df__job *next = NULL;
             const df__job_ops *ops = job_ops(j);
             if (ops->next != NULL &&
@@ -362,20 +363,22 @@ unsigned df_pool_threads(const df_pool *p)
 /* ----------------------------------------------------------- plain submit */
 
 /* A df_pool_submit job lives in its deferred's block (no allocation of
- * its own); the deferred is the canceller's argument's owner. */
+ * its own), a pool job's block: its io is the deferred's result fields
+ * and its canceller is plain_cancel, through plain_ops
+ * (deferred-internal.h, df__deferred_new_pool_job). */
 typedef struct plain_job {
     df__job job; /* its deferred holds a reference for the job (the
                   * deferred is df__job_deferred(job)) */
 } plain_job;
 
-_Static_assert(sizeof(plain_job) <= DF__JOB_SIZE, "raise DF__JOB_SIZE");
+_Static_assert(sizeof(plain_job) <= DF__POOL_JOB_SIZE,
+               "raise DF__POOL_JOB_SIZE");
 
+/* The producer's fire: drops the job's reference. */
 static void fail_cancelled(df_loop *loop, df_deferred *d)
 {
     df_failure *f = df_failure_new(loop, DF_ECANCELLED, "pool job cancelled");
-    if (df_deferred_errback(d, f) != 0)
-        df_failure_unref(f);
-    df_deferred_unref(d);
+    df__deferred_resolve_drop(d, df_err(f));
 }
 
 df_result df__job_result_slow(df__job *j, int status)
@@ -383,7 +386,7 @@ df_result df__job_result_slow(df__job *j, int status)
     df_loop *loop = j->pool->loop;
     if (status != 0) /* never ran: the result's bytes hold work and arg */
         return df_err(df_failure_new(loop, status, "pool job cancelled"));
-    df_result r = j->result;
+    df_result r = df__job_io_of(j)->result;
     if (atomic_load_explicit(&j->h.w.cancelled, memory_order_relaxed)) {
         df_result_clear(&r);
         return df_err(df_failure_new(loop, DF_ECANCELLED,
@@ -399,23 +402,34 @@ df_result df__job_result_slow(df__job *j, int status)
 static void plain_done(df__job *j, int status)
 {
     plain_job *pj = DF__CONTAINER_OF(j, plain_job, job);
+    if (df__job_result_ready(j, status)) {
+        /* The common case: the result goes from where the worker wrote
+         * it to the callbacks. */
+        df__deferred_resolve_io_drop(df__job_deferred(pj));
+        return;
+    }
     df_result r = df__job_result(j, status);
     /* Fires the deferred and drops the job's reference: may free the
      * block, and the job with it. */
     df__deferred_resolve_drop(df__job_deferred(pj), r);
 }
 
-static const df__job_ops plain_ops = {NULL, plain_done};
-
 /* df_deferred_cancel() on a plain job's deferred; loop thread.  A queued
  * job leaves the queue and fails now; a running one fails with
  * DF_ECANCELLED when its completion is dispatched. */
-static void plain_cancel(df_deferred *d, void *arg)
+static void plain_cancel(df__job *j)
 {
-    DF__UNUSED(d);
-    plain_job *pj = arg;
+    plain_job *pj = DF__CONTAINER_OF(j, plain_job, job);
     if (df__job_unqueue(&pj->job))
         fail_cancelled(pj->job.pool->loop, df__job_deferred(pj));
+}
+
+static const df__job_ops plain_ops = {NULL, plain_done, plain_cancel};
+
+void df__pool_job_cancel(void *job)
+{
+    df__job *j = job;
+    job_ops(j)->cancel(j);
 }
 
 int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
@@ -425,8 +439,7 @@ int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
     DF__CHECK_THREAD(p->loop);
     if (p->state != DF__POOL_OPEN)
         return DF_ESHUTDOWN;
-    df_deferred *d = df__deferred_new_job(p->loop, plain_cancel,
-                                          DF__DEFERRED_CANCEL_WAITS);
+    df_deferred *d = df__deferred_new_pool_job(p->loop);
     if (d == NULL)
         return DF_ENOMEM;
     plain_job *pj = df__deferred_job(d);

@@ -212,7 +212,7 @@ static void sem_leave(df_sem *s, bool outer)
 /* Puts a waiter at the end of the line, with no lock: on `incoming`,
  * linked through link.next.  Loop thread (the only pusher, so a waiter
  * taken off the stack is never seen again: no ABA). */
-static void line_append(df_sem *s, df__waiter *w)
+static inline void line_append(df_sem *s, df__waiter *w)
 {
     w->state = ST_WAITING;
     /* A locked add, which helgrind understands (a plain store would be
@@ -500,23 +500,48 @@ static inline void rip_resolve(df__sem_job *sj, df_result r)
     df__deferred_resolve_drop(df__job_deferred(sj), r);
 }
 
-static void job_done(df__job *j, int status)
+/* job_done, when its token went back here or its result is not simply
+ * work's (out of line, so that the common path saves no registers). */
+static DF__NOINLINE void job_done_slow(df__job *j, int status)
 {
     df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
     df_sem *s = j->h.owner;
     df__sem_job_fn finish = s->finish;
-    j->h.state = ST_DONE;
-    /* A job that handed its token on (the common case) skips this. */
     if (!j->h.handed)
         job_give_back(s); /* may free s: hence finish, read before */
-    df_result r = df__job_result(j, status);
-    if (finish == rip_finish)
-        rip_resolve(sj, r); /* the common finish, called directly */
-    else
-        finish(sj, r);
+    if (finish == rip_finish) {
+        /* The common finish, called directly. */
+        if (df__job_result_ready(j, status))
+            df__deferred_resolve_io_drop(df__job_deferred(sj));
+        else
+            rip_resolve(sj, df__job_result(j, status));
+        return;
+    }
+    finish(sj, df__job_result(j, status));
 }
 
-static const df__job_ops sem_job_ops = {job_next, job_done};
+static void job_done(df__job *j, int status)
+{
+    j->h.state = ST_DONE;
+    /* The common case: a df_sem_run_in_pool job that handed its token on
+     * and whose result is work's, which goes from where the worker wrote
+     * it to the callbacks. */
+    if (j->h.handed && ((df_sem *)j->h.owner)->finish == rip_finish &&
+        df__job_result_ready(j, status)) {
+        df__deferred_resolve_io_drop(df__job_deferred(j));
+        return;
+    }
+    job_done_slow(j, status);
+}
+
+/* df_deferred_cancel() on df_sem_run_in_pool's deferred (its job lives in
+ * the deferred's block); a map cancels its jobs directly. */
+static void job_cancel(df__job *j)
+{
+    df__sem_job_cancel(DF__CONTAINER_OF(j, df__sem_job, job));
+}
+
+static const df__job_ops sem_job_ops = {job_next, job_done, job_cancel};
 
 #define SHUTDOWN_MSG "pool shut down before the job got a semaphore token"
 
@@ -859,18 +884,12 @@ typedef struct rip {
                      * reference for the job */
 } rip;
 
-_Static_assert(sizeof(rip) <= DF__JOB_SIZE, "raise DF__JOB_SIZE");
+_Static_assert(sizeof(rip) <= DF__POOL_JOB_SIZE, "raise DF__POOL_JOB_SIZE");
 
 static void rip_finish(df__sem_job *sj, df_result r)
 {
     _Static_assert(offsetof(rip, sj) == 0, "rip_resolve needs sj first");
     rip_resolve(sj, r);
-}
-
-static void rip_cancel(df_deferred *d, void *arg)
-{
-    DF__UNUSED(d);
-    df__sem_job_cancel(&((rip *)arg)->sj);
 }
 
 int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
@@ -887,9 +906,10 @@ int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
     if (s->free_pending)
         return DF_ESTATE;
     /* Cancelling *out never fails it behind our back (cancel-waits): the
-     * job fires it once the token is back (see df__sem_job_cancel). */
-    df_deferred *d =
-        df__deferred_new_job(loop, rip_cancel, DF__DEFERRED_CANCEL_WAITS);
+     * job fires it once the token is back (see df__sem_job_cancel).  Its
+     * canceller is the job's owner's (job_cancel), and the job's io lives
+     * in the deferred's result fields (deferred-internal.h). */
+    df_deferred *d = df__deferred_new_pool_job(loop);
     if (d == NULL)
         return DF_ENOMEM;
     rip *st = df__deferred_job(d);

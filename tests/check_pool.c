@@ -496,6 +496,193 @@ START_TEST(test_pool_cancel_running)
 }
 END_TEST
 
+/* The deferred of a pool job in flight (queued, running, or waiting for a
+ * semaphore token) is fired only by its job: firing it by hand is refused
+ * with DF_EBUSY and changes nothing, and a deferred chained to it goes on
+ * with DF_EBUSY; pausing and unpausing it work as on any deferred.  The
+ * job's result then arrives intact, and its destructor runs once. */
+static void check_fire_refused(df_loop *loop, df_deferred *d)
+{
+    df_failure *f = df_failure_new(loop, 77, "by hand");
+    TU_ERR(df_deferred_callback(d, &g_value_frees, NULL), DF_EBUSY);
+    TU_ERR(df_deferred_errback(d, f), DF_EBUSY);
+    TU_ERR(df_deferred_resolve(d, df_ok(NULL, NULL)), DF_EBUSY);
+    df_failure_unref(f);
+    ck_assert(!df_deferred_called(d));
+    TU_OK(df_deferred_pause(d));
+    TU_OK(df_deferred_unpause(d));
+    df_deferred *c;
+    TU_OK(df_deferred_new(loop, &c));
+    TU_OK(df_deferred_chain(c, d));
+    TU_OK(df_deferred_callback(c, NULL, NULL));
+    ck_assert_int_eq(result_code(c), DF_EBUSY);
+    ck_assert(!df_deferred_called(d));
+    drop(c);
+}
+
+START_TEST(test_pool_fire_in_flight_refused)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    df_sem *s;
+    TU_OK(df_sem_new(loop, 1, &s));
+    blocker b;
+    blocker_init(&b, false);
+    atomic_store(&g_value_frees, 0);
+    df_deferred *running, *queued, *waiting;
+    TU_OK(df_pool_submit(p, blocking_work, &b, &running));
+    TU_OK(df_pool_submit(p, return_arg, &b, &queued));
+    TU_OK(df_sem_run_in_pool(s, p, return_arg, &b, &waiting));
+    tu_gate_wait(&b.started);
+    check_fire_refused(loop, running);
+    check_fire_refused(loop, queued);
+    check_fire_refused(loop, waiting);
+    tu_gate_open(&b.release);
+    wait_for(loop, running);
+    wait_for(loop, queued);
+    wait_for(loop, waiting);
+    ck_assert_int_eq(result_code(running), 0);
+    void *v = NULL;
+    TU_OK(df_deferred_peek(queued, &v, NULL));
+    ck_assert_ptr_eq(v, &b);
+    TU_OK(df_deferred_peek(waiting, &v, NULL));
+    ck_assert_ptr_eq(v, &b);
+    /* Fired by its job: the usual refusal from now on. */
+    TU_ERR(df_deferred_callback(running, NULL, NULL), DF_EALREADY_CALLED);
+    df_deferred_unref(running);
+    ck_assert_int_eq(atomic_load(&g_value_frees), 1);
+    df_deferred_unref(queued);
+    df_deferred_unref(waiting);
+    TU_OK(df_sem_free(s));
+    df_pool_free(p);
+    blocker_destroy(&b);
+    tu_loop_free(loop);
+}
+END_TEST
+
+/* A pool job's deferred fires from where its worker wrote the result:
+ * every shape of chain still behaves as on any deferred.  Pass-through
+ * pairs, a pause held across the completion, a chained deferred, a
+ * deferred waiting for it (df_wait before it fired), a callback that
+ * waits on another deferred, and one that adds a callback. */
+typedef struct fire_shapes {
+    df_deferred *other;   /* what wait_cb waits for */
+    df_deferred *jd;      /* the job's deferred, for add_cb */
+    int seen;             /* callbacks run, in order: a digit each */
+} fire_shapes;
+
+static df_result record_cb(df_result r, void *arg)
+{
+    fire_shapes *sh = arg;
+    sh->seen = sh->seen * 10 + 1;
+    return r;
+}
+
+static df_result wait_cb(df_result r, void *arg)
+{
+    fire_shapes *sh = arg;
+    sh->seen = sh->seen * 10 + 2;
+    df_result_clear(&r);
+    return df_wait(df_deferred_ref(sh->other));
+}
+
+static df_result add_cb(df_result r, void *arg)
+{
+    fire_shapes *sh = arg;
+    sh->seen = sh->seen * 10 + 3;
+    TU_OK(df_deferred_add_callback(sh->jd, record_cb, sh));
+    return r;
+}
+
+static df_result wait_for_job_cb(df_result r, void *arg)
+{
+    df_result_clear(&r);
+    return df_wait(df_deferred_ref(arg));
+}
+
+START_TEST(test_pool_job_fire_shapes)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 2);
+    int token = 7;
+    void *v = NULL;
+    fire_shapes sh = {0};
+
+    /* An errback only: the value passes through. */
+    df_deferred *d;
+    TU_OK(df_pool_submit(p, return_arg, &token, &d));
+    TU_OK(df_deferred_add_errback(d, consume_errback, NULL));
+    wait_for(loop, d);
+    TU_OK(df_deferred_peek(d, &v, NULL));
+    ck_assert_ptr_eq(v, &token);
+    df_deferred_unref(d);
+
+    /* Paused across its completion: the callback runs on unpause. */
+    TU_OK(df_pool_submit(p, return_arg, &token, &d));
+    TU_OK(df_deferred_add_callback(d, record_cb, &sh));
+    TU_OK(df_deferred_pause(d));
+    TU_OK(df_loop_run(loop));
+    ck_assert(df_deferred_called(d));
+    ck_assert_int_eq(sh.seen, 0);
+    TU_OK(df_deferred_unpause(d));
+    ck_assert_int_eq(sh.seen, 1);
+    df_deferred_unref(d);
+
+    /* Chained to another deferred, which gets the value. */
+    df_deferred *o;
+    TU_OK(df_deferred_new(loop, &o));
+    TU_OK(df_pool_submit(p, return_arg, &token, &d));
+    TU_OK(df_deferred_chain(d, o));
+    wait_for(loop, d);
+    TU_OK(df_deferred_peek(o, &v, NULL));
+    ck_assert_ptr_eq(v, &token);
+    df_deferred_unref(o);
+    df_deferred_unref(d);
+
+    /* Waited for before it fired. */
+    df_deferred *w;
+    TU_OK(df_pool_submit(p, return_arg, &token, &d));
+    TU_OK(df_deferred_new(loop, &w));
+    TU_OK(df_deferred_add_callback(w, wait_for_job_cb, d));
+    TU_OK(df_deferred_callback(w, NULL, NULL));
+    ck_assert(!df_deferred_called(d));
+    wait_for(loop, d);
+    TU_OK(df_deferred_peek(w, &v, NULL));
+    ck_assert_ptr_eq(v, &token);
+    df_deferred_unref(w);
+    df_deferred_unref(d);
+
+    /* Its callback waits on another deferred, then goes on. */
+    sh.seen = 0;
+    TU_OK(df_deferred_new(loop, &sh.other));
+    TU_OK(df_pool_submit(p, return_arg, &token, &d));
+    TU_OK(df_deferred_add_callback(d, wait_cb, &sh));
+    wait_for(loop, d);
+    ck_assert_int_eq(sh.seen, 2);
+    TU_OK(df_deferred_add_callback(d, record_cb, &sh));
+    ck_assert_int_eq(sh.seen, 2); /* still waiting */
+    TU_OK(df_deferred_callback(sh.other, &sh, NULL));
+    ck_assert_int_eq(sh.seen, 21);
+    TU_OK(df_deferred_peek(d, &v, NULL));
+    ck_assert_ptr_eq(v, &sh);
+    df_deferred_unref(sh.other);
+    df_deferred_unref(d);
+
+    /* Its callback adds another, which runs next. */
+    sh.seen = 0;
+    TU_OK(df_pool_submit(p, return_arg, &token, &sh.jd));
+    TU_OK(df_deferred_add_callback(sh.jd, add_cb, &sh));
+    wait_for(loop, sh.jd);
+    ck_assert_int_eq(sh.seen, 31);
+    TU_OK(df_deferred_peek(sh.jd, &v, NULL));
+    ck_assert_ptr_eq(v, &token);
+    df_deferred_unref(sh.jd);
+
+    df_pool_free(p);
+    tu_loop_free(loop);
+}
+END_TEST
+
 /* Cancelled after the work returned but before the loop saw it: the result
  * is dropped and the deferred fails with DF_ECANCELLED. */
 START_TEST(test_pool_cancel_just_completed)
@@ -2410,6 +2597,8 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, test_pool_cancel_just_completed);
     tcase_add_test(tc, test_pool_timeout_running);
     tcase_add_test(tc, test_pool_cancel_race);
+    tcase_add_test(tc, test_pool_fire_in_flight_refused);
+    tcase_add_test(tc, test_pool_job_fire_shapes);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("shutdown");
