@@ -114,8 +114,10 @@ void df__pool_start(df_pool *p, df__job *j);
 bool df__job_unqueue(df__job *j);
 /* Loop thread, in done(): the job's final result, taken from it: work's
  * result, or DF_ECANCELLED if status says so or the job was cancelled
- * while it ran, or DF_EINVAL if work returned df_wait().  Once only. */
-df_result df__job_result_slow(df__job *j, int status);
+ * while it ran, or DF_EINVAL if work returned df_wait().  Once only.
+ * `loop` is the job's, read by the caller before it ran any user code:
+ * that code may have freed the job's pool. */
+df_result df__job_result_slow(df__job *j, int status, df_loop *loop);
 /* Loop thread, in done(): true in the common case, where the job's final
  * result is what work returned, as it lies in its io: work ran, was not
  * cancelled, returned no df_wait(). */
@@ -124,11 +126,12 @@ static inline bool df__job_result_ready(df__job *j, int status)
     return status == 0 && df__job_io_of(j)->result.wait == NULL &&
            !atomic_load_explicit(&j->h.w.cancelled, memory_order_relaxed);
 }
-static inline df_result df__job_result(df__job *j, int status)
+static inline df_result df__job_result(df__job *j, int status,
+                                       df_loop *loop)
 {
     if (df__job_result_ready(j, status))
         return df__job_io_of(j)->result;
-    return df__job_result_slow(j, status);
+    return df__job_result_slow(j, status, loop);
 }
 /* The first members of struct df_pool (pool.c checks the layout), so that
  * the hot paths read the pool's state inline.  Loop thread. */

@@ -381,9 +381,8 @@ static void fail_cancelled(df_loop *loop, df_deferred *d)
     df__deferred_resolve_drop(d, df_err(f));
 }
 
-df_result df__job_result_slow(df__job *j, int status)
+df_result df__job_result_slow(df__job *j, int status, df_loop *loop)
 {
-    df_loop *loop = j->pool->loop;
     if (status != 0) /* never ran: the result's bytes hold work and arg */
         return df_err(df_failure_new(loop, status, "pool job cancelled"));
     df_result r = df__job_io_of(j)->result;
@@ -408,7 +407,7 @@ static void plain_done(df__job *j, int status)
         df__deferred_resolve_io_drop(df__job_deferred(pj));
         return;
     }
-    df_result r = df__job_result(j, status);
+    df_result r = df__job_result(j, status, j->pool->loop);
     /* Fires the deferred and drops the job's reference: may free the
      * block, and the job with it. */
     df__deferred_resolve_drop(df__job_deferred(pj), r);

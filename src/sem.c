@@ -506,18 +506,21 @@ static DF__NOINLINE void job_done_slow(df__job *j, int status)
 {
     df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
     df_sem *s = j->h.owner;
+    /* Giving the token back may run user code that frees s, or the job's
+     * pool: what is needed after it is read before. */
     df__sem_job_fn finish = s->finish;
+    df_loop *loop = s->loop;
     if (!j->h.handed)
-        job_give_back(s); /* may free s: hence finish, read before */
+        job_give_back(s);
     if (finish == rip_finish) {
         /* The common finish, called directly. */
         if (df__job_result_ready(j, status))
             df__deferred_resolve_io_drop(df__job_deferred(sj));
         else
-            rip_resolve(sj, df__job_result(j, status));
+            rip_resolve(sj, df__job_result(j, status, loop));
         return;
     }
-    finish(sj, df__job_result(j, status));
+    finish(sj, df__job_result(j, status, loop));
 }
 
 static void job_done(df__job *j, int status)

@@ -1299,6 +1299,48 @@ START_TEST(test_pool_sem_shutdown_waiter_frees_sem)
 }
 END_TEST
 
+/* A job's token, given back when its completion is dispatched, fires a
+ * waiting acquire whose callback cancels that job and frees its pool; the
+ * job must still end with DF_ECANCELLED.  (Its failure used to be made
+ * through the job's pool, read after those callbacks had freed it: a use
+ * after free under ASan and valgrind.) */
+typedef struct cancel_and_free {
+    df_deferred *job;
+    df_pool *pool;
+    df_sem *sem;
+} cancel_and_free;
+
+static df_result cancel_job_free_pool(df_result r, void *arg)
+{
+    cancel_and_free *c = arg;
+    df_result_clear(&r);
+    df_deferred_cancel(c->job);
+    df_pool_free(c->pool);
+    ck_assert_int_eq(df_sem_release(c->sem), 0);
+    return df_ok(NULL, NULL);
+}
+
+START_TEST(test_pool_sem_waiter_cancels_job_frees_pool)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    df_sem *s;
+    TU_OK(df_sem_new(loop, 1, &s));
+    df_deferred *job, *waiter;
+    TU_OK(df_sem_run_in_pool(s, p, counted_work, NULL, &job));
+    TU_OK(df_sem_acquire(s, &waiter)); /* waits for the job's token */
+    cancel_and_free c = {job, p, s};
+    TU_OK(df_deferred_add_callback(waiter, cancel_job_free_pool, &c));
+    TU_OK(df_loop_run_until(loop, job));
+    ck_assert(df_deferred_called(waiter));
+    ck_assert_int_eq(result_code(job), DF_ECANCELLED);
+    drop(job);
+    df_deferred_unref(waiter);
+    TU_OK(df_sem_free(s));
+    tu_loop_free(loop);
+}
+END_TEST
+
 /* ------------------------------------------ gate regressions (review) */
 
 /*
@@ -2615,6 +2657,7 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, test_pool_sem_cancel_queued_job);
     tcase_add_test(tc, test_pool_sem_pool_shutdown);
     tcase_add_test(tc, test_pool_sem_shutdown_waiter_frees_sem);
+    tcase_add_test(tc, test_pool_sem_waiter_cancels_job_frees_pool);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("gate_regress");
