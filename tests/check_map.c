@@ -1852,7 +1852,7 @@ static uint64_t grow_run(int mode, unsigned flags)
 {
     df_loop *loop = tu_loop();
     df_pool *p = new_pool(loop, 1);
-    grow_probe g = {.mode = mode, .n = quick() ? 10000 : 30000};
+    grow_probe g = {.mode = mode, .n = 10000};
     atomic_init(&g.pulled, 0);
     atomic_init(&g.started, 0);
     atomic_init(&g.ended, false);
@@ -1957,7 +1957,11 @@ static Suite *map_suite(void)
     tcase_add_test(tc, test_map_run_failure_code);
     tcase_add_test(tc, test_map_run_stopped);
     tcase_add_test(tc, test_map_no_readahead);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("readahead");
     tcase_add_test(tc, test_map_readahead_adapts);
+    tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("stack");
