@@ -41,7 +41,10 @@
  * empties and the read-ahead stays at ahead_min, so big items are not
  * pulled early for nothing.  It grows at most once per `limit` finished
  * jobs (the workers of one wave running dry together count once) and
- * never shrinks: its cap is what bounds the memory.
+ * never shrinks: its cap is what bounds the memory.  With more tokens
+ * than threads, jobs that hold a token may still wait on the pool's
+ * queue when the line runs dry, so it may grow before the workers sleep;
+ * never beyond the cap.
  *
  * Unordered mode has `limit + ahead_max` slots, kept on an intrusive free
  * list; they are allocated at the start (so they never move while jobs
