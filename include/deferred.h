@@ -761,10 +761,10 @@ DF_EXPORT int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work,
  * Bounded streaming map over an input that may never end (beyond Twisted:
  * its semaphore + DeferredList pattern makes every deferred up front).
  * Inputs are pulled from `next` on the loop thread only, while fewer than
- * `limit` items are in flight, or with a pool `limit` + max(`limit`, 64)
- * (and, in ordered
- * mode, while the window of finished-but-undelivered results has room), so
- * memory is O(limit + window), never O(N).  Each item runs as `work` on
+ * `limit` items are in flight, or with a pool `limit` + the read-ahead
+ * (below), and, in ordered mode, while the window of finished but
+ * undelivered results has room, so memory is O(limit + window), never
+ * O(N).  Each item runs as `work` on
  * `pool`, or, with pool NULL, as `call` on the loop thread (which may
  * return df_wait).  With a pool at most `limit` items run at once: the
  * others in flight were pulled ahead and wait for one of the map's
@@ -772,6 +772,14 @@ DF_EXPORT int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work,
  * the next one and runs it at once (as df_sem_run_in_pool does).  Results
  * reach `on_result` on the loop thread as they complete, or in input order
  * with DF_MAP_ORDERED.
+ *
+ * Read-ahead, with a pool: it starts at max(limit, 64) items and doubles,
+ * up to max(limit, 1024), each time the workers find no pulled item
+ * waiting while the input goes on (short items, the loop thread the slower
+ * side); it never shrinks.  So at most limit + max(limit, 1024) items are
+ * pulled but not delivered (and the map owns each of them until then);
+ * with items slow enough that the loop keeps the line filled, it stays at
+ * max(limit, 64).  DF_MAP_NO_READAHEAD makes it 0.
  */
 typedef struct df_map df_map;
 

@@ -23,19 +23,39 @@
  * and wait in its line: a worker that finishes an item hands its token
  * to the next pulled item and runs it at once, with no round trip through
  * the loop thread, while pulling (next) stays on the loop thread.  So at
- * most `limit` items run, and `ahead` more may be pulled and wait
- * (map_ahead: max(limit, 64) with a pool, else 0; 0 also with
- * DF_MAP_NO_READAHEAD, for a `next` that may block).
+ * most `limit` items run, and `ahead` more may be pulled and wait.
  *
- * Unordered mode has `limit + ahead` slots, kept on an intrusive free
- * list; a finished slot waits on a FIFO queue for the pump to deliver it,
- * which it does before pulling again, so at most `limit + ahead` items are
- * pulled but not delivered.
+ * Read-ahead
+ * ----------
+ * `ahead` is 0 without a pool or with DF_MAP_NO_READAHEAD (for a `next`
+ * that may block).  Otherwise it adapts, between ahead_min = max(limit,
+ * DF__MAP_AHEAD_MIN) and ahead_max = max(limit, DF__MAP_AHEAD_MAX): it
+ * starts at ahead_min and doubles when the line ran dry while the input
+ * goes on, that is when the loop sees a finished job whose token was not
+ * handed on (j->h.handed false: the worker found no pulled item waiting,
+ * so it returned the token and, with nothing queued, went to sleep, to be
+ * woken by the next refill).  When the loop is the slower side (short
+ * items), a line of 64 runs dry every 64 items and each refill costs the
+ * workers a wake-up; a deeper line makes that rare.  When the workers are
+ * the slower side (long items), the loop refills the line before it
+ * empties and the read-ahead stays at ahead_min, so big items are not
+ * pulled early for nothing.  It grows at most once per `limit` finished
+ * jobs (the workers of one wave running dry together count once) and
+ * never shrinks: its cap is what bounds the memory.  With more tokens
+ * than threads, jobs that hold a token may still wait on the pool's
+ * queue when the line runs dry, so it may grow before the workers sleep;
+ * never beyond the cap.
  *
+ * Unordered mode has `limit + ahead_max` slots, kept on an intrusive free
+ * list; they are allocated at the start (so they never move while jobs
+ * point at them) but initialised, and so touched, only as the read-ahead
+ * reaches them.  A finished slot waits on a FIFO queue for the pump to
+ * deliver it, which it does before pulling again, so at most `limit +
+ * ahead` items are pulled but not delivered.
+
  * Ordered mode has `window + 1` slots and item i lives in slot i % nslots.
  * An item is pulled only while fewer than `limit + ahead` are in flight
- * and at most `window`
- * items are pulled but undelivered.  The oldest undelivered item is never
+ * and at most `window` items are pulled but undelivered.  The oldest undelivered item is never
  * held back (it is delivered as soon as it finishes), so even if every
  * other item finishes first, at most `window` results wait: that is the
  * window's bound.  The indices in use always span fewer than nslots
@@ -90,7 +110,12 @@ struct df_map {
 
     slot *slots;
     size_t nslots;
+    size_t nready;           /* unordered: slots initialised so far   */
     uint64_t max_inflight;   /* limit + ahead (see the top)          */
+    uint64_t ahead;          /* read-ahead now (see the top)          */
+    uint64_t ahead_max;      /* its cap                               */
+    uint64_t jobs_done;      /* pool jobs finished                    */
+    uint64_t grown_at;       /* jobs_done when `ahead` last grew      */
     df_sem *sem;             /* pool: `limit` tokens, the items' line */
     df_pool *pool;           /* pool: NULL once it has stopped        */
     df__pool_client client;  /* pool: told when it stops              */
@@ -115,17 +140,24 @@ struct df_map {
     bool free_requested; /* df_map_free() called while pumping */
 };
 
-/* How many items a map pulls ahead of its tokens: with a pool, `limit`,
- * and at least DF__MAP_AHEAD_MIN, so that with a small limit the workers
- * still find a run of pulled items to hand their tokens along before the
- * loop refills the line; none without a pool or when asked. */
+/* The read-ahead's floor and cap with a pool (see the top).  At 64 ahead
+ * and no work, 2 workers go to sleep and are woken about 69,000 times per
+ * 10^6 items; at 1024, 1,500 to 6,400 times (bench/RESULTS.md). */
 #define DF__MAP_AHEAD_MIN 64
+#define DF__MAP_AHEAD_MAX 1024
 
-static uint64_t map_ahead(const df_map_options *o)
+static uint64_t map_ahead_min(const df_map_options *o)
 {
     if (o->pool == NULL || (o->flags & DF_MAP_NO_READAHEAD))
         return 0;
     return o->limit > DF__MAP_AHEAD_MIN ? o->limit : DF__MAP_AHEAD_MIN;
+}
+
+static uint64_t map_ahead_max(const df_map_options *o)
+{
+    if (o->pool == NULL || (o->flags & DF_MAP_NO_READAHEAD))
+        return 0;
+    return o->limit > DF__MAP_AHEAD_MAX ? o->limit : DF__MAP_AHEAD_MAX;
 }
 
 static void summary_free(void *p)
@@ -158,7 +190,8 @@ static void cancel_running(df_map *m)
     if (m->cancelling)
         return;
     m->cancelling = true;
-    for (size_t i = 0; i < m->nslots; i++) {
+    size_t n = m->ordered ? m->nslots : m->nready; /* the rest: unused */
+    for (size_t i = 0; i < n; i++) {
         slot *s = &m->slots[i];
         if (s->state == SLOT_RUNNING && m->sem != NULL) {
             /* May finish it now (re-entering the map). */
@@ -213,12 +246,27 @@ static df_result on_complete(df_result r, void *arg)
     return df_ok(NULL, NULL);
 }
 
+/* Loop thread: a pool job has finished; `handed` says whether its token
+ * went on to a pulled item.  If not, the line ran dry (see the top). */
+static void adapt_ahead(df_map *m, bool handed)
+{
+    m->jobs_done++;
+    if (handed || m->ahead >= m->ahead_max || m->ended || m->cancelling)
+        return;
+    if (m->jobs_done - m->grown_at < m->opts.limit && m->grown_at != 0)
+        return; /* the same wave */
+    m->grown_at = m->jobs_done;
+    m->ahead = m->ahead * 2 < m->ahead_max ? m->ahead * 2 : m->ahead_max;
+    m->max_inflight = m->opts.limit + m->ahead;
+}
+
 /* The end of a pool item's job (its token is back or handed on). */
 static void on_job_finish(df__sem_job *sj, df_result r)
 {
     slot *s = DF__CONTAINER_OF(sj, slot, sj);
     df_map *m = s->map;
     bool outer = map_enter(m);
+    adapt_ahead(m, sj->job.h.handed);
     finish_slot(m, s, r);
     map_leave(m, outer); /* may free m */
 }
@@ -231,7 +279,7 @@ static bool can_pull(const df_map *m)
         return false;
     if (m->ordered)
         return m->pulled - m->done <= m->opts.window;
-    return !df__ilist_empty(&m->free_slots);
+    return !df__ilist_empty(&m->free_slots) || m->nready < m->nslots;
 }
 
 static slot *take_slot(df_map *m)
@@ -239,8 +287,13 @@ static slot *take_slot(df_map *m)
     slot *s;
     if (m->ordered) {
         s = &m->slots[m->pulled % m->nslots];
-    } else {
+    } else if (!df__ilist_empty(&m->free_slots)) {
         s = DF__ILIST_ENTRY(df__ilist_pop(&m->free_slots), slot, link);
+    } else {
+        /* The read-ahead has grown into a slot never used before. */
+        s = &m->slots[m->nready++];
+        memset(s, 0, sizeof *s);
+        s->map = m;
     }
     DF__HOT_ASSERT(s->state == SLOT_FREE);
     return s;
@@ -540,9 +593,18 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
     m->stop_on_error = (opts->flags & DF_MAP_STOP_ON_ERROR) != 0;
     if (m->opts.window == 0)
         m->opts.window = opts->limit;
-    m->max_inflight = opts->limit + map_ahead(opts);
-    m->nslots = m->ordered ? m->opts.window + 1 : (size_t)m->max_inflight;
-    m->slots = df__calloc(loop, m->nslots, sizeof(slot));
+    m->ahead = map_ahead_min(opts);
+    m->ahead_max = map_ahead_max(opts);
+    m->max_inflight = opts->limit + m->ahead;
+    if (m->ordered) {
+        m->nslots = m->opts.window + 1;
+        m->slots = df__calloc(loop, m->nslots, sizeof(slot));
+    } else {
+        /* Initialised as the read-ahead reaches them (take_slot). */
+        m->nslots = (size_t)(opts->limit + m->ahead_max);
+        if (m->nslots <= SIZE_MAX / sizeof(slot))
+            m->slots = df__malloc(loop, m->nslots * sizeof(slot));
+    }
     m->summary = df__malloc(loop, sizeof(summary));
     if (m->slots == NULL || m->summary == NULL) {
         rc = DF_ENOMEM;
@@ -572,11 +634,9 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
 
     df__ilist_init(&m->free_slots);
     df__ilist_init(&m->finished_q);
-    for (size_t i = 0; i < m->nslots; i++) {
-        m->slots[i].map = m;
-        if (!m->ordered) {
-            df__ilist_append(&m->free_slots, &m->slots[i].link);
-        }
+    if (m->ordered) {
+        for (size_t i = 0; i < m->nslots; i++)
+            m->slots[i].map = m;
     }
     /* Out parameters first: next() may already want the map. */
     *map = m;

@@ -8,7 +8,9 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <string.h>
+#include <time.h>
 
 #include "deferred.h"
 #include "testutil.h"
@@ -214,13 +216,14 @@ static uint64_t item_v(void *item)
 }
 
 /* Checks the map's bounds from inside one of its callbacks.  With a pool,
- * up to `limit` items more than run are pulled ahead (they wait for a
- * token, so that a worker hands its token straight on). */
+ * up to max(limit, 1024) items more than run may be pulled ahead (they
+ * wait for a token, so that a worker hands its token straight on). */
 static void check_bounds(rig *r)
 {
     df_map_stats st;
     TU_OK(df_map_get_stats(r->map, &st));
-    uint64_t ahead = r->o.pool == NULL ? 0 : r->o.limit > 64 ? r->o.limit : 64;
+    uint64_t ahead =
+        r->o.pool == NULL ? 0 : r->o.limit > 1024 ? r->o.limit : 1024;
     uint64_t inflight = r->o.limit + ahead;
     ck_assert_uint_le(st.running, inflight);
     ck_assert_uint_eq(st.pulled - st.done, st.running + st.buffered);
@@ -745,7 +748,7 @@ START_TEST(test_map_limit_pool)
         ck_assert_ptr_nonnull(done_stats(&r, &code));
         ck_assert_int_le(atomic_load(&r.max_active), 3);
         ck_assert_int_ge(atomic_load(&r.max_active), 1);
-        ck_assert_uint_le(r.max_running, 3 + 64); /* 64 pulled ahead */
+        ck_assert_uint_le(r.max_running, 3 + 1024); /* the cap ahead */
         rig_finish(&r);
         df_pool_free(p);
         tu_loop_free(loop);
@@ -1758,6 +1761,142 @@ START_TEST(test_map_no_readahead)
 }
 END_TEST
 
+/* The adaptive read-ahead, on one thread with limit 1 (so one item runs
+ * and the rest of what is pulled waits in the line).  The loop thread and
+ * the worker each force one side: in GROW mode the loop, in on_result,
+ * now and then waits until the worker has started every pulled item, so
+ * the line runs dry while the input goes on; in CALM mode the worker, in
+ * work, waits until the item after its own has been pulled, so it always
+ * finds one waiting and the line never runs dry. */
+enum { GROW, CALM };
+
+typedef struct grow_probe {
+    int mode;
+    uint64_t n, delivered, max_out;
+    atomic_uint_fast64_t pulled;  /* written on the loop thread */
+    atomic_uint_fast64_t started; /* written by the worker */
+    atomic_bool ended;            /* next() has returned 0 */
+    atomic_bool stalled;          /* a wait ran out: the test fails */
+    df_map *map;
+} grow_probe;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int grow_next(void *arg, void **item, df_free_fn *free_fn)
+{
+    grow_probe *g = arg;
+    (void)free_fn;
+    uint64_t pulled = atomic_load(&g->pulled);
+    if (pulled == g->n) {
+        atomic_store(&g->ended, true);
+        return 0;
+    }
+    if (g->map != NULL) {
+        df_map_stats st;
+        TU_OK(df_map_get_stats(g->map, &st));
+        ck_assert_uint_eq(st.pulled, pulled);
+        if (st.pulled + 1 - st.done > g->max_out)
+            g->max_out = st.pulled + 1 - st.done;
+    }
+    *item = (void *)(uintptr_t)pulled; /* its index */
+    atomic_store(&g->pulled, pulled + 1);
+    return 1;
+}
+
+static df_result grow_work(df_work *w, void *item, void *work_arg)
+{
+    grow_probe *g = work_arg;
+    uint64_t x = (uint64_t)(uintptr_t)item;
+    (void)w;
+    atomic_fetch_add(&g->started, 1);
+    if (g->mode == CALM) {
+        /* Item x + 1 is in the line once next() has been asked for
+         * x + 2 (or for the end): the pump puts an item in the line
+         * before it pulls again.  The loop pulls within about 200 us:
+         * 10 s means it is stuck. */
+        uint64_t end = now_ns() + 10000000000u;
+        while (x + 3 <= g->n ? atomic_load(&g->pulled) < x + 3
+                             : !atomic_load(&g->ended)) {
+            if (now_ns() > end) {
+                atomic_store(&g->stalled, true);
+                break;
+            }
+            sched_yield();
+        }
+    }
+    return df_ok(NULL, NULL);
+}
+
+static void grow_result(uint64_t index, void *item, df_result r, void *arg)
+{
+    grow_probe *g = arg;
+    (void)item;
+    g->delivered++;
+    df_result_clear(&r);
+    if (g->mode != GROW || index % 512 != 0)
+        return;
+    /* The line can also be stuck behind a token that is on its way back
+     * to the loop (the line ran dry already then): give up after 20 ms. */
+    uint64_t end = now_ns() + 20000000u;
+    while (atomic_load(&g->started) < atomic_load(&g->pulled) &&
+           now_ns() < end)
+        sched_yield();
+}
+
+static uint64_t grow_run(int mode, unsigned flags)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    grow_probe g = {.mode = mode, .n = 10000};
+    atomic_init(&g.pulled, 0);
+    atomic_init(&g.started, 0);
+    atomic_init(&g.ended, false);
+    atomic_init(&g.stalled, false);
+    df_map_options o = {0};
+    o.limit = 1;
+    o.flags = flags;
+    o.window = 4096; /* ordered: no bound below the read-ahead's */
+    o.next = grow_next;
+    o.next_arg = &g;
+    o.pool = p;
+    o.work = grow_work;
+    o.work_arg = &g;
+    o.on_result = grow_result;
+    o.arg = &g;
+    df_deferred *done;
+    TU_OK(df_map_start(loop, &o, &g.map, &done));
+    TU_OK(df_loop_run_until(loop, done));
+    df_failure *f = NULL;
+    TU_OK(df_deferred_peek(done, NULL, &f));
+    ck_assert_ptr_null(f);
+    df_deferred_unref(done);
+    TU_OK(df_map_free(g.map));
+    ck_assert_uint_eq(g.delivered, g.n);
+    ck_assert(!atomic_load(&g.stalled));
+    df_pool_free(p);
+    tu_loop_free(loop);
+    return g.max_out;
+}
+
+START_TEST(test_map_readahead_adapts)
+{
+    for (int ordered = 0; ordered < 2; ordered++) {
+        unsigned flags = ordered ? DF_MAP_ORDERED : 0;
+        /* A line that runs dry doubles the read-ahead from 64 up to its
+         * cap, 1024, and no further: once there, the pump fills it. */
+        ck_assert_uint_eq(grow_run(GROW, flags), 1 + 1024);
+        /* A line that never runs dry keeps it at 64 (a user whose items
+         * are slow does not hold 1024 of them). */
+        ck_assert_uint_eq(grow_run(CALM, flags), 1 + 64);
+    }
+}
+END_TEST
+
 static Suite *map_suite(void)
 {
     Suite *s = suite_create("map");
@@ -1818,6 +1957,11 @@ static Suite *map_suite(void)
     tcase_add_test(tc, test_map_run_failure_code);
     tcase_add_test(tc, test_map_run_stopped);
     tcase_add_test(tc, test_map_no_readahead);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("readahead");
+    tcase_add_test(tc, test_map_readahead_adapts);
+    tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("stack");

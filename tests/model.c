@@ -1039,9 +1039,10 @@ static void map_result(uint64_t index, void *item, df_result r, void *arg)
     md *m = mm->m;
     mval *it = item;
     int code = r.failure != NULL ? df_failure_code(r.failure) : 0;
-    /* With a pool the map pulls max(limit, 64) items ahead of its tokens
-     * (deferred.h); at most `limit` of those run (checked in map_work). */
-    size_t ahead = !mm->pool_mode ? 0 : mm->limit > 64 ? mm->limit : 64;
+    /* With a pool the map pulls up to max(limit, 1024) items ahead of its
+     * tokens (deferred.h: the read-ahead adapts from max(limit, 64)); at
+     * most `limit` of those run (checked in map_work). */
+    size_t ahead = !mm->pool_mode ? 0 : mm->limit > 1024 ? mm->limit : 1024;
     size_t bound = mm->ordered ? mm->window + 1 : mm->limit + ahead;
     df_map_stats st;
 
