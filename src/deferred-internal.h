@@ -193,8 +193,21 @@ typedef struct df__deferred_head {
     const df__chunk *chunk; /* its slab chunk, which knows the loop */
     uint32_t refs;
     uint32_t flags; /* DF__DEFERRED_CALLED: fired */
+    uint32_t paused;
+    uint32_t head;  /* next callback pair to run */
+    uint32_t count; /* callback pairs in use */
+    uint32_t cap;   /* callback pairs allocated */
 } df__deferred_head;
 #define DF__DEFERRED_CALLED 1u
+#define DF__DEFERRED_HEAP (1u << 11) /* the pairs are in a heap array */
+/* A callback pair as a deferred stores it, and where a deferred's inline
+ * pairs start (deferred.c checks both). */
+typedef struct df__entry {
+    df_callback_fn cb;
+    df_callback_fn eb;
+    void *arg;
+} df__entry;
+#define DF__DEFERRED_ENTRIES_OFFSET 64
 /* df_deferred_called(d) for library code (d is not NULL), without the
  * call through the PLT that an exported function costs. */
 static inline bool df__deferred_called(const df_deferred *d)
@@ -247,6 +260,35 @@ void df__deferred_resolve_io_drop(df_deferred *d);
 /* df_deferred_add_both for library code on d's loop thread (fn is not
  * NULL): the same, without the argument and thread checks. */
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg);
+/* df__deferred_add_both for a deferred d that has not fired, so that
+ * nothing runs: appends the pair (fn, fn, arg), inline when d has inline
+ * room, and returns 0 or DF_ENOMEM.  df__deferred_append_undo(d) removes
+ * the pair appended last, as long as d has not fired since: df_list_new
+ * attaches to members none of which has fired this way, and takes its
+ * callbacks back in reverse order when memory runs out. */
+int df__deferred_append_unfired_slow(df_deferred *d, df_callback_fn fn,
+                                     void *arg);
+static inline int df__deferred_append_unfired(df_deferred *d,
+                                              df_callback_fn fn, void *arg)
+{
+    df__deferred_head *h = (df__deferred_head *)(void *)d;
+    DF__HOT_ASSERT(!(h->flags & DF__DEFERRED_CALLED));
+    if ((h->flags & DF__DEFERRED_HEAP) || h->count >= h->cap)
+        return df__deferred_append_unfired_slow(d, fn, arg);
+    df__entry *e = (df__entry *)(void *)((char *)d +
+                                         DF__DEFERRED_ENTRIES_OFFSET) +
+                   h->count++;
+    e->cb = fn;
+    e->eb = fn;
+    e->arg = arg;
+    return 0;
+}
+static inline void df__deferred_append_undo(df_deferred *d)
+{
+    df__deferred_head *h = (df__deferred_head *)(void *)d;
+    DF__HOT_ASSERT(!(h->flags & DF__DEFERRED_CALLED) && h->count > h->head);
+    h->count--;
+}
 /* Makes room on each of members[0..n) (of `loop`, not NULL, repeats
  * allowed) for one more callback pair per position it holds, so that
  * adding them allocates nothing (df_list_new attaches without a way

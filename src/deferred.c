@@ -65,11 +65,7 @@ enum {
 _Static_assert(DF__SLABS <= 4,
                "the class takes two bits");
 
-typedef struct entry {
-    df_callback_fn cb;
-    df_callback_fn eb;
-    void *arg;
-} entry;
+typedef df__entry entry; /* deferred-internal.h: list.c appends inline */
 
 /* Callback pairs a deferred holds without an allocation of its own: two
  * for a plain deferred, one for a block with room for a job (its one
@@ -159,6 +155,17 @@ _Static_assert(offsetof(df_deferred, chunk) == 0 &&
                        offsetof(df__deferred_head, refs) &&
                    offsetof(df_deferred, flags) ==
                        offsetof(df__deferred_head, flags) &&
+                   offsetof(df_deferred, paused) ==
+                       offsetof(df__deferred_head, paused) &&
+                   offsetof(df_deferred, head) ==
+                       offsetof(df__deferred_head, head) &&
+                   offsetof(df_deferred, count) ==
+                       offsetof(df__deferred_head, count) &&
+                   offsetof(df_deferred, cap) ==
+                       offsetof(df__deferred_head, cap) &&
+                   offsetof(df_deferred, inline_entries) ==
+                       DF__DEFERRED_ENTRIES_OFFSET &&
+                   F_HEAP == DF__DEFERRED_HEAP &&
                    F_CALLED == DF__DEFERRED_CALLED &&
                    F_CANCEL_WAITS == DF__DEFERRED_CANCEL_WAITS,
                "df__deferred_head must match struct df_deferred");
@@ -990,6 +997,13 @@ int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg)
     if (append_inline(d, flags, fn, fn, arg))
         return 0; /* unfired: nothing runs now */
     return add_slow(d, fn, fn, arg);
+}
+
+int df__deferred_append_unfired_slow(df_deferred *d, df_callback_fn fn,
+                                     void *arg)
+{
+    assert(!(d->flags & F_CALLED));
+    return append_entry(d, fn, fn, arg); /* runs nothing: unfired */
 }
 
 int df_deferred_add_callback(df_deferred *d, df_callback_fn cb, void *arg)

@@ -80,7 +80,11 @@
  * then allocates nothing, unless a callback run meanwhile adds callbacks
  * to a member listed later and uses that room; if memory then runs out,
  * the list fails with DF_ENOMEM (the members not reached get no list
- * callback).
+ * callback).  When no member has fired (a list made over work still in
+ * flight, the common case) nothing can run while attaching, so the
+ * callbacks are attached first, with no room made beforehand, and each is
+ * taken back (the last pair on its member) if memory runs out for it or
+ * for the list deferred.
  */
 
 #define LIST_FLAGS                                                             \
@@ -380,6 +384,15 @@ static void release_members(struct df_list_result *l, size_t n)
     }
 }
 
+/* Takes back the list callbacks attached to the members of slots[0..n)
+ * while none of them had fired: each is the last pair on its member, so
+ * they come off in reverse order. */
+static void detach_unfired(struct df_list_result *l, size_t n)
+{
+    while (n-- > 0)
+        df__deferred_append_undo(slot_member(&l->slots[n]));
+}
+
 int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
                 unsigned flags, df_deferred **out)
 {
@@ -387,6 +400,7 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     df_deferred *self = NULL;
     size_t i;
     int rc = 0;
+    bool fired = false; /* a member seen so far has fired */
 
     if (loop == NULL || out == NULL || (n > 0 && members == NULL) ||
         (flags & ~(unsigned)LIST_FLAGS) != 0)
@@ -405,10 +419,15 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
         return members_valid(loop, members, n) ? DF_ENOMEM : DF_EINVAL;
     /* One pass checks the members, fills the slots and takes the list's
      * references, which it holds from before the first callback is
-     * attached until the list has fired; a bad member undoes it. */
+     * attached until the list has fired; a bad member undoes it.  While
+     * no member seen has fired, the same pass attaches the list callbacks:
+     * on unfired members nothing runs, so they can all be taken back
+     * (detach_unfired) if something fails before the list is made. */
     for (i = 0; i < n; i++) {
         df_deferred *m = members[i];
         if (m == NULL || df__deferred_loop(m) != loop) {
+            if (!fired)
+                detach_unfired(l, i);
             release_members(l, i);
             df__free(loop, l);
             return DF_EINVAL;
@@ -418,12 +437,24 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
         s->free = slot_unfired;
         s->member = (uintptr_t)df__deferred_ref(m);
         DF__HOT_ASSERT(!(s->member & SLOT_DONE)); /* 8-byte aligned */
+        if (fired)
+            continue;
+        if (df__deferred_called(m)) {
+            /* Attach in the second pass below, after making room. */
+            fired = true;
+            detach_unfired(l, i);
+        } else if ((rc = df__deferred_append_unfired(m, list_member_done,
+                                                     s)) != 0) {
+            detach_unfired(l, i);
+            release_members(l, i + 1);
+            df__free(loop, l);
+            return rc;
+        }
     }
-    /* Every allocation happens before the first callback is attached (see
-     * the top of the file); room made on members that is not used is
-     * harmless. */
-    rc = df__deferred_reserve_members(loop, members, n);
-    if (rc != 0) {
+    /* With a member that has fired, every allocation happens before the
+     * first callback is attached (see the top of the file); room made on
+     * members that is not used is harmless. */
+    if (fired && (rc = df__deferred_reserve_members(loop, members, n)) != 0) {
         release_members(l, n);
         df__free(loop, l);
         return rc;
@@ -439,6 +470,8 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
 
     rc = df_deferred_new_cancellable(loop, list_cancel, l, &self);
     if (rc != 0) {
+        if (!fired)
+            detach_unfired(l, n);
         release_members(l, n);
         df__free(loop, l);
         return rc;
@@ -450,6 +483,8 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
          * cancellation, then drop it. */
         df_deferred_callback(self, NULL, NULL);
         df_deferred_unref(self);
+        if (!fired)
+            detach_unfired(l, n);
         release_members(l, n);
         df__free(loop, l);
         return rc;
@@ -464,10 +499,15 @@ int df_list_new(df_loop *loop, df_deferred *const *members, size_t n,
     if (n == 0)
         list_fire(l, df_ok(l, df_list_result_free));
 
-    /* Attach in input order, each callback running at once on a member
-     * that has fired, as Twisted does.  Every member counts as pending
-     * from here: none of their list callbacks has run. */
+    /* Every member counts as pending from here: none of their list
+     * callbacks has run. */
     l->npending = n;
+    if (!fired) {
+        list_leave(l); /* attached above */
+        return 0;
+    }
+    /* Attach in input order, each callback running at once on a member
+     * that has fired, as Twisted does. */
     for (i = 0; i < n; i++) {
         struct list_slot *s = &l->slots[i];
         rc = df__deferred_add_both(slot_member(s), list_member_done, s);

@@ -1720,6 +1720,64 @@ START_TEST(test_list_out_of_memory)
 }
 END_TEST
 
+/* The same when no member has fired, where df_list_new attaches as it goes
+ * and takes its callbacks back on failure: every member keeps exactly the
+ * chain it had (a callback added afterwards still sees the value with its
+ * destructor, so no list callback was left before it), and nothing leaks.
+ * d[1] holds two callbacks, so attaching to it must grow its chain, and it
+ * is listed twice. */
+START_TEST(test_list_out_of_memory_unfired)
+{
+    long budget;
+    bool done = false;
+
+    for (budget = 0; !done; budget++) {
+        df_deferred *d[4] = {new_deferred(), new_deferred(), new_deferred(),
+                             NULL};
+        struct capture seen = {0, {0}};
+        df_deferred *dl = NULL;
+        int rc;
+
+        d[3] = d[1];
+        ck_assert_int_lt(budget, 100);
+        TU_OK(df_deferred_add_callback(d[1], count_value, &seen));
+        TU_OK(df_deferred_add_callback(d[1], count_value, &seen));
+        nfreed = 0;
+        alloc_budget = budget;
+        rc = df_list_new(loop, d, 4, 0, &dl);
+        alloc_budget = -1;
+        if (rc == 0) {
+            done = true;
+            fire(d[0], 0);
+            fire(d[1], 1);
+            fire(d[2], 2);
+            ck_assert_int_eq(seen.calls, 2);
+            const df_list_result *r = success_result_of(dl);
+            ck_assert_int_eq(entry_int(r, 0), 0);
+            ck_assert_int_eq(entry_int(r, 2), 2);
+            df_deferred_unref(dl);
+            unref_all(d, 3);
+            ck_assert_int_eq(nfreed, 3);
+            continue;
+        }
+        ck_assert_int_eq(rc, DF_ENOMEM);
+        ck_assert_ptr_null(dl);
+        for (int i = 0; i < 3; i++)
+            TU_OK(df_deferred_add_callback(d[i], count_value, &seen));
+        fire(d[0], 0);
+        fire(d[1], 1);
+        fire(d[2], 2);
+        ck_assert_int_eq(seen.calls, 5);
+        unref_all(d, 3);
+        ck_assert_int_eq(nfreed, 3);
+    }
+    /* The block, the chain growth and the list deferred each failed at
+     * some budget before success. */
+    ck_assert_int_ge(budget, 3);
+    ck_assert_int_eq(nunhandled, 0);
+}
+END_TEST
+
 /* The FirstError failure is made when the first error happens; if memory
  * runs out then, the list fails with the shared DF_ENOMEM failure. */
 START_TEST(test_list_first_error_out_of_memory)
@@ -2123,6 +2181,7 @@ static Suite *list_suite(void)
     tcase_add_test(tc, test_list_wrong_loop);
     tcase_add_test(tc, test_list_wrong_thread);
     tcase_add_test(tc, test_list_out_of_memory);
+    tcase_add_test(tc, test_list_out_of_memory_unfired);
     tcase_add_test(tc, test_list_first_error_out_of_memory);
     suite_add_tcase(s, tc);
 
