@@ -861,9 +861,9 @@ void df__deferred_resolve_drop(df_deferred *d, df_result r)
 
 void df__deferred_resolve_io_drop(df_deferred *d)
 {
-    assert(df__on_loop_thread(LOOP(d)) && d->refs > 0 &&
-           (d->flags & (F_POOL_JOB_IO | F_CALLED)) == F_POOL_JOB_IO &&
-           d->link == NULL);
+    DF__HOT_ASSERT(df__on_loop_thread(LOOP(d)) && d->refs > 0 &&
+                   (d->flags & (F_POOL_JOB_IO | F_CALLED)) == F_POOL_JOB_IO &&
+                   d->link == NULL);
     /* df__deferred_resolve_drop with the result where the job's worker
      * wrote it, its wait (`link`) NULL: it goes to the callback from
      * there, with no copy through the caller. */
@@ -872,7 +872,7 @@ void df__deferred_resolve_io_drop(df_deferred *d)
     /* run_single(), knowing that d has just fired: it is on no run stack
      * and none of its entries has run (head is 0), and the result is in
      * place already. */
-    assert(!(flags & F_IN_RUN) && d->head == 0);
+    DF__HOT_ASSERT(!(flags & F_IN_RUN) && d->head == 0);
     bool more = false;
     if (d->paused == 0 && d->count == 1 && !(flags & F_HEAP) &&
         d->inline_entries[0].cb != continue_mark &&
