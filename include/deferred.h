@@ -744,8 +744,8 @@ DF_EXPORT df_loop *df_work_loop(const df_work *w);
  * only once the worker has returned.  The job waits in the semaphore's one
  * line (see above); a worker that finishes a job of this semaphore may
  * start it directly.  While such completions stream in, the loop takes
- * them in batches, sleeping at most 200 us between them instead of being
- * woken for each: a result may reach the loop up to about 200 us after
+ * them in batches, sleeping at most 1 ms between them instead of being
+ * woken for each: a result may reach the loop up to about 1 ms after
  * its work returned (the map's items likewise).  Cancelling *out while waiting for the token removes
  * the waiter; once submitted, it cancels the job as df_pool_submit says,
  * and the token comes back only when the worker is done, before *out

@@ -389,7 +389,7 @@ void df__loop_post(df_loop *loop, df__inbox_node *n);
 /* The same, for a stream of posts from one thread (a pool worker running
  * jobs handed on to it): while the loop is in a timed sleep, the wake-up
  * may be left to the sleep's timeout, which comes within
- * DF__WAKE_DEFER_NS (200 us), or to a later post: every 32nd unannounced
+ * DF__WAKE_DEFER_NS (1 ms), or to a later post: every 256th unannounced
  * post wakes it.  `*unwoken` is the caller's count of such posts, 0 at
  * the start of the stream.  A stream ends with a df__loop_post, so that
  * its last entry is not delayed.  Any thread; lock-free (inbox.c). */

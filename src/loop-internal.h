@@ -25,12 +25,15 @@ enum {
     DF__SLEEP_INF    /* it may block with no bound, or a poller drives it */
 };
 /* The longest a timed sleep lasts, which bounds how long a completion
- * posted by df__loop_post_batched may wait unannounced: 200 us, ten
- * 20 us items, a delay no caller waiting on one result will notice. */
-#define DF__WAKE_DEFER_NS 200000L
+ * posted by df__loop_post_batched may wait unannounced: 1 ms.  Each
+ * wake-up of the loop takes a core from a worker for a few microseconds
+ * (two context switches on a machine with as many workers as cores):
+ * at 200 us, two workers on two cores running 20 us items reached 1.66x
+ * one thread's speed; at 1 ms, 1.85x (bench/RESULTS.md, "after integ4"). */
+#define DF__WAKE_DEFER_NS 1000000L
 /* A worker wakes a loop in a timed sleep once this many of its posts are
  * unannounced, so that fast items do not pile up for a whole timeout. */
-#define DF__WAKE_BATCH 32
+#define DF__WAKE_BATCH 256
 
 /* A cross-thread call, queued on the inbox.  Nodes are recycled through
  * loop->call_free so that a steady stream of calls allocates nothing. */

@@ -1817,7 +1817,7 @@ static df_result grow_work(df_work *w, void *item, void *work_arg)
     if (g->mode == CALM) {
         /* Item x + 1 is in the line once next() has been asked for
          * x + 2 (or for the end): the pump puts an item in the line
-         * before it pulls again.  The loop pulls within about 200 us:
+         * before it pulls again.  The loop pulls within about 1 ms:
          * 10 s means it is stuck. */
         uint64_t end = now_ns() + 10000000000u;
         while (x + 3 <= g->n ? atomic_load(&g->pulled) < x + 3

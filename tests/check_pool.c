@@ -2544,7 +2544,7 @@ END_TEST
 /* A run of short jobs, which makes the loop sleep with a timeout while
  * their completions stream in, then one long job (300 ms) that holds the
  * token: the loop, idle meanwhile, must fall back to an unbounded sleep
- * instead of polling every timeout (1500 wake-ups at 200 us). */
+ * instead of polling every timeout (300 wake-ups at 1 ms). */
 typedef struct long_rig {
     df_loop *loop;
     unsigned short_left;
