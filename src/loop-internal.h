@@ -28,8 +28,10 @@ enum {
  * posted by df__loop_post_batched may wait unannounced: 1 ms.  Each
  * wake-up of the loop takes a core from a worker for a few microseconds
  * (two context switches on a machine with as many workers as cores):
- * at 200 us, two workers on two cores running 20 us items reached 1.66x
- * one thread's speed; at 1 ms, 1.85x (bench/RESULTS.md, "after integ4"). */
+ * two workers on two cores running 20 us items went from 1.66x one
+ * thread's speed at 200 us to 1.85x at 1 ms in an A/B of four rounds, and
+ * reached 1.78-1.80x in the longer runs (bench/RESULTS.md, "after
+ * integ4"). */
 #define DF__WAKE_DEFER_NS 1000000L
 /* A worker wakes a loop in a timed sleep once this many of its posts are
  * unannounced, so that fast items do not pile up for a whole timeout. */
