@@ -163,11 +163,8 @@ END_TEST
 START_TEST(test_slab_user_allocator_untouched)
 {
     tu_counting_alloc ca = {0};
-    df_allocator a = {tu_ca_malloc, tu_ca_realloc, tu_ca_free, &ca};
-    df_loop_options opts = DF_LOOP_OPTIONS_INIT;
-    opts.allocator = &a;
     df_loop *loop = NULL;
-    TU_OK(df_loop_new(&opts, &loop));
+    TU_OK(tu_ca_loop_new(&ca, &loop));
     hook_pages(loop, false);
     long before = atomic_load(&ca.calls);
     df__slab *s = df__loop_slab(loop, DF__SLAB_DEFERRED_JOB);
@@ -326,11 +323,8 @@ END_TEST
 START_TEST(test_slab_bulk_user_allocator)
 {
     tu_counting_alloc ca = {0};
-    df_allocator a = {tu_ca_malloc, tu_ca_realloc, tu_ca_free, &ca};
-    df_loop_options opts = DF_LOOP_OPTIONS_INIT;
-    opts.allocator = &a;
     df_loop *loop = NULL;
-    TU_OK(df_loop_new(&opts, &loop));
+    TU_OK(tu_ca_loop_new(&ca, &loop));
     long before = atomic_load(&ca.calls);
     void *p = df__malloc_bulk(loop, 3 * DF__SLAB_CHUNK_MAX);
     ck_assert_ptr_nonnull(p);

@@ -79,6 +79,16 @@ static inline void tu_ca_free(void *ptr, void *ctx)
     free(ptr);
 }
 
+/* df_loop_new with `ca` counting the loop's allocations (the loop copies
+ * the allocator; `ca` must outlive the loop). */
+static inline int tu_ca_loop_new(tu_counting_alloc *ca, df_loop **out)
+{
+    df_allocator a = {tu_ca_malloc, tu_ca_realloc, tu_ca_free, ca};
+    df_loop_options opts = DF_LOOP_OPTIONS_INIT;
+    opts.allocator = &a;
+    return df_loop_new(&opts, out);
+}
+
 /*
  * A thread-safe allocator for failure-injection sweeps: "fail the n-th
  * allocation".  Numbered allocations (malloc, and realloc of any pointer)
