@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* The program's name for messages: the last component of argv[0], without
  * the "lt-" prefix of the copy libtool runs from .libs/ before install.
