@@ -4,9 +4,9 @@
 #
 # usage: bench/before-after.py BEFORE_BINDIR AFTER_BINDIR ROUNDS OUTFILE
 #
-# Each round runs every case: libuv (nowork64), bench-seq (the CPU cases)
-# and oneTBB (w20L2) from AFTER_BINDIR, then the BEFORE binaries, then the
-# AFTER ones.  The raw ns/item of every run and, at the end, the medians
+# Each round runs every case of run-bench.sh's matrix: libuv (nowork64),
+# bench-seq (the CPU cases) and oneTBB (w20L2) from AFTER_BINDIR, then the
+# BEFORE binaries, then the AFTER ones.  The raw ns/item of every run and, at the end, the medians
 # and the medians of the per-round ratios are appended to OUTFILE.  The
 # CPU cases use WORK_ITERS calibrated for ~20 us from the fastest of five
 # short bench-seq runs.  Run it on a quiet machine; say the load.
@@ -29,6 +29,9 @@ cases = [
  ('nowork2', 200000, 2, 2, 0, [], ['bench-deferred', 'bench-deferred-map']),
  ('w20L1', 30000, 1, 1, W, ['seq'], ['bench-deferred', 'bench-deferred-map']),
  ('w20L2', 40000, 2, 2, W, ['seq', 'tbb'], ['bench-deferred', 'bench-deferred-map']),
+ # The rest of run-bench.sh's matrix, for the map's 1.2x bound on every case.
+ ('w20L64', 40000, 64, 2, W, ['seq'], ['bench-deferred', 'bench-deferred-map']),
+ ('mem2m', 2000000, 64, 2, 0, [], ['bench-deferred', 'bench-deferred-map']),
 ]
 res = {}
 for r in range(rounds):
