@@ -5,6 +5,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "loop-internal.h" /* the loop's job count, inline */
 #include "pool-internal.h"
 
 /*
@@ -75,10 +76,10 @@ _Static_assert(offsetof(struct df_pool, loop) ==
 /* A job counts in flight (the pool's `inflight`, and the loop's pending
  * count, which keeps df_loop_run going) from its start until its done()
  * is called. */
-static void count(df_pool *p, long delta)
+static inline void count(df_pool *p, long delta)
 {
     p->inflight = (size_t)((long)p->inflight + delta);
-    df__loop_pending_add(p->loop, delta);
+    df__loop_jobs_add(p->loop, delta);
 }
 
 void df__pool_start(df_pool *p, df__job *j)
