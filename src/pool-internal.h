@@ -69,6 +69,8 @@ typedef struct df__job_ops {
  *   made --df__pool_start--> queued --a worker pops it--> running
  *   made --a finishing job's next() returns it--> running (same worker)
  *   running --work() returns, posted--> done(j, 0) on the loop thread
+ *                                       (or the owner's posted(), which
+ *                                       does the same)
  *   queued --df__job_unqueue--> the owner completes it itself
  *   queued --df_pool_shutdown(CANCEL)--> done(j, DF_ECANCELLED)
  *
