@@ -59,6 +59,7 @@ enum {
     F_HEAP = 1u << 11,         /* the entries are in a heap array           */
     /* Bits 12-13: the block's class, its slab (DF__SLAB_*). */
     F_POOL_JOB_IO = 1u << 14,  /* its pool job owns the result fields      */
+    F_MARKS = 1u << 15,        /* a special entry was appended once (sticky) */
 };
 #define CLASS_SHIFT 12
 #define F_CLASS (3u << CLASS_SHIFT)
@@ -212,7 +213,9 @@ static df_result chain_mark(df_result r, void *arg)
     return r;
 }
 
-static DF__NOINLINE void deferred_release(df_deferred *d);
+/* The release (below) is df__deferred_release itself, so that the inline
+ * unref of deferred-internal.h reaches it with no jump in between. */
+#define deferred_release df__deferred_release
 
 /* df_deferred_unref for a caller on the loop thread that has checked it
  * already: the checks cost more than the decrement. */
@@ -372,6 +375,7 @@ static bool wait_for(df_deferred *cur, df_deferred *inner)
         df_deferred_unref(inner);
         return false;
     }
+    inner->flags |= F_MARKS; /* before: append_entry may run inner */
     int rc = append_entry(inner, continue_mark, continue_mark, cur);
     if (rc != 0) {
         df_deferred_unref(inner);
@@ -720,14 +724,16 @@ static void unlink_continuation(df_deferred *inner, df_deferred *outer)
  */
 static DF__NOINLINE void deferred_release_slow(df_deferred *d);
 
-static DF__NOINLINE void deferred_release(df_deferred *d)
+DF__NOINLINE void deferred_release(df_deferred *d)
 {
     /* The common end: fired, chain run, nothing owned, nothing waited on.
      * The loop in deferred_release_slow() would only give the block back
      * (a function of its own, so that this path does not pay for its
      * registers). */
-    if (d->link == NULL && (d->flags & (F_CALLED | F_HEAP)) == F_CALLED &&
-        d->head == d->count && d->failure == NULL && d->value_free == NULL)
+    uintptr_t owned = (uintptr_t)d->link | (uintptr_t)d->failure |
+                      (uintptr_t)d->value_free; /* three words, one test */
+    if (owned == 0 && (d->flags & (F_CALLED | F_HEAP)) == F_CALLED &&
+        d->head == d->count)
         block_put(d);
     else
         deferred_release_slow(d);
@@ -789,11 +795,6 @@ static DF__NOINLINE void deferred_release_slow(df_deferred *d)
         if (next != NULL && --next->refs == 0)
             d = next;
     }
-}
-
-void df__deferred_release(df_deferred *d)
-{
-    deferred_release(d);
 }
 
 df_loop *df_deferred_loop(const df_deferred *d)
@@ -859,47 +860,66 @@ void df__deferred_resolve_drop(df_deferred *d, df_result r)
     unref_checked(d);
 }
 
+/* The rest of df__deferred_resolve_io_drop's callback when it returned
+ * df_wait(): as call_entry does.  True if d now waits (d->link is set).
+ * Out of line, so that the common path saves no more registers. */
+static DF__NOINLINE bool io_drop_wait(df_deferred *d, df_result out)
+{
+    df_deferred *inner = out.wait;
+    if (out.failure != NULL || out.free != NULL) {
+        /* Only df_wait() may set wait: drop the rest. */
+        out.wait = NULL;
+        df_result_clear(&out);
+    }
+    if (!wait_for(d, inner))
+        return false;
+    d->link = inner;
+    return true;
+}
+
 void df__deferred_resolve_io_drop(df_deferred *d)
 {
     DF__HOT_ASSERT(df__on_loop_thread(LOOP(d)) && d->refs > 0 &&
                    (d->flags & (F_POOL_JOB_IO | F_CALLED)) == F_POOL_JOB_IO &&
-                   d->link == NULL);
+                   d->link == NULL && !(d->flags & F_IN_RUN) &&
+                   d->head == 0);
     /* df__deferred_resolve_drop with the result where the job's worker
      * wrote it, its wait (`link`) NULL: it goes to the callback from
-     * there, with no copy through the caller. */
-    uint32_t flags = (d->flags & ~(uint32_t)F_POOL_JOB_IO) | F_CALLED;
-    d->flags = flags;
-    /* run_single(), knowing that d has just fired: it is on no run stack
-     * and none of its entries has run (head is 0), and the result is in
-     * place already. */
-    DF__HOT_ASSERT(!(flags & F_IN_RUN) && d->head == 0);
-    bool more = false;
-    if (d->paused == 0 && d->count == 1 && !(flags & F_HEAP) &&
-        d->inline_entries[0].cb != continue_mark &&
-        d->inline_entries[0].cb != chain_mark) {
+     * there, with no copy through the caller.  d has just fired, so it is
+     * on no run stack and none of its entries has run (head is 0). */
+    /* F_POOL_JOB_IO off, F_CALLED on, in one operation (the first is set
+     * and the second clear, as asserted above). */
+    uint32_t flags = d->flags ^ (F_POOL_JOB_IO | F_CALLED);
+    /* run_single()'s common case: one ordinary pair, inline (F_MARKS: no
+     * special entry was ever appended), and d not paused.  Three tests. */
+    if ((flags & (F_HEAP | F_MARKS)) == 0 && d->paused == 0 &&
+        d->count == 1) {
         entry e = d->inline_entries[0];
-        df_result r = {d->value, d->value_free, d->failure, NULL};
+        df_result r = d->job_io.result; /* its wait, `link`, is NULL */
         df_callback_fn fn = r.failure != NULL ? e.eb : e.cb;
         d->head = 1;
-        if (fn != NULL) {
-            d->value = NULL; /* df_ok(NULL, NULL), over the result */
-            d->value_free = NULL;
-            d->failure = NULL;
-            df_deferred *inner =
-                call_entry(d, fn, r, e.arg, F_IN_RUN | F_IN_CALLBACK);
-            if (inner != NULL) {
-                d->link = inner; /* it waits: the rest runs later */
-                unref_checked(d);
+        if (fn == NULL) { /* pass through: the result stays */
+            d->flags = flags;
+        } else {
+            /* df_ok(NULL, NULL) over the result while the callback runs,
+             * with F_IN_RUN set as run_single() sets it. */
+            d->job_io.result = (df_result){NULL, NULL, NULL, NULL};
+            d->flags = flags | F_IN_RUN | F_IN_CALLBACK;
+            df_result out = fn(r, e.arg);
+            d->flags &= ~(uint32_t)(F_IN_RUN | F_IN_CALLBACK);
+            if (out.wait == NULL) {
+                d->job_io.result = out; /* `link` stays NULL */
+            } else if (io_drop_wait(d, out)) {
+                unref_checked(d); /* it waits: the rest runs later */
                 return;
             }
         }
-        more = d->head < d->count;
-        if (!more) {
-            unref_checked(d);
-            return;
-        }
+        if (d->head < d->count) /* the callback added entries */
+            run_callbacks_from(d, true);
+    } else {
+        d->flags = flags;
+        run_callbacks_from(d, false);
     }
-    run_callbacks_from(d, more);
     unref_checked(d);
 }
 
@@ -1034,6 +1054,7 @@ int df_deferred_chain(df_deferred *d, df_deferred *other)
     DF__CHECK_THREAD(LOOP(d));
     if (LOOP(other) != LOOP(d))
         return DF_EINVAL;
+    d->flags |= F_MARKS; /* before: append_entry may run d */
     int rc = append_entry(d, chain_mark, chain_mark, other);
     if (rc != 0)
         return rc;

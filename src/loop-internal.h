@@ -251,6 +251,12 @@ int df__timers_timeout_ms(const df_loop *loop);
 void df__timers_fini(df_loop *loop);
 
 /* loop.c */
+/* df__loop_pending_add, inline for the pool's completion path. */
+static inline void df__loop_jobs_add(df_loop *loop, long delta)
+{
+    DF__HOT_ASSERT(delta >= 0 || loop->jobs >= (size_t)-delta);
+    loop->jobs = (size_t)((long)loop->jobs + delta);
+}
 /* Why a dispatch pass gives control back early. */
 static inline bool df__loop_should_return(const df_loop *loop,
                                           df_deferred *until)

@@ -66,8 +66,7 @@ void df__report_unhandled(df_loop *loop, df_failure *f)
 
 void df__loop_pending_add(df_loop *loop, long delta)
 {
-    DF__HOT_ASSERT(delta >= 0 || loop->jobs >= (size_t)-delta);
-    loop->jobs = (size_t)((long)loop->jobs + delta);
+    df__loop_jobs_add(loop, delta);
 }
 
 void df__loop_pools_add(df_loop *loop, int delta)
@@ -206,6 +205,13 @@ static int loop_run(df_loop *loop, df_deferred *until)
      * the loop sleeps with a timeout, so that workers need not wake it for
      * each (inbox.c, "Wake-ups"). */
     size_t drained = 0;
+    /* df__loop_should_return() after each entry, with `until` read as one
+     * word: its flags, or a word that stays 0 when there is none. */
+    static const uint32_t no_until = 0;
+    const uint32_t *until_flags =
+        until != NULL
+            ? &((const df__deferred_head *)(const void *)until)->flags
+            : &no_until;
     for (;;) {
         if (loop->stop) {
             loop->stop = false;
@@ -226,7 +232,7 @@ static int loop_run(df_loop *loop, df_deferred *until)
         while ((n = df__batch_pop(loop)) != NULL) {
             n->run(loop, n, 0);
             k++;
-            if (df__loop_should_return(loop, until)) {
+            if (loop->stop || (*until_flags & DF__DEFERRED_CALLED)) {
                 halt = true;
                 break;
             }

@@ -54,6 +54,14 @@ typedef struct df__job_ops {
     /* Loop thread: the application cancels the deferred whose block holds
      * j (df__pool_job_cancel).  May run user code. */
     void (*cancel)(df__job *j);
+    /* The inbox function a worker posts j with, so that its completion
+     * goes straight to its owner: it starts with df__job_posted(n, status)
+     * and then does what done(j, 0) does.  NULL: the pool's own, which
+     * calls done().  A pool's jobs are told from other inbox entries by
+     * this function (df__loop_run_matching, in a drain and a shutdown):
+     * every owner with jobs on one pool must use the same non-NULL one
+     * (there is one, the semaphore's). */
+    df__inbox_fn posted;
 } df__job_ops;
 
 /* A job's life, as the pool sees it:
@@ -61,6 +69,8 @@ typedef struct df__job_ops {
  *   made --df__pool_start--> queued --a worker pops it--> running
  *   made --a finishing job's next() returns it--> running (same worker)
  *   running --work() returns, posted--> done(j, 0) on the loop thread
+ *                                       (or the owner's posted(), which
+ *                                       does the same)
  *   queued --df__job_unqueue--> the owner completes it itself
  *   queued --df_pool_shutdown(CANCEL)--> done(j, DF_ECANCELLED)
  *
@@ -142,8 +152,11 @@ enum df__pool_state {
     DF__POOL_DOWN
 };
 typedef struct df__pool_head {
-    df_loop *loop; /* immutable */
-    int state;     /* enum df__pool_state; loop thread */
+    df_loop *loop;    /* immutable */
+    int state;        /* enum df__pool_state; loop thread */
+    size_t inflight;  /* started, completion not dispatched; loop thread */
+    size_t *jobs;     /* the loop's count of jobs in flight (immutable
+                       * pointer; loop thread) */
 } df__pool_head;
 
 /* The loop p was made from.  Any thread. */
@@ -162,6 +175,25 @@ static inline bool df__pool_accepts(const df_pool *p)
 {
     return ((const df__pool_head *)(const void *)p)->state <=
            DF__POOL_DRAINING;
+}
+
+/* Loop thread: the first step of a job's inbox function (its owner's
+ * df__job_ops.posted, or the pool's own): the job is out of the pool's
+ * hands.  A job whose worker handed its token on to the next job
+ * (`handed`) leaves the count as it is: that next job counts from now,
+ * and its own completion comes after this one. */
+static inline df__job *df__job_posted(df__inbox_node *n, int status)
+{
+    DF__UNUSED(status);
+    DF__HOT_ASSERT(status == 0); /* loops refuse to die while pools exist */
+    df__job *j = DF__CONTAINER_OF(n, df__job, h.node);
+    if (!j->h.handed) {
+        df__pool_head *h = (df__pool_head *)(void *)j->pool;
+        DF__HOT_ASSERT(h->inflight > 0 && *h->jobs > 0);
+        h->inflight--;
+        --*h->jobs;
+    }
+    return j;
 }
 
 /* A client of a pool keeps jobs for it outside its queue (a semaphore's

@@ -5,6 +5,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "loop-internal.h" /* the loop's job count, inline */
 #include "pool-internal.h"
 
 /*
@@ -28,12 +29,17 @@
  * per job.  A worker pops a job, runs work() with no lock held, asks the
  * job's next() hook for a successor (the token hand-off), posts the job to
  * the loop's inbox and runs the successor, if any, itself.  The loop runs
- * job_posted(), which accounts for the job and calls its owner's done().
+ * the job's inbox function: its owner's `posted` (pool-internal.h), which
+ * goes straight to the owner's completion, or job_posted(), which calls
+ * its owner's done(); both start with the pool's accounting
+ * (df__job_posted).
  */
 
 struct df_pool {
-    df_loop *loop; /* immutable */
-    int state;     /* enum df__pool_state (df__pool_head)            */
+    df_loop *loop;   /* immutable */
+    int state;       /* enum df__pool_state (df__pool_head)          */
+    size_t inflight; /* started, completion not dispatched           */
+    size_t *jobs;    /* &loop->jobs (df__pool_head)                  */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;      /* workers wait here for work or stop       */
@@ -45,12 +51,13 @@ struct df_pool {
     bool stopping;          /* workers exit once the queue is empty     */
     bool drain_waiting;     /* a drain waits on idle_cv                 */
     atomic_bool cancelling; /* no more hand-offs (CANCEL)               */
+    df__inbox_fn direct;    /* the owners' df__job_ops.posted, once a
+                             * worker has run a job that has one       */
 
     /* Loop thread only. */
     pthread_t *threads;
     unsigned nthreads;
     df__ilink clients;      /* df__pool_client, told at shutdown        */
-    size_t inflight;        /* started, completion not dispatched       */
     bool free_pending;      /* df_pool_free() waits for the shutdown    */
 };
 
@@ -69,16 +76,20 @@ static inline const df__job_ops *job_ops(const df__job *j)
 _Static_assert(offsetof(struct df_pool, loop) ==
                        offsetof(df__pool_head, loop) &&
                    offsetof(struct df_pool, state) ==
-                       offsetof(df__pool_head, state),
+                       offsetof(df__pool_head, state) &&
+                   offsetof(struct df_pool, inflight) ==
+                       offsetof(df__pool_head, inflight) &&
+                   offsetof(struct df_pool, jobs) ==
+                       offsetof(df__pool_head, jobs),
                "df__pool_head must match struct df_pool");
 
 /* A job counts in flight (the pool's `inflight`, and the loop's pending
  * count, which keeps df_loop_run going) from its start until its done()
  * is called. */
-static void count(df_pool *p, long delta)
+static inline void count(df_pool *p, long delta)
 {
     p->inflight = (size_t)((long)p->inflight + delta);
-    df__loop_pending_add(p->loop, delta);
+    df__loop_jobs_add(p->loop, delta);
 }
 
 void df__pool_start(df_pool *p, df__job *j)
@@ -118,25 +129,27 @@ bool df__job_unqueue(df__job *j)
     return queued;
 }
 
-/* Loop thread: a job's completion, run from the inbox. */
+/* Loop thread: the completion of a job whose owner has no inbox
+ * function of its own (df__job_ops.posted), run from the inbox. */
 static void job_posted(df_loop *loop, df__inbox_node *n, int status)
 {
     DF__UNUSED(loop);
-    DF__UNUSED(status);
-    DF__HOT_ASSERT(status == 0); /* loops refuse to die while pools exist */
-    df__job *j = DF__CONTAINER_OF(n, df__job, h.node);
-    df_pool *p = j->pool;
-    /* The job it handed its token to started on the worker: it counts
-     * from now (its own completion comes after this one). */
-    if (!j->h.handed)
-        count(p, -1);
+    df__job *j = df__job_posted(n, status);
     job_ops(j)->done(j, 0); /* may free the pool */
 }
 
+/* Whether inbox entry n is a job of pool `arg`.  A job's entry runs
+ * job_posted or its owner's `posted`, which the pool learnt (`direct`)
+ * when a worker took the first job of such an owner, before any of them
+ * was posted; no other entry runs either.  Read after the workers are
+ * idle or joined (drain, pool_shutdown), which orders it after their
+ * writes. */
 static bool job_of_pool(const df__inbox_node *n, void *arg)
 {
-    return n->run == job_posted &&
-           DF__CONTAINER_OF(n, const df__job, h.node)->pool == arg;
+    const df_pool *p = arg;
+    return (n->run == job_posted ||
+            (p->direct != NULL && n->run == p->direct)) &&
+           DF__CONTAINER_OF(n, const df__job, h.node)->pool == p;
 }
 
 /* ---------------------------------------------------------------- clients */
@@ -199,6 +212,15 @@ static void *worker_main(void *arg)
             break; /* stopping and nothing left */
         df__job *j = DF__ILIST_ENTRY(l, df__job, h.link);
         j->h.queued = false;
+        /* The jobs a worker runs next (next(), below) have the same
+         * owner as this one, hence the same inbox function. */
+        df__inbox_fn posted = job_ops(j)->posted;
+        if (posted != NULL) {
+            assert(p->direct == NULL || p->direct == posted);
+            p->direct = posted;
+        } else {
+            posted = job_posted;
+        }
         p->busy++;
         pthread_mutex_unlock(&p->mu);
 
@@ -217,8 +239,10 @@ static void *worker_main(void *arg)
                 !atomic_load_explicit(&p->cancelling, memory_order_acquire))
                 next = ops->next(j);
             j->h.handed = next != NULL;
+            DF__HOT_ASSERT(posted == (ops->posted != NULL ? ops->posted
+                                                          : job_posted));
             /* The job now belongs to the loop: not touched after this. */
-            j->h.node.run = job_posted;
+            j->h.node.run = posted;
             if (next != NULL)
                 df__loop_post_batched(p->loop, &j->h.node, &unwoken);
             else
@@ -288,6 +312,7 @@ int df_pool_new(df_loop *loop, const df_pool_options *opts, df_pool **out)
     if (p == NULL)
         return DF_ENOMEM;
     p->loop = loop;
+    p->jobs = &loop->jobs;
     p->threads = df__calloc(loop, o.threads, sizeof *p->threads);
     if (p->threads == NULL) {
         df__free(loop, p);
@@ -423,7 +448,7 @@ static void plain_cancel(df__job *j)
         fail_cancelled(pj->job.pool->loop, df__job_deferred(pj));
 }
 
-static const df__job_ops plain_ops = {NULL, plain_done, plain_cancel};
+static const df__job_ops plain_ops = {NULL, plain_done, plain_cancel, NULL};
 
 void df__pool_job_cancel(void *job)
 {

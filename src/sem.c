@@ -546,7 +546,16 @@ static void job_cancel(df__job *j)
     df__sem_job_cancel(DF__CONTAINER_OF(j, df__sem_job, job));
 }
 
-static const df__job_ops sem_job_ops = {job_next, job_done, job_cancel};
+/* Its jobs' inbox function (df__job_ops.posted): the pool's accounting,
+ * then job_done, with no call through the pool in between. */
+static void job_posted(df_loop *loop, df__inbox_node *n, int status)
+{
+    DF__UNUSED(loop);
+    job_done(df__job_posted(n, status), 0);
+}
+
+static const df__job_ops sem_job_ops = {job_next, job_done, job_cancel,
+                                        job_posted};
 
 #define SHUTDOWN_MSG "pool shut down before the job got a semaphore token"
 
