@@ -200,13 +200,16 @@ static void list_enter(struct df_list_result *l)
  * dropping the collector's reference when nothing can call back any more.
  * Nothing in the block may be touched after this returns.
  */
-static void list_drop_members(struct df_list_result *l)
+static LIST_NOINLINE void list_drop_members(struct df_list_result *l)
 {
     /* Once members_held is false nothing reads slot[i].member again
      * except for its SLOT_DONE bit, so the pointers are left in place. */
     l->members_held = false;
-    for (size_t i = 0; i < l->count; i++)
-        df__deferred_unref(slot_member(&l->slots[i])); /* loop thread */
+    /* Out of line and with the bounds in locals, so that the loop keeps
+     * them in registers across the releases (which may run any code). */
+    const struct list_slot *s = l->slots, *end = s + l->count;
+    for (; s < end; s++)
+        df__deferred_unref(slot_member(s)); /* loop thread */
 }
 
 static inline void list_leave(struct df_list_result *l)
