@@ -7,9 +7,11 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define LIST_NOINLINE __attribute__((noinline))
+#define LIST_COLD __attribute__((cold))
 #define LIST_LIKELY(x) __builtin_expect(!!(x), 1)
 #else
 #define LIST_NOINLINE
+#define LIST_COLD
 #define LIST_LIKELY(x) (x)
 #endif
 
@@ -273,7 +275,8 @@ static void list_fire(struct df_list_result *l, df_result r)
  * The caller has marked the slot done and counted the member out of
  * npending.  It finds the list from the slot itself, as list_member_done
  * does, so that the fast path keeps nothing live across the call. */
-static LIST_NOINLINE df_result member_done_slow(df_result r, void *arg)
+static LIST_NOINLINE LIST_COLD df_result member_done_slow(df_result r,
+                                                          void *arg)
 {
     struct list_slot *s = arg;
     struct df_list_result *l = s->owner; /* not recorded yet */
