@@ -2132,20 +2132,27 @@ static df_result give_val(df_result r, void *arg)
 START_TEST(test_list_take_refs_unfired)
 {
     df_deferred *d[2] = {new_deferred(), new_deferred()};
+    df_deferred *producer[2];
     df_deferred *dl = NULL;
     struct capture c;
 
+    /* Each member's producer keeps a reference of its own; the array's
+     * go to the list. */
+    producer[0] = df_deferred_ref(d[0]);
+    producer[1] = df_deferred_ref(d[1]);
     TU_OK(df_list_new(loop, d, 2, DF_LIST_TAKE_REFS, &dl));
-    /* The list keeps them alive until it fires: borrowed here. */
-    TU_OK(df_deferred_add_callback(d[0], give_val, NULL));
-    TU_OK(df_deferred_add_callback(d[1], give_val, NULL));
+    TU_OK(df_deferred_add_callback(producer[0], give_val, NULL));
+    TU_OK(df_deferred_add_callback(producer[1], give_val, NULL));
     capture_on(dl, &c);
-    fire(d[1], 2);
+    fire(producer[1], 2);
+    df_deferred_unref(producer[1]); /* the list's reference remains */
     ck_assert_int_eq(c.calls, 0);
     ck_assert_int_eq(nfreed, 0);
-    fire(d[0], 1);
-    /* The list fired and dropped the only references: each member's
-     * last value (give_val's) was freed with it. */
+    fire(producer[0], 1);
+    /* The list fired and dropped its references: d[1], which it held
+     * alone, went with its last value (give_val's). */
+    ck_assert_int_eq(nfreed, 1);
+    df_deferred_unref(producer[0]);
     ck_assert_int_eq(nfreed, 2);
     const df_list_result *r = captured_result(&c);
     ck_assert_int_eq(entry_int(r, 0), 1);
@@ -2213,33 +2220,33 @@ START_TEST(test_list_take_refs_failure_keeps_refs)
         for (budget = 0; !done; budget++) {
             df_deferred *m[3] = {new_deferred(), NULL, new_deferred()};
             m[1] = with_fired ? succeeded(2) : new_deferred();
+            /* The producers' references, besides the array's. */
+            df_deferred *p[3] = {df_deferred_ref(m[0]), df_deferred_ref(m[1]),
+                                 df_deferred_ref(m[2])};
             dl = NULL;
             ck_assert_int_lt(budget, 100);
             nfreed = 0;
             alloc_budget = budget;
             int rc = df_list_new(loop, m, 3, DF_LIST_TAKE_REFS, &dl);
             alloc_budget = -1;
+            if (rc != 0) {
+                ck_assert_int_eq(rc, DF_ENOMEM);
+                ck_assert_ptr_null(dl);
+                unref_all(m, 3); /* still ours */
+            }
+            fire(p[0], 1);
+            if (!with_fired)
+                fire(p[1], 2);
+            fire(p[2], 3);
             if (rc == 0) {
                 done = true;
-                fire(m[0], 1); /* borrowed: the list holds them */
-                if (!with_fired)
-                    fire(m[1], 2);
-                fire(m[2], 3);
                 const df_list_result *r = success_result_of(dl);
                 ck_assert_int_eq(entry_int(r, 0), 1);
                 ck_assert_int_eq(entry_int(r, 1), 2);
                 ck_assert_int_eq(entry_int(r, 2), 3);
                 df_deferred_unref(dl);
-                ck_assert_int_eq(nfreed, 3);
-                continue;
             }
-            ck_assert_int_eq(rc, DF_ENOMEM);
-            ck_assert_ptr_null(dl);
-            fire(m[0], 1);
-            if (!with_fired)
-                fire(m[1], 2);
-            fire(m[2], 3);
-            unref_all(m, 3);
+            unref_all(p, 3);
             ck_assert_int_eq(nfreed, 3);
         }
         ck_assert_int_ge(budget, 2);
@@ -2248,24 +2255,40 @@ START_TEST(test_list_take_refs_failure_keeps_refs)
 }
 END_TEST
 
-/* Cancelling a TAKE_REFS list still reaches every member, fired ones
- * waiting on an inner deferred included (the list holds them until it
- * fires, as without the flag). */
+/* Makes the chain wait for the deferred in arg. */
+static df_result wait_on(df_result r, void *arg)
+{
+    df_result_clear(&r);
+    return df_wait(df_deferred_ref(arg));
+}
+
+/* Cancelling a TAKE_REFS list still reaches every member, a fired one
+ * waiting on an inner deferred included, when the list holds them alone
+ * (until it fires, as without the flag). */
 START_TEST(test_list_take_refs_cancel)
 {
     df_deferred *d[2] = {new_deferred(), new_deferred()};
+    df_deferred *p[2] = {df_deferred_ref(d[0]), df_deferred_ref(d[1])};
+    df_deferred *w = new_deferred();
     df_deferred *dl = NULL;
     int cancelled = 0;
 
     TU_OK(df_list_new(loop, d, 2, DF_LIST_TAKE_REFS, &dl));
-    TU_OK(df_deferred_add_errback(d[0], swallow, &cancelled));
-    TU_OK(df_deferred_add_errback(d[1], swallow, &cancelled));
+    TU_OK(df_deferred_add_callback(p[0], wait_on, w));
+    TU_OK(df_deferred_add_errback(p[0], swallow, &cancelled));
+    TU_OK(df_deferred_add_errback(p[1], swallow, &cancelled));
+    fire(p[0], 1); /* recorded; then d[0] waits for w */
+    unref_all(p, 2);
+    ck_assert(!df_deferred_called(dl));
     TU_OK(df_deferred_cancel(dl));
+    ck_assert(df_deferred_called(w)); /* reached through d[0] */
     ck_assert_int_eq(cancelled, 2);
     const df_list_result *r = success_result_of(dl);
-    entry_failure(r, 0, DF_ECANCELLED);
+    ck_assert_int_eq(entry_int(r, 0), 1);
     entry_failure(r, 1, DF_ECANCELLED);
     df_deferred_unref(dl);
+    df_deferred_unref(w);
+    ck_assert_int_eq(nfreed, 1);
     ck_assert_int_eq(nunhandled, 0);
 }
 END_TEST
