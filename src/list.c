@@ -36,7 +36,9 @@
  *   - a section of list code on the stack (`busy`).
  *
  * The list holds a reference to each member until the list has fired and
- * no list code is on the stack; it holds no reference to its own deferred.
+ * no list code is on the stack (its own, or with DF_LIST_TAKE_REFS the
+ * caller's, which it took over); it holds no reference to its own
+ * deferred.
  * That breaks the cycle list -> member -> callback -> list, so a list and
  * members that are all abandoned are freed rather than leaked.  Instead,
  * the sentinel tells the collector when the list deferred fired: if the
