@@ -69,6 +69,17 @@
  *     cancel_waits).  A member paused by its owner, or whose cancellation
  *     completes later (a running pool job), keeps the list unfired until
  *     then.
+ *   - A member's reference is not dropped when its list callback runs,
+ *     but in one pass once the list has fired (list_drop_members): until
+ *     then a later callback on the member may make it wait on an inner
+ *     deferred, which the list's cancel must reach.  Dropping early is
+ *     exact only when nobody else can add callbacks (refs == 2: the list's
+ *     and the one the running chain holds, our pair the last); that rests
+ *     on deferred.c holding a reference of its own on a deferred whose
+ *     callbacks run, which it does not promise, and measured (issue 11)
+ *     it cost 7 instructions per member on the loop thread (the check in
+ *     the hot callback against the pass's 8) for half the pass's cache
+ *     misses.
  *   - CANCEL_REMAINING cancels, right after the list's own callbacks have
  *     seen the result, every member whose list callback has not run.  It
  *     does not apply when the list was fired by someone else.
