@@ -76,10 +76,10 @@
  *     exact only when nobody else can add callbacks (refs == 2: the list's
  *     and the one the running chain holds, our pair the last); that rests
  *     on deferred.c holding a reference of its own on a deferred whose
- *     callbacks run, which it does not promise, and measured (issue 11)
- *     it cost 7 instructions per member on the loop thread (the check in
- *     the hot callback against the pass's 8) for half the pass's cache
- *     misses.
+ *     callbacks run, which it does not promise; and measured (issue 11),
+ *     the check in the member callback cost 7 instructions per member
+ *     more on the loop thread than the pass it saves, for about half of
+ *     the loop thread's last-level cache misses.
  *   - CANCEL_REMAINING cancels, right after the list's own callbacks have
  *     seen the result, every member whose list callback has not run.  It
  *     does not apply when the list was fired by someone else.
