@@ -12,9 +12,10 @@
  * The path a user would write: one loop, a pool of THREADS, a semaphore of
  * LIMIT tokens, df_sem_run_in_pool() for each of the N items, then
  *
- *   default (impl=libdeferred): a DeferredList over all N deferreds; its
- *     callback (the last callback of the run) reads the N values out of the
- *     list result; the loop runs until the list has fired.
+ *   default (impl=libdeferred): a DeferredList over all N deferreds, which
+ *     takes over their references (DF_LIST_TAKE_REFS); its callback (the
+ *     last callback of the run) reads the N values out of the list result
+ *     (df_list_result_get); the loop runs until the list has fired.
  *
  *   -DBENCH_DF_PER_ITEM (impl=libdeferred-cb): a callback on each item's
  *     deferred stores its value, and the deferred is released at once, so
@@ -69,12 +70,14 @@ static df_result work(df_work *w, void *arg)
     return df_ok((void *)(uintptr_t)v, NULL);
 }
 
+#ifdef BENCH_DF_MAP
 /* work as a map's work (the item is its argument). */
 static df_result map_work(df_work *w, void *item, void *work_arg)
 {
     (void)work_arg;
     return work(w, item);
 }
+#endif
 
 static void report_failure(df_failure *f, const char *what)
 {
@@ -142,13 +145,12 @@ static df_result collect(df_result r, void *arg)
     const df_list_result *lr = r.value;
     size_t n = df_list_result_count(lr);
     for (size_t i = 0; i < n; i++) {
-        if (df_list_result_ok(lr, i)) {
-            bench_record(&b->results, i,
-                         (uint64_t)(uintptr_t)df_list_result_value(lr, i));
-        } else if (b->failures++ == 0) {
-            df_failure *f = df_list_result_failure(lr, i);
-            if (f != NULL)
-                report_failure(f, "item failed");
+        void *v;
+        df_failure *f;
+        if (df_list_result_get(lr, i, &v, &f)) {
+            bench_record(&b->results, i, (uint64_t)(uintptr_t)v);
+        } else if (b->failures++ == 0 && f != NULL) {
+            report_failure(f, "item failed");
         }
     }
     return r; /* the list deferred keeps (and later frees) the result */
@@ -276,16 +278,15 @@ int main(int argc, char **argv)
             break;
         }
     }
-    if (!failed &&
-        api_ok(df_list_new(loop, members, (size_t)made, 0, &list),
-               "df_list_new") &&
-        api_ok(df_deferred_add_callbacks(list, collect, collect_failure, &b),
-               "df_deferred_add_callbacks")) {
-        /* The list holds its own reference to every member. */
-        for (uint64_t i = 0; i < made; i++)
-            df_deferred_unref(members[i]);
+    /* The list takes over our reference to every member. */
+    if (!failed && api_ok(df_list_new(loop, members, (size_t)made,
+                                      DF_LIST_TAKE_REFS, &list),
+                          "df_list_new")) {
         made = 0;
-        if (!api_ok(df_loop_run_until(loop, list), "df_loop_run_until"))
+        if (!api_ok(df_deferred_add_callbacks(list, collect, collect_failure,
+                                              &b),
+                    "df_deferred_add_callbacks") ||
+            !api_ok(df_loop_run_until(loop, list), "df_loop_run_until"))
             failed = true;
     } else {
         failed = true;

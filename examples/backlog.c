@@ -492,15 +492,15 @@ int main(int argc, char **argv)
     }
     /* CONSUME_ERRORS: a failed send is recorded in the list's result and
      * its own chain goes on with success, so nothing is left to be
-     * reported as unhandled when the runs are released. */
-    if ((rc = df_list_new(a.loop, runs, n, DF_LIST_CONSUME_ERRORS, &list)) !=
-        0) {
+     * reported as unhandled when the runs are released.  TAKE_REFS: the
+     * list takes over our reference to each run (on failure we keep
+     * them). */
+    rc = df_list_new(a.loop, runs, n,
+                     DF_LIST_CONSUME_ERRORS | DF_LIST_TAKE_REFS, &list);
+    if (rc != 0) {
         abandon(a.loop, runs, n);
         return fail("df_list_new", rc);
     }
-    /* The list holds its own reference to each run. */
-    for (size_t i = 0; i < n; i++)
-        df_deferred_unref(runs[i]);
     free(runs);
 
     if (!quiet && isatty(STDERR_FILENO)) {

@@ -216,10 +216,10 @@ int main(int argc, char **argv)
         if (rc != 0)
             return fail("df_sem_run_in_pool", rc);
     }
-    if ((rc = df_gather(loop, runs, jobs, DF_LIST_CONSUME_ERRORS, &all)) != 0)
+    /* TAKE_REFS: the gather takes over our reference to each run. */
+    if ((rc = df_gather(loop, runs, jobs,
+                        DF_LIST_CONSUME_ERRORS | DF_LIST_TAKE_REFS, &all)) != 0)
         return fail("df_gather", rc);
-    for (size_t i = 0; i < jobs; i++)
-        df_deferred_unref(runs[i]); /* the gather holds its own */
     /* A df_loop timer, so that the epoll timeout has something to do. */
     if ((rc = df_deferred_set_timeout(all, DEADLINE_NS)) != 0)
         return fail("df_deferred_set_timeout", rc);

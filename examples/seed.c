@@ -98,7 +98,8 @@ int main(int argc, char **argv)
         if (rc != 0)
             return fail("df_sem_run", rc);
     }
-    if ((rc = df_list_new(loop, runs, ITEMS, 0, &list)) != 0)
+    /* The list takes over our reference to each run. */
+    if ((rc = df_list_new(loop, runs, ITEMS, DF_LIST_TAKE_REFS, &list)) != 0)
         return fail("df_list_new", rc);
     if ((rc = df_deferred_add_callback(list, print_list, NULL)) != 0)
         return fail("df_deferred_add_callback", rc);
@@ -108,8 +109,6 @@ int main(int argc, char **argv)
     if ((rc = df_loop_run_until(loop, list)) != 0)
         return fail("df_loop_run_until", rc);
 
-    for (int i = 0; i < ITEMS; i++)
-        df_deferred_unref(runs[i]);
     df_deferred_unref(list);
     if ((rc = df_sem_free(sem)) != 0)
         return fail("df_sem_free", rc);

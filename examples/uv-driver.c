@@ -240,10 +240,10 @@ int main(int argc, char **argv)
     }
     /* CONSUME_ERRORS: should jobs fail, the gather's failure reports the
      * first one, and the jobs' own chains leave nothing unhandled. */
-    if ((rc = df_gather(a.loop, runs, JOBS, DF_LIST_CONSUME_ERRORS, &all)) != 0)
+    /* TAKE_REFS: the gather takes over our reference to each run. */
+    if ((rc = df_gather(a.loop, runs, JOBS,
+                        DF_LIST_CONSUME_ERRORS | DF_LIST_TAKE_REFS, &all)) != 0)
         return fail("df_gather", rc);
-    for (size_t i = 0; i < JOBS; i++)
-        df_deferred_unref(runs[i]); /* the gather holds its own */
     /* A df_loop timer, so that the uv timer has something to wait for. */
     if ((rc = df_deferred_set_timeout(all, DEADLINE_NS)) != 0)
         return fail("df_deferred_set_timeout", rc);

@@ -538,7 +538,8 @@ enum {
     DF_LIST_FIRE_ON_ONE_CALLBACK = 1u << 0, /* fire on first success      */
     DF_LIST_FIRE_ON_ONE_ERRBACK = 1u << 1,  /* fail on first failure      */
     DF_LIST_CONSUME_ERRORS = 1u << 2,       /* members continue with NULL */
-    DF_LIST_CANCEL_REMAINING = 1u << 3      /* beyond Twisted, see below  */
+    DF_LIST_CANCEL_REMAINING = 1u << 3,     /* beyond Twisted, see below  */
+    DF_LIST_TAKE_REFS = 1u << 4             /* C only: steals, see below  */
 };
 
 /*
@@ -553,8 +554,17 @@ enum {
  *     on with df_ok(NULL, NULL) (nothing left to be reported as unhandled).
  *   CANCEL_REMAINING: once the list has fired early, cancel the members
  *     that have not fired.
+ *   TAKE_REFS: a C convenience with no Twisted equivalent (jansson's
+ *     "steal" idiom): on success the list takes over the caller's
+ *     reference to each member instead of taking its own, so the caller
+ *     does not unref the members afterwards.  The array then holds one
+ *     reference per position (a member listed twice: two references).
+ *     After success the caller must not touch a member it holds no other
+ *     reference to: the list may already have released it (the list can
+ *     fire, and drop its members, before df_list_new returns).  On
+ *     failure nothing was taken: the caller still owns every member.
  * Ownership: the list borrows the array and takes a reference to each
- * member (a member may appear twice).  DF_EINVAL for a NULL or foreign
+ * member (a member may appear twice), or takes the caller's (TAKE_REFS).  DF_EINVAL for a NULL or foreign
  * member, unknown flags, or an n no array can have; DF_ENOMEM for a list
  * too large to allocate.  Each member's success value moves into the list
  * result (the member's chain goes on with the same pointer but no
@@ -580,7 +590,8 @@ DF_EXPORT int df_list_new(df_loop *loop, df_deferred *const *members,
                           size_t n, unsigned flags, df_deferred **out);
 /* Twisted gatherResults: fires with a df_list_result of all values, or
  * fails with DF_EFIRST_ERROR on the first failure.  flags may contain
- * DF_LIST_CONSUME_ERRORS and DF_LIST_CANCEL_REMAINING. */
+ * DF_LIST_CONSUME_ERRORS, DF_LIST_CANCEL_REMAINING and DF_LIST_TAKE_REFS
+ * (as for df_list_new). */
 DF_EXPORT int df_gather(df_loop *loop, df_deferred *const *members, size_t n,
                         unsigned flags, df_deferred **out);
 
@@ -593,6 +604,12 @@ DF_EXPORT bool df_list_result_fired(const df_list_result *r, size_t i);
 DF_EXPORT void *df_list_result_value(const df_list_result *r, size_t i);
 DF_EXPORT df_failure *df_list_result_failure(const df_list_result *r,
                                              size_t i);
+/* Member i in one call: returns df_list_result_ok(r, i) and stores
+ * df_list_result_value(r, i) in *value and df_list_result_failure(r, i)
+ * in *failure (both borrowed, as those give them; either pointer may be
+ * NULL, then nothing is stored there).  Any thread that owns r. */
+DF_EXPORT bool df_list_result_get(const df_list_result *r, size_t i,
+                                  void **value, df_failure **failure);
 /* The accessors take any r (NULL too) and any i: out of range gives
  * false, NULL or 0.  The member that made an early-firing list fire, or
  * -1. */

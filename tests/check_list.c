@@ -214,8 +214,30 @@ static const df_list_result *success_result_of(df_deferred *d)
     return v;
 }
 
+/* df_list_result_get(r, i) must agree with the one-field accessors, with
+ * and without its out pointers; the entry_* helpers below check it on
+ * every entry they look at. */
+static void check_get(const df_list_result *r, size_t i)
+{
+    void *v = &v;            /* not NULL: get must overwrite them */
+    df_failure *f = (df_failure *)&f;
+    bool ok = df_list_result_get(r, i, &v, &f);
+
+    ck_assert(ok == df_list_result_ok(r, i));
+    ck_assert_ptr_eq(v, df_list_result_value(r, i));
+    ck_assert_ptr_eq(f, df_list_result_failure(r, i));
+    ck_assert(df_list_result_get(r, i, NULL, NULL) == ok);
+    v = &v;
+    ck_assert(df_list_result_get(r, i, &v, NULL) == ok);
+    ck_assert_ptr_eq(v, df_list_result_value(r, i));
+    f = (df_failure *)&f;
+    ck_assert(df_list_result_get(r, i, NULL, &f) == ok);
+    ck_assert_ptr_eq(f, df_list_result_failure(r, i));
+}
+
 static int entry_int(const df_list_result *r, size_t i)
 {
+    check_get(r, i);
     ck_assert(df_list_result_fired(r, i));
     ck_assert(df_list_result_ok(r, i));
     ck_assert_ptr_nonnull(df_list_result_value(r, i));
@@ -224,6 +246,7 @@ static int entry_int(const df_list_result *r, size_t i)
 
 static df_failure *entry_failure(const df_list_result *r, size_t i, int code)
 {
+    check_get(r, i);
     ck_assert(df_list_result_fired(r, i));
     ck_assert(!df_list_result_ok(r, i));
     ck_assert_ptr_null(df_list_result_value(r, i));
@@ -234,6 +257,7 @@ static df_failure *entry_failure(const df_list_result *r, size_t i, int code)
 
 static void entry_unfired(const df_list_result *r, size_t i)
 {
+    check_get(r, i);
     ck_assert(!df_list_result_fired(r, i));
     ck_assert(!df_list_result_ok(r, i));
     ck_assert_ptr_null(df_list_result_value(r, i));
@@ -1565,7 +1589,10 @@ START_TEST(test_list_invalid_args)
     TU_ERR(df_list_new(loop, &d, 1, 0, NULL), DF_EINVAL);
     TU_ERR(df_list_new(loop, NULL, 1, 0, &dl), DF_EINVAL);
     TU_ERR(df_list_new(loop, bad, 2, 0, &dl), DF_EINVAL);
-    TU_ERR(df_list_new(loop, &d, 1, 1u << 4, &dl), DF_EINVAL);
+    TU_ERR(df_list_new(loop, &d, 1, 1u << 5, &dl), DF_EINVAL);
+    TU_ERR(df_list_new(loop, bad, 2, DF_LIST_TAKE_REFS, &dl), DF_EINVAL);
+    TU_ERR(df_gather(loop, &d, 1, DF_LIST_FIRE_ON_ONE_CALLBACK, &dl),
+           DF_EINVAL);
     TU_ERR(df_gather(NULL, &d, 1, 0, &dl), DF_EINVAL);
     TU_ERR(df_gather(loop, &d, 1, 0, NULL), DF_EINVAL);
     TU_ERR(df_gather(loop, bad, 2, 0, &dl), DF_EINVAL);
@@ -1588,6 +1615,7 @@ START_TEST(test_list_invalid_args)
     ck_assert(!df_list_result_fired(NULL, 0));
     ck_assert_ptr_null(df_list_result_value(NULL, 0));
     ck_assert_ptr_null(df_list_result_failure(NULL, 0));
+    entry_unfired(NULL, 0);
     df_list_result_free(NULL);
     TU_OK(df_list_new(loop, NULL, 0, 0, &dl));
     entry_unfired(success_result_of(dl), 0);
@@ -2087,6 +2115,237 @@ START_TEST(test_list_made_while_attaching_over_later_members)
 }
 END_TEST
 
+/* -------------------------------------------------------------- take_refs */
+
+/* Replaces the result with a value whose destructor counts, so that the
+ * member's release is seen (nfreed) when the chain ends with it. */
+static df_result give_val(df_result r, void *arg)
+{
+    (void)arg;
+    df_result_clear(&r);
+    return df_ok(val(7), val_free);
+}
+
+/* Not in Twisted (a C convenience): with DF_LIST_TAKE_REFS the list owns
+ * the caller's reference, so a member it holds alone is released when the
+ * list has fired, and the caller unrefs nothing. */
+START_TEST(test_list_take_refs_unfired)
+{
+    df_deferred *d[2] = {new_deferred(), new_deferred()};
+    df_deferred *producer[2];
+    df_deferred *dl = NULL;
+    struct capture c;
+
+    /* Each member's producer keeps a reference of its own; the array's
+     * go to the list. */
+    producer[0] = df_deferred_ref(d[0]);
+    producer[1] = df_deferred_ref(d[1]);
+    TU_OK(df_list_new(loop, d, 2, DF_LIST_TAKE_REFS, &dl));
+    TU_OK(df_deferred_add_callback(producer[0], give_val, NULL));
+    TU_OK(df_deferred_add_callback(producer[1], give_val, NULL));
+    capture_on(dl, &c);
+    fire(producer[1], 2);
+    df_deferred_unref(producer[1]); /* the list's reference remains */
+    ck_assert_int_eq(c.calls, 0);
+    ck_assert_int_eq(nfreed, 0);
+    fire(producer[0], 1);
+    /* The list fired and dropped its references: d[1], which it held
+     * alone, went with its last value (give_val's). */
+    ck_assert_int_eq(nfreed, 1);
+    df_deferred_unref(producer[0]);
+    ck_assert_int_eq(nfreed, 2);
+    const df_list_result *r = captured_result(&c);
+    ck_assert_int_eq(entry_int(r, 0), 1);
+    ck_assert_int_eq(entry_int(r, 1), 2);
+    df_deferred_unref(dl);
+    df_result_clear(&c.r);
+    ck_assert_int_eq(nfreed, 4);
+    ck_assert_int_eq(nunhandled, 0);
+}
+END_TEST
+
+/* Members that have fired already: the list fires inside df_list_new and
+ * releases them before it returns.  A member listed twice comes with two
+ * references. */
+START_TEST(test_list_take_refs_fired)
+{
+    df_deferred *a = succeeded(1);
+    df_deferred *d[3] = {a, succeeded(2), df_deferred_ref(a)};
+    df_deferred *dl = NULL;
+    struct capture c;
+
+    TU_OK(df_deferred_add_callback(d[1], give_val, NULL)); /* before */
+    TU_OK(df_list_new(loop, d, 3, DF_LIST_TAKE_REFS, &dl));
+    /* d[1]'s own value went to give_val, which made the list's. */
+    ck_assert_int_eq(nfreed, 1);
+    capture_on(dl, &c);
+    const df_list_result *r = captured_result(&c);
+    ck_assert_int_eq(entry_int(r, 0), 1);
+    ck_assert_int_eq(entry_int(r, 1), 7);
+    /* Position 2 saw a's chain go on with the value, borrowed. */
+    ck_assert_ptr_eq(df_list_result_value(r, 2), df_list_result_value(r, 0));
+    df_deferred_unref(dl);
+    df_result_clear(&c.r);
+    ck_assert_int_eq(nfreed, 3);
+    ck_assert_int_eq(nunhandled, 0);
+}
+END_TEST
+
+/* On failure nothing is taken: the caller still owns every member, which
+ * it can fire and release (each exactly once: valgrind and ASan would see
+ * a member dropped by the failed call). */
+START_TEST(test_list_take_refs_failure_keeps_refs)
+{
+    df_deferred *d[3] = {new_deferred(), NULL, succeeded(3)};
+    df_deferred *dl = NULL;
+    long budget;
+    bool done = false;
+
+    TU_ERR(df_list_new(loop, d, 3, DF_LIST_TAKE_REFS, &dl), DF_EINVAL);
+    d[1] = d[0];
+    d[0] = d[2];
+    d[2] = d[1];
+    d[1] = NULL; /* a fired member first, then the bad one */
+    TU_ERR(df_gather(loop, d, 3, DF_LIST_TAKE_REFS, &dl), DF_EINVAL);
+    ck_assert_ptr_null(dl);
+    fire(d[2], 1);
+    df_deferred_unref(d[0]);
+    df_deferred_unref(d[2]);
+    ck_assert_int_eq(nfreed, 2);
+
+    /* Out of memory at each step, with and without a member that has
+     * fired. */
+    for (int with_fired = 0; with_fired < 2; with_fired++) {
+        done = false;
+        for (budget = 0; !done; budget++) {
+            df_deferred *m[3] = {new_deferred(), NULL, new_deferred()};
+            m[1] = with_fired ? succeeded(2) : new_deferred();
+            /* The producers' references, besides the array's. */
+            df_deferred *p[3] = {df_deferred_ref(m[0]), df_deferred_ref(m[1]),
+                                 df_deferred_ref(m[2])};
+            dl = NULL;
+            ck_assert_int_lt(budget, 100);
+            nfreed = 0;
+            alloc_budget = budget;
+            int rc = df_list_new(loop, m, 3, DF_LIST_TAKE_REFS, &dl);
+            alloc_budget = -1;
+            if (rc != 0) {
+                ck_assert_int_eq(rc, DF_ENOMEM);
+                ck_assert_ptr_null(dl);
+                unref_all(m, 3); /* still ours */
+            }
+            fire(p[0], 1);
+            if (!with_fired)
+                fire(p[1], 2);
+            fire(p[2], 3);
+            if (rc == 0) {
+                done = true;
+                const df_list_result *r = success_result_of(dl);
+                ck_assert_int_eq(entry_int(r, 0), 1);
+                ck_assert_int_eq(entry_int(r, 1), 2);
+                ck_assert_int_eq(entry_int(r, 2), 3);
+                df_deferred_unref(dl);
+            }
+            unref_all(p, 3);
+            ck_assert_int_eq(nfreed, 3);
+        }
+        ck_assert_int_ge(budget, 2);
+    }
+    ck_assert_int_eq(nunhandled, 0);
+}
+END_TEST
+
+/* Makes the chain wait for the deferred in arg. */
+static df_result wait_on(df_result r, void *arg)
+{
+    df_result_clear(&r);
+    return df_wait(df_deferred_ref(arg));
+}
+
+/* Cancelling a TAKE_REFS list still reaches every member, a fired one
+ * waiting on an inner deferred included, when the list holds them alone
+ * (until it fires, as without the flag). */
+START_TEST(test_list_take_refs_cancel)
+{
+    df_deferred *d[2] = {new_deferred(), new_deferred()};
+    df_deferred *p[2] = {df_deferred_ref(d[0]), df_deferred_ref(d[1])};
+    df_deferred *w = new_deferred();
+    df_deferred *dl = NULL;
+    int cancelled = 0;
+
+    TU_OK(df_list_new(loop, d, 2, DF_LIST_TAKE_REFS, &dl));
+    TU_OK(df_deferred_add_callback(p[0], wait_on, w));
+    TU_OK(df_deferred_add_errback(p[0], swallow, &cancelled));
+    TU_OK(df_deferred_add_errback(p[1], swallow, &cancelled));
+    fire(p[0], 1); /* recorded; then d[0] waits for w */
+    unref_all(p, 2);
+    ck_assert(!df_deferred_called(dl));
+    TU_OK(df_deferred_cancel(dl));
+    ck_assert(df_deferred_called(w)); /* reached through d[0] */
+    ck_assert_int_eq(cancelled, 2);
+    const df_list_result *r = success_result_of(dl);
+    ck_assert_int_eq(entry_int(r, 0), 1);
+    entry_failure(r, 1, DF_ECANCELLED);
+    df_deferred_unref(dl);
+    df_deferred_unref(w);
+    ck_assert_int_eq(nfreed, 1);
+    ck_assert_int_eq(nunhandled, 0);
+}
+END_TEST
+
+/* --------------------------------------------------------- result_get */
+
+/* Not in Twisted: df_list_result_get reads a slot in one call, for a
+ * success, a failure, a member that had not fired and an index out of
+ * range (check_get compares it with the one-field accessors). */
+START_TEST(test_list_result_get)
+{
+    df_deferred *d[3] = {succeeded(1), failed("boom"), new_deferred()};
+    df_deferred *dl = NULL;
+    void *v = NULL;
+    df_failure *f = NULL;
+
+    /* Fires on the first success: d[2] has not fired. */
+    TU_OK(df_list_new(loop, d, 3, DF_LIST_FIRE_ON_ONE_CALLBACK, &dl));
+    const df_list_result *r = success_result_of(dl);
+    ck_assert(df_list_result_get(r, 0, &v, &f));
+    ck_assert_int_eq(*(int *)v, 1);
+    ck_assert_ptr_null(f);
+    entry_unfired(r, 1); /* the list fired before d[1]'s callback ran */
+    entry_unfired(r, 2);
+    entry_unfired(r, 3);
+    entry_unfired(r, (size_t)-1);
+    df_deferred_unref(dl);
+
+    /* A list that records the failure (and consumes it). */
+    TU_OK(df_list_new(loop, d, 2, DF_LIST_CONSUME_ERRORS, &dl));
+    r = success_result_of(dl);
+    v = &v;
+    ck_assert(!df_list_result_get(r, 1, &v, &f));
+    ck_assert_ptr_null(v);
+    ck_assert_ptr_nonnull(f);
+    ck_assert_str_eq(df_failure_message(f), "boom");
+    entry_failure(r, 1, GENERIC_ERROR);
+    df_deferred_unref(dl);
+
+    fire(d[2], 3);
+    unref_all(d, 3);
+    ck_assert_int_eq(nfreed, 2);
+    ck_assert_int_eq(nunhandled, 0);
+}
+END_TEST
+
+static void add_take_refs_tests(Suite *s)
+{
+    TCase *tc = tcase("take_refs");
+    tcase_add_test(tc, test_list_take_refs_unfired);
+    tcase_add_test(tc, test_list_take_refs_fired);
+    tcase_add_test(tc, test_list_take_refs_failure_keeps_refs);
+    tcase_add_test(tc, test_list_take_refs_cancel);
+    tcase_add_test(tc, test_list_result_get);
+    suite_add_tcase(s, tc);
+}
+
 static void add_fidelity_tests(Suite *s)
 {
     TCase *tc = tcase("twisted_fidelity");
@@ -2192,6 +2451,7 @@ static Suite *list_suite(void)
     suite_add_tcase(s, tc);
 
     add_fidelity_tests(s);
+    add_take_refs_tests(s);
     return s;
 }
 

@@ -1482,7 +1482,7 @@ END_TEST
 START_TEST(test_misuse_list_new_bad_flags)
 {
     df_deferred *m = new_d(), *l = NULL;
-    TU_ERR(df_list_new(L, &m, 1, 1u << 4, &l), DF_EINVAL);
+    TU_ERR(df_list_new(L, &m, 1, 1u << 5, &l), DF_EINVAL);
     TU_ERR(df_list_new(L, &m, 1, ~0u, &l), DF_EINVAL);
     ck_assert_ptr_null(l);
     TU_OK(df_list_new(L, &m, 1, DF_LIST_CONSUME_ERRORS, &l));
