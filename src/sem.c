@@ -895,8 +895,26 @@ static void rip_finish(df__sem_job *sj, df_result r)
     rip_resolve(sj, r);
 }
 
-int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
-                       df_deferred **out)
+/* df__job_init for a df_sem_run_in_pool job of s on p, whose io its
+ * block holds already (df__deferred_new_pool_job), and whose link
+ * line_append or df__pool_start writes: the rest of its head. */
+static inline void rip_job_init(rip *st, df_sem *s, df_pool *p)
+{
+    df__job *j = &st->sj.job;
+    j->h.owner = s;
+    j->h.kind = W_JOB;
+    j->h.state = ST_WAITING;
+    j->h.queued = false;
+    j->h.handed = false;
+    atomic_init(&j->h.w.cancelled, false);
+    j->pool = p;
+}
+
+/* df_sem_run_in_pool, every case: the checks one by one, with their
+ * codes, and a job that takes a free token.  Out of line, so that the
+ * common case below saves few registers. */
+static DF__NOINLINE int rip_run_slow(df_sem *s, df_pool *p, df_work_fn work,
+                                     void *arg, df_deferred **out)
 {
     if (s == NULL || p == NULL || work == NULL || out == NULL)
         return DF_EINVAL;
@@ -908,21 +926,61 @@ int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
         return DF_ESHUTDOWN;
     if (s->free_pending)
         return DF_ESTATE;
+    /* A job that waits needs the registration with p: made first, since
+     * nothing may fail once the deferred exists (it cannot be released
+     * unfired, deferred-internal.h). */
+    if (s->tokens == 0 && reg_for(s, p) == NULL)
+        return DF_ENOMEM;
     /* Cancelling *out never fails it behind our back (cancel-waits): the
      * job fires it once the token is back (see df__sem_job_cancel).  Its
      * canceller is the job's owner's (job_cancel), and the job's io lives
-     * in the deferred's result fields (deferred-internal.h). */
-    df_deferred *d = df__deferred_new_pool_job(loop);
+     * in the deferred's result fields (deferred-internal.h).  Two
+     * references: the job's and *out's. */
+    df_deferred *d = df__deferred_new_pool_job(loop, work, arg);
     if (d == NULL)
         return DF_ENOMEM;
     rip *st = df__deferred_job(d);
     assert(df__job_deferred(st) == d);
-    int rc = sem_job_run(s, p, &st->sj, work, arg);
-    if (rc != 0) {
-        df_deferred_unref(d); /* unfired and never seen: reports nothing */
-        return rc;
+    rip_job_init(st, s, p);
+    if (s->tokens > 0) {
+        /* A free token means nobody waits. */
+        s->tokens--;
+        st->sj.job.h.state = ST_STARTED;
+        df__pool_start(p, &st->sj.job);
+    } else {
+        line_append(s, &st->sj.job.h);
     }
-    *out = df__deferred_ref(d);
+    *out = d;
+    return 0;
+}
+
+/* The common case of an eager burst takes few registers and few tests:
+ * the tokens are all taken (so s is not being freed: df_sem_free wants
+ * them all back, and nothing takes one after that), and p is the pool of
+ * s's first registration (so it was checked to be of s's loop, and is
+ * alive: a pool that stops takes its registrations back) and open.  The
+ * job then joins the line, which runs no user code and takes no lock.
+ * Anything else (an argument to refuse, a free token, another pool, a
+ * wrong thread) goes the long way, rip_run_slow. */
+int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
+                       df_deferred **out)
+{
+    if (s == NULL || p == NULL || work == NULL || out == NULL)
+        return rip_run_slow(s, p, work, arg, out);
+    df_loop *loop = s->loop;
+    df__ilink *first = s->regs.next; /* &s->regs when it is empty */
+    if (!df__on_loop_thread(loop) || s->tokens != 0 || first == &s->regs ||
+        DF__ILIST_ENTRY(first, reg, link)->client.pool != p ||
+        !df__pool_open(p))
+        return rip_run_slow(s, p, work, arg, out);
+    DF__HOT_ASSERT(!s->free_pending && df__pool_loop(p) == loop);
+    df_deferred *d = df__deferred_new_pool_job(loop, work, arg);
+    if (d == NULL)
+        return DF_ENOMEM;
+    rip *st = df__deferred_job(d);
+    rip_job_init(st, s, p);
+    line_append(s, &st->sj.job.h);
+    *out = d;
     return 0;
 }
 
