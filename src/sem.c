@@ -623,13 +623,34 @@ static reg *reg_for(df_sem *s, df_pool *p)
     return r;
 }
 
-/* df__sem_job_run, inline in df_sem_run_in_pool. */
-static inline int sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
-                              df_work_fn work, void *arg)
+/* df__job_init for a job of s on p, but for its io (the caller's) and
+ * its link, which line_append or df__pool_start writes. */
+static inline void sem_job_init(df__job *j, df_sem *s, df_pool *p)
 {
-    DF__HOT_ASSERT(df__pool_accepts(p));
-    df__job_init(&sj->job, p, s, work, arg);
-    sj->job.h.kind = W_JOB;
+    j->h.owner = s;
+    j->h.kind = W_JOB;
+    j->h.state = ST_WAITING;
+    j->h.queued = false;
+    j->h.handed = false;
+    atomic_init(&j->h.w.cancelled, false);
+    j->pool = p;
+}
+
+/* True when a new job of s for p simply joins the end of the line: no
+ * token is free, and p is the pool of s's first registration (the usual
+ * case: one pool), so the job needs no registration made.  Loop thread. */
+static inline bool line_joins(const df_sem *s, const df_pool *p)
+{
+    const df__ilink *first = s->regs.next; /* &s->regs when empty */
+    return s->tokens == 0 && first != &s->regs &&
+           DF__ILIST_ENTRY(first, reg, link)->client.pool == p;
+}
+
+/* df__sem_job_run's cases but the common one: a free token, or a first
+ * registration to make. */
+static DF__NOINLINE int sem_job_run_slow(df_sem *s, df_pool *p,
+                                         df__sem_job *sj)
+{
     if (s->tokens > 0) {
         /* A free token means nobody waits. */
         s->tokens--;
@@ -637,11 +658,7 @@ static inline int sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
         df__pool_start(p, &sj->job);
         return 0;
     }
-    /* The registration with p is usually the first (or only) one. */
-    df__ilink *first = df__ilist_first(&s->regs);
-    if ((first == NULL ||
-         DF__ILIST_ENTRY(first, reg, link)->client.pool != p) &&
-        reg_for(s, p) == NULL)
+    if (reg_for(s, p) == NULL)
         return DF_ENOMEM;
     line_append(s, &sj->job.h);
     return 0;
@@ -650,7 +667,15 @@ static inline int sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
 int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
                     df_work_fn work, void *arg)
 {
-    return sem_job_run(s, p, sj, work, arg);
+    DF__HOT_ASSERT(df__pool_accepts(p));
+    sem_job_init(&sj->job, s, p);
+    df__job_io *io = df__job_io_of(&sj->job);
+    io->in.work = work;
+    io->in.arg = arg;
+    if (!line_joins(s, p))
+        return sem_job_run_slow(s, p, sj);
+    line_append(s, &sj->job.h);
+    return 0;
 }
 
 void df__sem_job_cancel(df__sem_job *sj)
@@ -895,21 +920,6 @@ static void rip_finish(df__sem_job *sj, df_result r)
     rip_resolve(sj, r);
 }
 
-/* df__job_init for a df_sem_run_in_pool job of s on p, whose io its
- * block holds already (df__deferred_new_pool_job), and whose link
- * line_append or df__pool_start writes: the rest of its head. */
-static inline void rip_job_init(rip *st, df_sem *s, df_pool *p)
-{
-    df__job *j = &st->sj.job;
-    j->h.owner = s;
-    j->h.kind = W_JOB;
-    j->h.state = ST_WAITING;
-    j->h.queued = false;
-    j->h.handed = false;
-    atomic_init(&j->h.w.cancelled, false);
-    j->pool = p;
-}
-
 /* df_sem_run_in_pool, every case: the checks one by one, with their
  * codes, and a job that takes a free token.  Out of line, so that the
  * common case below saves few registers. */
@@ -941,7 +951,7 @@ static DF__NOINLINE int rip_run_slow(df_sem *s, df_pool *p, df_work_fn work,
         return DF_ENOMEM;
     rip *st = df__deferred_job(d);
     assert(df__job_deferred(st) == d);
-    rip_job_init(st, s, p);
+    sem_job_init(&st->sj.job, s, p); /* the block holds its io */
     if (s->tokens > 0) {
         /* A free token means nobody waits. */
         s->tokens--;
@@ -968,17 +978,14 @@ int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
     if (s == NULL || p == NULL || work == NULL || out == NULL)
         return rip_run_slow(s, p, work, arg, out);
     df_loop *loop = s->loop;
-    df__ilink *first = s->regs.next; /* &s->regs when it is empty */
-    if (!df__on_loop_thread(loop) || s->tokens != 0 || first == &s->regs ||
-        DF__ILIST_ENTRY(first, reg, link)->client.pool != p ||
-        !df__pool_open(p))
+    if (!df__on_loop_thread(loop) || !line_joins(s, p) || !df__pool_open(p))
         return rip_run_slow(s, p, work, arg, out);
     DF__HOT_ASSERT(!s->free_pending && df__pool_loop(p) == loop);
     df_deferred *d = df__deferred_new_pool_job(loop, work, arg);
     if (d == NULL)
         return DF_ENOMEM;
     rip *st = df__deferred_job(d);
-    rip_job_init(st, s, p);
+    sem_job_init(&st->sj.job, s, p); /* the block holds its io */
     line_append(s, &st->sj.job.h);
     *out = d;
     return 0;
