@@ -822,7 +822,7 @@ int df_sem_acquire(df_sem *s, df_deferred **out)
     n->w.owner = s;
     /* Our own reference: the application may drop its reference while the
      * waiter waits, and it must not point at a freed deferred. */
-    n->d = df_deferred_ref(d);
+    n->d = df__deferred_ref(d);
     n->w.kind = W_ACQUIRE;
     line_append(s, &n->w);
     *out = d;
@@ -869,7 +869,7 @@ int df_sem_run(df_sem *s, df_run_fn fn, void *arg, df_deferred **out)
     sem_run *run = df__deferred_job(d);
     memset(run, 0, sizeof *run);
     run->node.w.owner = s;
-    run->node.d = df_deferred_ref(d);
+    run->node.d = df__deferred_ref(d);
     run->node.w.kind = W_RUN;
     run->fn = fn;
     run->arg = arg;
