@@ -500,10 +500,14 @@ static inline void rip_resolve(df__sem_job *sj, df_result r)
     df__deferred_resolve_drop(df__job_deferred(sj), r);
 }
 
-/* job_done, when its token went back here or its result is not simply
- * work's (out of line, so that the common path saves no registers). */
-static DF__NOINLINE void job_done_slow(df__job *j, int status)
+/* The jobs' done (pool-internal.h), every case: the token goes back here
+ * unless the worker handed it on, then the owner's finish gets the
+ * result.  The jobs of a semaphore made by df_sem_new or df_lock_new
+ * (df_sem_run_in_pool's) come here from rip_job_done, the map's directly
+ * (out of line, so that rip_job_done saves no registers). */
+static DF__NOINLINE void job_done(df__job *j, int status)
 {
+    j->h.state = ST_DONE;
     df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
     df_sem *s = j->h.owner;
     /* Giving the token back may run user code that frees s, or the job's
@@ -523,18 +527,20 @@ static DF__NOINLINE void job_done_slow(df__job *j, int status)
     finish(sj, df__job_result(j, status, loop));
 }
 
-static void job_done(df__job *j, int status)
+/* The done of df_sem_run_in_pool's jobs (their semaphore's finish is
+ * rip_finish: sem_make picks these ops).  The common case: the job handed
+ * its token on and its result is work's, which goes from where the worker
+ * wrote it to the callbacks.  No state to record first: nothing can
+ * cancel the job once its deferred has fired (df_deferred_cancel does not
+ * call the canceller of a fired deferred), and until then no user code
+ * runs. */
+static void rip_job_done(df__job *j, int status)
 {
-    j->h.state = ST_DONE;
-    /* The common case: a df_sem_run_in_pool job that handed its token on
-     * and whose result is work's, which goes from where the worker wrote
-     * it to the callbacks. */
-    if (j->h.handed && ((df_sem *)j->h.owner)->finish == rip_finish &&
-        df__job_result_ready(j, status)) {
+    if (j->h.handed && df__job_result_ready(j, status)) {
         df__deferred_resolve_io_drop(df__job_deferred(j));
         return;
     }
-    job_done_slow(j, status);
+    job_done(j, status);
 }
 
 /* df_deferred_cancel() on df_sem_run_in_pool's deferred (its job lives in
@@ -544,7 +550,9 @@ static void job_cancel(df__job *j)
     df__sem_job_cancel(DF__CONTAINER_OF(j, df__sem_job, job));
 }
 
+/* The ops of the map's semaphores, and of df_sem_run_in_pool's. */
 static const df__job_ops sem_job_ops = {job_next, job_done, job_cancel};
+static const df__job_ops rip_job_ops = {job_next, rip_job_done, job_cancel};
 
 #define SHUTDOWN_MSG "pool shut down before the job got a semaphore token"
 
@@ -724,7 +732,7 @@ static int sem_make(df_loop *loop, unsigned tokens, size_t size, bool internal,
         df__free(loop, s);
         return -rc;
     }
-    s->job_ops = &sem_job_ops;
+    s->job_ops = finish == rip_finish ? &rip_job_ops : &sem_job_ops;
     s->loop = loop;
     s->limit = tokens;
     s->tokens = tokens;
