@@ -314,8 +314,7 @@ void df__deferred_unmark_timeout(df_deferred *d);
  * deferred without keeping a pointer.
  *
  * df__deferred_new_pool_job makes a pool job's block, cancel-waits, the
- * same way but with two references (the job's and the caller's: nothing
- * may fail once it exists, since releasing it unfired is not allowed) and
+ * same way but with two references (the job's and the caller's) and
  * 32 bytes smaller: its job is DF__POOL_JOB_SIZE bytes, and what
  * the job carries (its work function and argument, then its result: a
  * df__job_io) lives in the deferred's own canceller and result fields,
@@ -324,7 +323,9 @@ void df__deferred_unmark_timeout(df_deferred *d);
  * Until its producer fires it (df__deferred_resolve_drop), those bytes
  * belong to the job, and to the worker that runs it: the deferred reads
  * none of them, its canceller is df__pool_job_cancel(job), and firing it
- * from anywhere else is refused with DF_EBUSY. */
+ * from anywhere else is refused with DF_EBUSY.  Its producer must fire it
+ * before dropping the job's reference, so the caller must not fail once
+ * it has the block: released unfired, it would read the io as `link`. */
 #define DF__JOB_SIZE 72
 #define DF__POOL_JOB_SIZE 40
 #define DF__JOB_OFFSET 88
