@@ -503,8 +503,8 @@ static inline void rip_resolve(df__sem_job *sj, df_result r)
 /* The jobs' done (pool-internal.h), every case: the token goes back here
  * unless the worker handed it on, then the owner's finish gets the
  * result.  The jobs of a semaphore made by df_sem_new or df_lock_new
- * (df_sem_run_in_pool's) come here from rip_job_done, the map's directly
- * (out of line, so that rip_job_done saves no registers). */
+ * (df_sem_run_in_pool's) come here from rip_job_done, the map's from
+ * finish_job_done (out of line, so that those save no registers). */
 static DF__NOINLINE void job_done(df__job *j, int status)
 {
     j->h.state = ST_DONE;
@@ -543,6 +543,22 @@ static void rip_job_done(df__job *j, int status)
     job_done(j, status);
 }
 
+/* The done of the jobs of a semaphore with a finish of its own
+ * (df__sem_new: the map's).  The common case, as in rip_job_done: the
+ * token went on and the result is work's, which goes to finish from where
+ * the worker wrote it, with no registers to save. */
+static void finish_job_done(df__job *j, int status)
+{
+    if (j->h.handed && df__job_result_ready(j, status)) {
+        j->h.state = ST_DONE;
+        df_sem *s = j->h.owner;
+        s->finish(DF__CONTAINER_OF(j, df__sem_job, job),
+                  df__job_io_of(j)->result);
+        return;
+    }
+    job_done(j, status);
+}
+
 /* df_deferred_cancel() on df_sem_run_in_pool's deferred (its job lives in
  * the deferred's block); a map cancels its jobs directly. */
 static void job_cancel(df__job *j)
@@ -551,7 +567,8 @@ static void job_cancel(df__job *j)
 }
 
 /* The ops of the map's semaphores, and of df_sem_run_in_pool's. */
-static const df__job_ops sem_job_ops = {job_next, job_done, job_cancel};
+static const df__job_ops sem_job_ops = {job_next, finish_job_done,
+                                        job_cancel};
 static const df__job_ops rip_job_ops = {job_next, rip_job_done, job_cancel};
 
 #define SHUTDOWN_MSG "pool shut down before the job got a semaphore token"
