@@ -606,7 +606,7 @@ static inline df_deferred *block_get_head(df_loop *loop, unsigned which,
      * merges into two wide stores (a call to memset costs more). */
     DF__HOT_ASSERT(df__chunk_loop(d->chunk) == loop);
     d->refs = refs;
-    d->flags = which << CLASS_SHIFT | flags;
+    d->flags = (which << CLASS_SHIFT) | flags;
     d->paused = 0;
     d->head = 0;
     d->count = 0;
