@@ -314,20 +314,25 @@ void df__deferred_unmark_timeout(df_deferred *d);
  * deferred without keeping a pointer.
  *
  * df__deferred_new_pool_job makes a pool job's block, cancel-waits, the
- * same way but 32 bytes smaller: its job is DF__POOL_JOB_SIZE bytes, and what
+ * same way but with two references (the job's and the caller's) and
+ * 32 bytes smaller: its job is DF__POOL_JOB_SIZE bytes, and what
  * the job carries (its work function and argument, then its result: a
  * df__job_io) lives in the deferred's own canceller and result fields,
- * which are free until the deferred fires (pool-internal.h, df__job_io_of()).
+ * which are free until the deferred fires (pool-internal.h, df__job_io_of()):
+ * it is made with work and arg in them (df__job_init writes them too).
  * Until its producer fires it (df__deferred_resolve_drop), those bytes
  * belong to the job, and to the worker that runs it: the deferred reads
  * none of them, its canceller is df__pool_job_cancel(job), and firing it
- * from anywhere else is refused with DF_EBUSY. */
+ * from anywhere else is refused with DF_EBUSY.  Its producer must fire it
+ * before dropping the job's reference, so the caller must not fail once
+ * it has the block: released unfired, it would read the io as `link`. */
 #define DF__JOB_SIZE 72
 #define DF__POOL_JOB_SIZE 40
 #define DF__JOB_OFFSET 88
 df_deferred *df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
                                   uint32_t flags);
-df_deferred *df__deferred_new_pool_job(df_loop *loop);
+df_deferred *df__deferred_new_pool_job(df_loop *loop, df_work_fn work,
+                                       void *arg);
 static inline void *df__deferred_job(df_deferred *d)
 {
     return (char *)d + DF__JOB_OFFSET;

@@ -595,25 +595,37 @@ static inline void block_put(df_deferred *d)
         loop, &loop->slabs[(d->flags & F_CLASS) >> CLASS_SHIFT], d);
 }
 
-/* A new, unfired deferred of class `which` (DF__SLAB_*) with one
- * reference and the canceller fn (arg), or NULL.  Loop thread: the caller
- * has checked. */
-static inline df_deferred *block_get(df_loop *loop, unsigned which,
-                                     df_canceller_fn fn, void *arg)
+/* A block of class `which` (DF__SLAB_*) from the loop's slab, its head
+ * written for an unfired deferred with `refs` references and `flags`
+ * (besides the class) and no entries, or NULL.  The members after the
+ * head are the caller's to write.  Loop thread: the caller has checked. */
+static inline df_deferred *block_get_head(df_loop *loop, unsigned which,
+                                          uint32_t refs, uint32_t flags)
 {
     df_deferred *d = df__slab_get_inline(loop, &loop->slabs[which]);
     if (d == NULL)
         return NULL;
     loop->deferreds++;
-    /* Every member before the inline entries, written once (a call to
-     * memset costs more than these stores). */
+    /* Every member of the head written once, constants the compiler
+     * merges into two wide stores (a call to memset costs more). */
     DF__HOT_ASSERT(df__chunk_loop(d->chunk) == loop);
-    d->refs = 1;
-    d->flags = which << CLASS_SHIFT;
+    d->refs = refs;
+    d->flags = (which << CLASS_SHIFT) | flags;
     d->paused = 0;
     d->head = 0;
     d->count = 0;
     d->cap = which != DF__SLAB_DEFERRED ? INLINE_ENTRIES_JOB : INLINE_ENTRIES;
+    return d;
+}
+
+/* A new, unfired deferred of class `which` with one reference and the
+ * canceller fn (arg), or NULL.  Loop thread: the caller has checked. */
+static inline df_deferred *block_get(df_loop *loop, unsigned which,
+                                     df_canceller_fn fn, void *arg)
+{
+    df_deferred *d = block_get_head(loop, which, 1, 0);
+    if (d == NULL)
+        return NULL;
     d->canceller = fn;
     d->canceller_arg = arg;
     d->failure = NULL;
@@ -647,15 +659,40 @@ df_deferred *df__deferred_new_job(df_loop *loop, df_canceller_fn fn,
     return d;
 }
 
-df_deferred *df__deferred_new_pool_job(df_loop *loop)
+/* df__deferred_new_pool_job's block, inline in both of its paths. */
+static inline df_deferred *pool_job_get(df_loop *loop, df_work_fn work,
+                                        void *arg)
+{
+    /* Its canceller is known from its class, and the canceller's and the
+     * result's bytes are its job's io from the start: work and arg in
+     * them, the rest written by the worker (nothing reads `failure` or
+     * `link` before the producer's fire, which clears `link`). */
+    df_deferred *d = block_get_head(loop, DF__SLAB_DEFERRED_POOL_JOB, 2,
+                                    F_CANCEL_WAITS | F_POOL_JOB_IO);
+    if (d != NULL) {
+        d->job_io.in.work = work;
+        d->job_io.in.arg = arg;
+    }
+    return d;
+}
+
+/* When the slab has no chunk with a free block (it calls the allocator). */
+static DF__NOINLINE df_deferred *pool_job_get_slow(df_loop *loop,
+                                                   df_work_fn work, void *arg)
+{
+    return pool_job_get(loop, work, arg);
+}
+
+df_deferred *df__deferred_new_pool_job(df_loop *loop, df_work_fn work,
+                                       void *arg)
 {
     DF__HOT_ASSERT(df__on_loop_thread(loop));
-    /* Its canceller is known from its class, and its job's io takes the
-     * canceller's bytes (df__job_init writes them). */
-    df_deferred *d = block_get(loop, DF__SLAB_DEFERRED_POOL_JOB, NULL, NULL);
-    if (d != NULL)
-        d->flags |= F_CANCEL_WAITS | F_POOL_JOB_IO;
-    return d;
+    /* The slab's call to its allocator out of line: the common case is
+     * then a leaf, which saves no registers (the test is the one the
+     * slab's inline get makes first, so the compiler drops its call). */
+    if (loop->slabs[DF__SLAB_DEFERRED_POOL_JOB].partial == NULL)
+        return pool_job_get_slow(loop, work, arg);
+    return pool_job_get(loop, work, arg);
 }
 
 int df_deferred_new(df_loop *loop, df_deferred **out)

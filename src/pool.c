@@ -463,13 +463,14 @@ int df_pool_submit(df_pool *p, df_work_fn work, void *arg, df_deferred **out)
     DF__CHECK_THREAD(p->loop);
     if (p->state != DF__POOL_OPEN)
         return DF_ESHUTDOWN;
-    df_deferred *d = df__deferred_new_pool_job(p->loop);
+    /* Two references: the job's and *out's. */
+    df_deferred *d = df__deferred_new_pool_job(p->loop, work, arg);
     if (d == NULL)
         return DF_ENOMEM;
     plain_job *pj = df__deferred_job(d);
     df__job_init(&pj->job, p, NULL, work, arg);
     assert(df__job_deferred(pj) == d);
-    *out = df__deferred_ref(d); /* the first reference is the job's */
+    *out = d;
     df__pool_start(p, &pj->job);
     return 0;
 }

@@ -502,10 +502,14 @@ static inline void rip_resolve(df__sem_job *sj, df_result r)
     df__deferred_resolve_drop(df__job_deferred(sj), r);
 }
 
-/* job_done, when its token went back here or its result is not simply
- * work's (out of line, so that the common path saves no registers). */
-static DF__NOINLINE void job_done_slow(df__job *j, int status)
+/* The jobs' done (pool-internal.h), every case: the token goes back here
+ * unless the worker handed it on, then the owner's finish gets the
+ * result.  The jobs of a semaphore made by df_sem_new or df_lock_new
+ * (df_sem_run_in_pool's) come here from rip_job_done, the map's from
+ * finish_job_done (out of line, so that those save no registers). */
+static DF__NOINLINE void job_done(df__job *j, int status)
 {
+    j->h.state = ST_DONE;
     df__sem_job *sj = DF__CONTAINER_OF(j, df__sem_job, job);
     df_sem *s = j->h.owner;
     /* Giving the token back may run user code that frees s, or the job's
@@ -525,18 +529,36 @@ static DF__NOINLINE void job_done_slow(df__job *j, int status)
     finish(sj, df__job_result(j, status, loop));
 }
 
-static void job_done(df__job *j, int status)
+/* The done of df_sem_run_in_pool's jobs (their semaphore's finish is
+ * rip_finish: sem_make picks these ops).  The common case: the job handed
+ * its token on and its result is work's, which goes from where the worker
+ * wrote it to the callbacks.  No state to record first: nothing can
+ * cancel the job once its deferred has fired (df_deferred_cancel does not
+ * call the canceller of a fired deferred), and until then no user code
+ * runs. */
+static void rip_job_done(df__job *j, int status)
 {
-    j->h.state = ST_DONE;
-    /* The common case: a df_sem_run_in_pool job that handed its token on
-     * and whose result is work's, which goes from where the worker wrote
-     * it to the callbacks. */
-    if (j->h.handed && ((df_sem *)j->h.owner)->finish == rip_finish &&
-        df__job_result_ready(j, status)) {
+    if (j->h.handed && df__job_result_ready(j, status)) {
         df__deferred_resolve_io_drop(df__job_deferred(j));
         return;
     }
-    job_done_slow(j, status);
+    job_done(j, status);
+}
+
+/* The done of the jobs of a semaphore with a finish of its own
+ * (df__sem_new: the map's).  The common case, as in rip_job_done: the
+ * token went on and the result is work's, which goes to finish from where
+ * the worker wrote it, with no registers to save. */
+static void finish_job_done(df__job *j, int status)
+{
+    if (j->h.handed && df__job_result_ready(j, status)) {
+        j->h.state = ST_DONE;
+        df_sem *s = j->h.owner;
+        s->finish(DF__CONTAINER_OF(j, df__sem_job, job),
+                  df__job_io_of(j)->result);
+        return;
+    }
+    job_done(j, status);
 }
 
 /* df_deferred_cancel() on df_sem_run_in_pool's deferred (its job lives in
@@ -546,16 +568,27 @@ static void job_cancel(df__job *j)
     df__sem_job_cancel(DF__CONTAINER_OF(j, df__sem_job, job));
 }
 
+static void job_posted(df_loop *loop, df__inbox_node *n, int status);
+
+/* The ops of the map's semaphores, and of df_sem_run_in_pool's.  Both
+ * have the same inbox function: a pool learns one (pool.c, `direct`). */
+static const df__job_ops sem_job_ops = {job_next, finish_job_done,
+                                        job_cancel, job_posted};
+static const df__job_ops rip_job_ops = {job_next, rip_job_done, job_cancel,
+                                        job_posted};
+
 /* Its jobs' inbox function (df__job_ops.posted): the pool's accounting,
- * then job_done, with no call through the pool in between. */
+ * then the ops' done, called directly, with no call through the pool in
+ * between. */
 static void job_posted(df_loop *loop, df__inbox_node *n, int status)
 {
     DF__UNUSED(loop);
-    job_done(df__job_posted(n, status), 0);
+    df__job *j = df__job_posted(n, status);
+    if (((const df_sem *)j->h.owner)->job_ops == &rip_job_ops)
+        rip_job_done(j, 0);
+    else
+        finish_job_done(j, 0);
 }
-
-static const df__job_ops sem_job_ops = {job_next, job_done, job_cancel,
-                                        job_posted};
 
 #define SHUTDOWN_MSG "pool shut down before the job got a semaphore token"
 
@@ -634,13 +667,34 @@ static reg *reg_for(df_sem *s, df_pool *p)
     return r;
 }
 
-/* df__sem_job_run, inline in df_sem_run_in_pool. */
-static inline int sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
-                              df_work_fn work, void *arg)
+/* df__job_init for a job of s on p, but for its io (the caller's) and
+ * its link, which line_append or df__pool_start writes. */
+static inline void sem_job_init(df__job *j, df_sem *s, df_pool *p)
 {
-    DF__HOT_ASSERT(df__pool_accepts(p));
-    df__job_init(&sj->job, p, s, work, arg);
-    sj->job.h.kind = W_JOB;
+    j->h.owner = s;
+    j->h.kind = W_JOB;
+    j->h.state = ST_WAITING;
+    j->h.queued = false;
+    j->h.handed = false;
+    atomic_init(&j->h.w.cancelled, false);
+    j->pool = p;
+}
+
+/* True when a new job of s for p simply joins the end of the line: no
+ * token is free, and p is the pool of s's first registration (the usual
+ * case: one pool), so the job needs no registration made.  Loop thread. */
+static inline bool line_joins(const df_sem *s, const df_pool *p)
+{
+    const df__ilink *first = s->regs.next; /* &s->regs when empty */
+    return s->tokens == 0 && first != &s->regs &&
+           DF__ILIST_ENTRY(first, reg, link)->client.pool == p;
+}
+
+/* df__sem_job_run's cases but the common one: a free token, or a first
+ * registration to make. */
+static DF__NOINLINE int sem_job_run_slow(df_sem *s, df_pool *p,
+                                         df__sem_job *sj)
+{
     if (s->tokens > 0) {
         /* A free token means nobody waits. */
         s->tokens--;
@@ -648,11 +702,7 @@ static inline int sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
         df__pool_start(p, &sj->job);
         return 0;
     }
-    /* The registration with p is usually the first (or only) one. */
-    df__ilink *first = df__ilist_first(&s->regs);
-    if ((first == NULL ||
-         DF__ILIST_ENTRY(first, reg, link)->client.pool != p) &&
-        reg_for(s, p) == NULL)
+    if (reg_for(s, p) == NULL)
         return DF_ENOMEM;
     line_append(s, &sj->job.h);
     return 0;
@@ -661,7 +711,15 @@ static inline int sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
 int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
                     df_work_fn work, void *arg)
 {
-    return sem_job_run(s, p, sj, work, arg);
+    DF__HOT_ASSERT(df__pool_accepts(p));
+    sem_job_init(&sj->job, s, p);
+    df__job_io *io = df__job_io_of(&sj->job);
+    io->in.work = work;
+    io->in.arg = arg;
+    if (!line_joins(s, p))
+        return sem_job_run_slow(s, p, sj);
+    line_append(s, &sj->job.h);
+    return 0;
 }
 
 void df__sem_job_cancel(df__sem_job *sj)
@@ -710,7 +768,7 @@ static int sem_make(df_loop *loop, unsigned tokens, size_t size, bool internal,
         df__free(loop, s);
         return -rc;
     }
-    s->job_ops = &sem_job_ops;
+    s->job_ops = finish == rip_finish ? &rip_job_ops : &sem_job_ops;
     s->loop = loop;
     s->limit = tokens;
     s->tokens = tokens;
@@ -808,7 +866,7 @@ int df_sem_acquire(df_sem *s, df_deferred **out)
     n->w.owner = s;
     /* Our own reference: the application may drop its reference while the
      * waiter waits, and it must not point at a freed deferred. */
-    n->d = df_deferred_ref(d);
+    n->d = df__deferred_ref(d);
     n->w.kind = W_ACQUIRE;
     line_append(s, &n->w);
     *out = d;
@@ -855,7 +913,7 @@ int df_sem_run(df_sem *s, df_run_fn fn, void *arg, df_deferred **out)
     sem_run *run = df__deferred_job(d);
     memset(run, 0, sizeof *run);
     run->node.w.owner = s;
-    run->node.d = df_deferred_ref(d);
+    run->node.d = df__deferred_ref(d);
     run->node.w.kind = W_RUN;
     run->fn = fn;
     run->arg = arg;
@@ -906,8 +964,11 @@ static void rip_finish(df__sem_job *sj, df_result r)
     rip_resolve(sj, r);
 }
 
-int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
-                       df_deferred **out)
+/* df_sem_run_in_pool, every case: the checks one by one, with their
+ * codes, and a job that takes a free token.  Out of line, so that the
+ * common case below saves few registers. */
+static DF__NOINLINE int rip_run_slow(df_sem *s, df_pool *p, df_work_fn work,
+                                     void *arg, df_deferred **out)
 {
     if (s == NULL || p == NULL || work == NULL || out == NULL)
         return DF_EINVAL;
@@ -919,21 +980,58 @@ int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
         return DF_ESHUTDOWN;
     if (s->free_pending)
         return DF_ESTATE;
+    /* A job that waits needs the registration with p: made first, since
+     * nothing may fail once the deferred exists (it cannot be released
+     * unfired, deferred-internal.h). */
+    if (s->tokens == 0 && reg_for(s, p) == NULL)
+        return DF_ENOMEM;
     /* Cancelling *out never fails it behind our back (cancel-waits): the
      * job fires it once the token is back (see df__sem_job_cancel).  Its
      * canceller is the job's owner's (job_cancel), and the job's io lives
-     * in the deferred's result fields (deferred-internal.h). */
-    df_deferred *d = df__deferred_new_pool_job(loop);
+     * in the deferred's result fields (deferred-internal.h).  Two
+     * references: the job's and *out's. */
+    df_deferred *d = df__deferred_new_pool_job(loop, work, arg);
     if (d == NULL)
         return DF_ENOMEM;
     rip *st = df__deferred_job(d);
     assert(df__job_deferred(st) == d);
-    int rc = sem_job_run(s, p, &st->sj, work, arg);
-    if (rc != 0) {
-        df_deferred_unref(d); /* unfired and never seen: reports nothing */
-        return rc;
+    sem_job_init(&st->sj.job, s, p); /* the block holds its io */
+    if (s->tokens > 0) {
+        /* A free token means nobody waits. */
+        s->tokens--;
+        st->sj.job.h.state = ST_STARTED;
+        df__pool_start(p, &st->sj.job);
+    } else {
+        line_append(s, &st->sj.job.h);
     }
-    *out = df__deferred_ref(d);
+    *out = d;
+    return 0;
+}
+
+/* The common case of an eager burst takes few registers and few tests:
+ * the tokens are all taken (so s is not being freed: df_sem_free wants
+ * them all back, and nothing takes one after that), and p is the pool of
+ * s's first registration (so it was checked to be of s's loop, and is
+ * alive: a pool that stops takes its registrations back) and open.  The
+ * job then joins the line, which runs no user code and takes no lock.
+ * Anything else (an argument to refuse, a free token, another pool, a
+ * wrong thread) goes the long way, rip_run_slow. */
+int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work, void *arg,
+                       df_deferred **out)
+{
+    if (s == NULL || p == NULL || work == NULL || out == NULL)
+        return rip_run_slow(s, p, work, arg, out);
+    df_loop *loop = s->loop;
+    if (!df__on_loop_thread(loop) || !line_joins(s, p) || !df__pool_open(p))
+        return rip_run_slow(s, p, work, arg, out);
+    DF__HOT_ASSERT(!s->free_pending && df__pool_loop(p) == loop);
+    df_deferred *d = df__deferred_new_pool_job(loop, work, arg);
+    if (d == NULL)
+        return DF_ENOMEM;
+    rip *st = df__deferred_job(d);
+    sem_job_init(&st->sj.job, s, p); /* the block holds its io */
+    line_append(s, &st->sj.job.h);
+    *out = d;
     return 0;
 }
 
