@@ -564,11 +564,12 @@ enum {
  *     fire, and drop its members, before df_list_new returns).  On
  *     failure nothing was taken: the caller still owns every member.
  * Ownership: the list borrows the array and takes a reference to each
- * member (a member may appear twice), or takes the caller's (TAKE_REFS).  DF_EINVAL for a NULL or foreign
- * member, unknown flags, or an n no array can have; DF_ENOMEM for a list
- * too large to allocate.  Each member's success value moves into the list
- * result (the member's chain goes on with the same pointer but no
- * destructor); failures are shared by reference.  Cancelling the list's
+ * member (a member may appear twice), or takes the caller's (TAKE_REFS).
+ * DF_EINVAL for a NULL or foreign member, unknown flags, or an n no array
+ * can have; DF_ENOMEM for a list too large to allocate.  Each member's
+ * success value moves into the list result (the member's chain goes on
+ * with the same pointer but no destructor); failures are shared by
+ * reference.  Cancelling the list's
  * deferred cancels every member captured here and does nothing else (as
  * Twisted's DeferredList.cancel): the list fires when the members'
  * results make it fire, so a member paused by its owner, or whose cancel
