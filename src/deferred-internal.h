@@ -261,27 +261,29 @@ void df__deferred_resolve_io_drop(df_deferred *d);
  * NULL): the same, without the argument and thread checks. */
 int df__deferred_add_both(df_deferred *d, df_callback_fn fn, void *arg);
 /* df__deferred_add_both for a deferred d that has not fired, so that
- * nothing runs: appends the pair (fn, fn, arg), inline when d has inline
- * room, and returns 0 or DF_ENOMEM.  df__deferred_append_undo(d) removes
- * the pair appended last, as long as d has not fired since: df_list_new
- * attaches to members none of which has fired this way, and takes its
- * callbacks back in reverse order when memory runs out. */
+ * nothing runs: appends the pair (fn, fn, arg) and returns 0 or
+ * DF_ENOMEM.  Its common case, inline: df__deferred_append_inline appends
+ * the pair and returns true when d has not fired and has inline room, and
+ * otherwise does nothing and returns false.  df__deferred_append_undo(d)
+ * removes the pair appended last, as long as d has not fired since:
+ * df_list_new attaches to members none of which has fired this way, and
+ * takes its callbacks back in reverse order when memory runs out. */
 int df__deferred_append_unfired_slow(df_deferred *d, df_callback_fn fn,
                                      void *arg);
-static inline int df__deferred_append_unfired(df_deferred *d,
+static inline bool df__deferred_append_inline(df_deferred *d,
                                               df_callback_fn fn, void *arg)
 {
     df__deferred_head *h = (df__deferred_head *)(void *)d;
-    DF__HOT_ASSERT(!(h->flags & DF__DEFERRED_CALLED));
-    if ((h->flags & DF__DEFERRED_HEAP) || h->count >= h->cap)
-        return df__deferred_append_unfired_slow(d, fn, arg);
+    if ((h->flags & (DF__DEFERRED_CALLED | DF__DEFERRED_HEAP)) != 0 ||
+        h->count >= h->cap)
+        return false;
     df__entry *e = (df__entry *)(void *)((char *)d +
                                          DF__DEFERRED_ENTRIES_OFFSET) +
                    h->count++;
     e->cb = fn;
     e->eb = fn;
     e->arg = arg;
-    return 0;
+    return true;
 }
 static inline void df__deferred_append_undo(df_deferred *d)
 {

@@ -442,22 +442,12 @@ static inline size_t attach_run(struct df_list_result *l, df_loop *loop,
     return i;
 }
 
-/* df__deferred_append_unfired(m, list_member_done, s) when m has not fired
- * and has inline room, with one test for both (the common case: a member
- * in flight); false, having done nothing, otherwise. */
+/* The list's callbacks on m when m has not fired and has inline room (the
+ * common case: a member in flight); false, having done nothing,
+ * otherwise. */
 static inline bool attach_inline(df_deferred *m, struct list_slot *s)
 {
-    df__deferred_head *h = (df__deferred_head *)(void *)m;
-    if ((h->flags & (DF__DEFERRED_CALLED | DF__DEFERRED_HEAP)) != 0 ||
-        h->count >= h->cap)
-        return false;
-    df__entry *e = (df__entry *)(void *)((char *)m +
-                                         DF__DEFERRED_ENTRIES_OFFSET) +
-                   h->count++;
-    e->cb = list_member_done;
-    e->eb = list_member_done;
-    e->arg = s;
-    return true;
+    return df__deferred_append_inline(m, list_member_done, s);
 }
 
 /* Takes back the list callbacks attached to the members of slots[0..n)
