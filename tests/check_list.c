@@ -2164,6 +2164,36 @@ START_TEST(test_list_take_refs_unfired)
 }
 END_TEST
 
+/* df_gather passes DF_LIST_TAKE_REFS on: the gather owns the caller's
+ * references and releases a member it holds alone once it has fired. */
+START_TEST(test_list_gather_take_refs)
+{
+    df_deferred *d[2] = {new_deferred(), new_deferred()};
+    df_deferred *producer[2] = {df_deferred_ref(d[0]), df_deferred_ref(d[1])};
+    df_deferred *g = NULL;
+    struct capture c;
+
+    TU_OK(df_gather(loop, d, 2, DF_LIST_TAKE_REFS, &g));
+    TU_OK(df_deferred_add_callback(producer[1], give_val, NULL));
+    capture_on(g, &c);
+    fire(producer[1], 2);
+    df_deferred_unref(producer[1]); /* the gather's reference remains */
+    ck_assert_int_eq(nfreed, 0);
+    fire(producer[0], 1);
+    /* The gather fired and dropped its references: d[1] went with its
+     * last value (give_val's). */
+    ck_assert_int_eq(nfreed, 1);
+    df_deferred_unref(producer[0]);
+    const df_list_result *r = captured_result(&c);
+    ck_assert_int_eq(entry_int(r, 0), 1);
+    ck_assert_int_eq(entry_int(r, 1), 2);
+    df_deferred_unref(g);
+    df_result_clear(&c.r);
+    ck_assert_int_eq(nfreed, 3);
+    ck_assert_int_eq(nunhandled, 0);
+}
+END_TEST
+
 /* Members that have fired already: the list fires inside df_list_new and
  * releases them before it returns.  A member listed twice comes with two
  * references. */
@@ -2340,6 +2370,7 @@ static void add_take_refs_tests(Suite *s)
     TCase *tc = tcase("take_refs");
     tcase_add_test(tc, test_list_take_refs_unfired);
     tcase_add_test(tc, test_list_take_refs_fired);
+    tcase_add_test(tc, test_list_gather_take_refs);
     tcase_add_test(tc, test_list_take_refs_failure_keeps_refs);
     tcase_add_test(tc, test_list_take_refs_cancel);
     tcase_add_test(tc, test_list_result_get);
