@@ -56,6 +56,17 @@ struct df_timer {
     bool weak; /* df_timer_unref: does not keep df_loop_run running */
 };
 
+/* Work the loop thread owes to the workers and finishes at the end of a
+ * turn (a run of inbox entries or timers), before the loop may block or
+ * return to its caller: a map's pulled items, held back so as to reach
+ * the workers as one chain (map.c).  Runs no user code. */
+typedef struct df__turn_hook df__turn_hook;
+struct df__turn_hook {
+    df__turn_hook *next; /* loop->turn_hooks */
+    void (*fn)(df__turn_hook *h);
+    bool armed;          /* on loop->turn_hooks */
+};
+
 struct df_loop {
     /* These come first, in df__loop_id's order (inline checks). */
     uintptr_t token;   /* the loop thread's df__thread_token */
@@ -87,6 +98,7 @@ struct df_loop {
     size_t maps;                 /* live maps (map.c) */
     uint64_t wakeups;            /* loop_run's returns from poll(2) */
     bool dispatching;            /* inside run/dispatch/run_matching */
+    df__turn_hook *turn_hooks;   /* due at the end of the turn       */
     bool stop;                   /* df_loop_stop() was called */
 
     /* Timers (timer.c): a binary min-heap keyed (deadline, seq). */
@@ -207,6 +219,16 @@ static inline void df__slab_put_inline(df_loop *loop, df__slab *s, void *p)
     if (!c->listed)
         df__chunk_list(s, c);
 }
+
+/* loop.c, loop thread.  Has h->fn called at the end of the current turn
+ * (at once if the loop is not running: no turn will end); h must stay
+ * valid until then or until df__loop_turn_cancel.  Once per turn however
+ * often it is asked. */
+void df__loop_at_turn_end(df_loop *loop, df__turn_hook *h);
+/* Forgets h if it is due. */
+void df__loop_turn_cancel(df_loop *loop, df__turn_hook *h);
+/* Calls the hooks due, in the order they were asked for. */
+void df__loop_turn_end(df_loop *loop);
 
 /* inbox.c, all loop thread. */
 /* Creates the wake fd and the call lock; returns 0 or a negative code. */

@@ -160,6 +160,43 @@ static int timeout_ms(const df_loop *loop)
     return df__timers_timeout_ms(loop);
 }
 
+void df__loop_at_turn_end(df_loop *loop, df__turn_hook *h)
+{
+    if (!loop->dispatching) {
+        h->fn(h);
+        return;
+    }
+    if (h->armed)
+        return;
+    h->armed = true;
+    h->next = NULL;
+    df__turn_hook **link = &loop->turn_hooks;
+    while (*link != NULL)
+        link = &(*link)->next;
+    *link = h;
+}
+
+void df__loop_turn_cancel(df_loop *loop, df__turn_hook *h)
+{
+    if (!h->armed)
+        return;
+    df__turn_hook **link = &loop->turn_hooks;
+    while (*link != h)
+        link = &(*link)->next;
+    *link = h->next;
+    h->armed = false;
+}
+
+void df__loop_turn_end(df_loop *loop)
+{
+    df__turn_hook *h;
+    while ((h = loop->turn_hooks) != NULL) {
+        loop->turn_hooks = h->next;
+        h->armed = false;
+        h->fn(h);
+    }
+}
+
 /* Takes control: posts stop writing to the fd, which is emptied. */
 static void start_pass(df_loop *loop)
 {
@@ -172,6 +209,7 @@ static void start_pass(df_loop *loop)
  * for whoever drives the loop next (df_loop_run or an external poller). */
 static void finish_pass(df_loop *loop)
 {
+    df__loop_turn_end(loop);
     if (!df__inbox_arm(loop, false))
         df__inbox_force_wake(loop);
     loop->dispatching = false;
@@ -238,6 +276,7 @@ static int loop_run(df_loop *loop, df_deferred *until)
             }
         }
         drained += k;
+        df__loop_turn_end(loop);
         if (halt || ran > 0 || k > 0)
             continue;
         if (pending(loop) == 0) {

@@ -78,8 +78,14 @@
 
 enum { SLOT_FREE = 0, SLOT_RUNNING, SLOT_FINISHED };
 
+/* A slot takes whole cache lines (the table is aligned to them): a
+ * worker writes to the job of one slot while the loop thread delivers
+ * and refills the slots beside it, and slots that shared a line made the
+ * line cross between the cores for both. */
+#define SLOT_ALIGN 64
 typedef struct slot {
-    df__job_io io;  /* pool: the job's io, DF__JOB_IO_BACK before it */
+    _Alignas(SLOT_ALIGN) df__job_io io; /* pool: the job's io, DF__JOB_IO_BACK
+                                         * before it */
     df_map *map;
     uint64_t index; /* input position */
     void *item;     /* owned until delivered */
@@ -108,7 +114,8 @@ struct df_map {
     bool ordered;
     bool stop_on_error;
 
-    slot *slots;
+    slot *slots;             /* in slots_mem, aligned to SLOT_ALIGN */
+    void *slots_mem;
     size_t nslots;
     size_t nready;           /* unordered: slots initialised so far   */
     uint64_t max_inflight;   /* limit + ahead (see the top)          */
@@ -138,6 +145,7 @@ struct df_map {
     bool pumping;        /* an entry point is active (see above) */
     bool finished;       /* done_d has been fired */
     bool free_requested; /* df_map_free() called while pumping */
+    df__turn_hook release; /* pool: puts the held items on the line */
 };
 
 /* The read-ahead's floor and cap with a pool (see the top).  At 64 ahead
@@ -482,6 +490,7 @@ static void maybe_finish(df_map *m)
 static void map_destroy(df_map *m)
 {
     df_loop *loop = m->loop;
+    df__loop_turn_cancel(loop, &m->release);
     df_deferred_unref(m->done_d);
     if (m->summary != NULL)
         summary_free(m->summary);
@@ -489,9 +498,20 @@ static void map_destroy(df_map *m)
     df__pool_client_remove(&m->client);
     if (m->sem != NULL)
         df__sem_drop(m->sem);
-    df__free(loop, m->slots);
+    df__free(loop, m->slots_mem);
     df__free(loop, m);
     df__loop_maps_add(loop, -1); /* df_loop_get_stats */
+}
+
+/* The items pulled in a turn of the loop may reach the workers only at
+ * its end (df__sem_job_run holds them back while the line is long, and
+ * df__sem_release_held puts them there), as runs of up to 64 items, so
+ * that the loop thread and the workers contend for the line's end once
+ * per run, not once per item. */
+static void release_held(df__turn_hook *h)
+{
+    df_map *m = DF__CONTAINER_OF(h, df_map, release);
+    df__sem_release_held(m->sem);
 }
 
 /* Returns true for the outermost entry, which must call map_leave(). */
@@ -517,6 +537,8 @@ static void map_leave(df_map *m, bool outer)
         }
         break;
     }
+    if (m->sem != NULL)
+        df__loop_at_turn_end(m->loop, &m->release); /* see release_held */
     maybe_finish(m);
     m->pumping = false;
     if (m->free_requested)
@@ -596,14 +618,19 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
     m->ahead = map_ahead_min(opts);
     m->ahead_max = map_ahead_max(opts);
     m->max_inflight = opts->limit + m->ahead;
-    if (m->ordered) {
-        m->nslots = m->opts.window + 1;
-        m->slots = df__calloc(loop, m->nslots, sizeof(slot));
-    } else {
-        /* Initialised as the read-ahead reaches them (take_slot). */
-        m->nslots = (size_t)(opts->limit + m->ahead_max);
-        if (m->nslots <= SIZE_MAX / sizeof(slot))
-            m->slots = df__malloc(loop, m->nslots * sizeof(slot));
+    /* Unordered, slots are initialised as the read-ahead reaches them
+     * (take_slot). */
+    m->nslots = m->ordered ? m->opts.window + 1
+                           : (size_t)(opts->limit + m->ahead_max);
+    if (m->nslots <= (SIZE_MAX - SLOT_ALIGN) / sizeof(slot))
+        m->slots_mem =
+            df__malloc(loop, m->nslots * sizeof(slot) + SLOT_ALIGN - 1);
+    if (m->slots_mem != NULL) {
+        uintptr_t a = ((uintptr_t)m->slots_mem + SLOT_ALIGN - 1) &
+                      ~(uintptr_t)(SLOT_ALIGN - 1);
+        m->slots = (slot *)a;
+        if (m->ordered)
+            memset(m->slots, 0, m->nslots * sizeof(slot));
     }
     m->summary = df__malloc(loop, sizeof(summary));
     if (m->slots == NULL || m->summary == NULL) {
@@ -621,6 +648,7 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
         m->client.stopped = pool_stopped;
         m->client.flush = pool_flush;
     }
+    m->release.fn = release_held;
     m->summary->alloc = *df__allocator(loop);
     rc = df_deferred_new_cancellable(loop, done_canceller, m, &m->done_d);
     if (rc != 0)
@@ -648,7 +676,7 @@ fail:
     if (m->sem != NULL)
         df__sem_drop(m->sem);
     df__free(loop, m->summary);
-    df__free(loop, m->slots);
+    df__free(loop, m->slots_mem);
     df__free(loop, m);
     return rc;
 }

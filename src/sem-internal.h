@@ -30,6 +30,14 @@ struct df__sem_job {
  * changed).  Runs no user code. */
 int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
                     df_work_fn work, void *arg);
+/* Loop thread.  df__sem_job_run may hold a job back from the workers
+ * (runs of at most 64, and only while 128
+ * or more are in line) so as to put a run of them on the line at once:
+ * this puts the held ones there.  Call it before the loop thread may go
+ * idle (the map does at the end of every pump).  Anything that reads the
+ * line on the loop thread (a token given back, a cancel, another waiter
+ * joining) puts them there first, so the order stays exact. */
+void df__sem_release_held(df_sem *s);
 /* Loop thread.  Cancels the job: waiting, it leaves the line and finishes
  * now with DF_ECANCELLED; queued on its pool, likewise, after giving its
  * token back; running, df_work_cancelled() turns true and it finishes

@@ -36,10 +36,20 @@
  * Once the tokens are all taken, an eager burst of N df_sem_run_in_pool
  * calls therefore takes no lock.
  *
+ * Held jobs.  A job of df__sem_job_run (the map's) may be held back on
+ * the loop thread while 128 or more waiters are in the line: held jobs
+ * are in line (in order, counted as waiting) but out of the workers'
+ * sight, and reach `incoming` as one run of up to 64 (one compare-and-
+ * swap, and a worker links the run in by its two ends).  Every loop-side
+ * reader of the line, and every other waiter joining it, releases them
+ * first, so the order stays exact; the map releases them at the end of
+ * each turn of the loop (sem-internal.h).
+ *
  * Locks.  s->mu protects the line proper and the state of each waiter on
- * it, since workers pop pool jobs from it.  `nwaiting` is atomic: the
- * loop thread adds to it when it pushes on `incoming`, without the lock;
- * it subtracts when a waiter leaves the line.  It is a leaf: taken
+ * it, since workers pop pool jobs from it.  The number waiting is
+ * `appended` (loop thread) less `left`, which counts under the lock the
+ * waiters that left the line (an atomic, so that df_sem_waiting reads it
+ * without the lock).  s->mu is a leaf: taken
  * with no other library lock held, and released before a job is queued on
  * a pool (pool.c states the one rule for every lock).  Everything else
  * (tokens, acquired, the ready list, the dispatcher flags, the pool
@@ -91,24 +101,39 @@
  * that pool's jobs in its line with DF_ESHUTDOWN at once.
  */
 
+/* The fields fall in three groups, each on cache lines of its own, so
+ * that the workers' traffic on the line (its mutex, `incoming`) does not
+ * evict what the loop thread reads for every job it submits or finishes:
+ * with one group, the map's loop thread missed on `job_ops`, `finish` and
+ * `tokens` once per item. */
+#define SEM_LINE 64
 struct df_sem {
+    /* Set when made, read by every thread. */
     const df__job_ops *job_ops; /* first: its jobs' owner (pool-internal.h) */
     df_loop *loop;
-    pthread_mutex_t mu;       /* the line (see above)                     */
-    df__ilink line;           /* every waiter without a token, FIFO       */
-    _Atomic(df__ilink *) incoming; /* the line's newest end (see above)   */
-    atomic_size_t nwaiting;   /* on the line or `incoming` (atomic)       */
-    /* Loop thread only. */
+    df__sem_job_fn finish;    /* how its pool jobs end                    */
     unsigned limit;
+    bool internal;            /* df__sem_new: not counted on the loop     */
+    char pad0[SEM_LINE];
+    /* Loop thread only. */
     unsigned tokens;          /* free now                                 */
     unsigned acquired;        /* held through df_sem_acquire              */
+    size_t appended;          /* waiters ever put on the line             */
+    df__ilink *held;          /* jobs not yet on `incoming`, newest first */
+    df__ilink *held_last;     /* the oldest of them                       */
+    unsigned nheld;           /* how many                                 */
     df__ilink ready;          /* handed a token (or failed), not started  */
     df__ilink regs;           /* struct reg: pools with jobs in the line  */
     bool dispatching;         /* a sem_enter() frame is on the stack      */
     bool free_pending;        /* freed during a dispatch                  */
-    bool internal;            /* df__sem_new: not counted on the loop     */
-    df__sem_job_fn finish;    /* how its pool jobs end                    */
     size_t failing;           /* jobs on a reg's `failed` list            */
+    char pad1[SEM_LINE];
+    /* Shared with the workers (see above). */
+    pthread_mutex_t mu;       /* the line (see above)                     */
+    df__ilink line;           /* every waiter without a token, FIFO       */
+    _Atomic(df__ilink *) incoming; /* the line's newest end (see above)   */
+    atomic_size_t left;       /* waiters that left the line (under mu)    */
+    char pad2[SEM_LINE];
 };
 
 struct df_lock {
@@ -176,7 +201,8 @@ static void reg_free(reg *r)
 static void sem_destroy(df_sem *s)
 {
     assert(df__ilist_empty(&s->line) && df__ilist_empty(&s->ready) &&
-           atomic_load_explicit(&s->incoming, memory_order_relaxed) == NULL);
+           atomic_load_explicit(&s->incoming, memory_order_relaxed) == NULL &&
+           s->held == NULL);
     df__ilink *l;
     while ((l = df__ilist_first(&s->regs)) != NULL)
         reg_free(DF__ILIST_ENTRY(l, reg, link));
@@ -209,44 +235,106 @@ static void sem_leave(df_sem *s, bool outer)
         sem_destroy(s);
 }
 
-/* Puts a waiter at the end of the line, with no lock: on `incoming`,
- * linked through link.next.  Loop thread (the only pusher, so a waiter
- * taken off the stack is never seen again: no ABA). */
-static inline void line_append(df_sem *s, df__waiter *w)
+/* Pushes a run of waiters, first..last (oldest..newest, linked both ways
+ * between them), on `incoming`, with no lock.  On the stack, a run's
+ * first->prev points at its last, whose next points at the first of the
+ * next older run, so that a worker taking the stack touches two waiters
+ * per run, not every waiter (line_take_incoming).  Loop thread (the only
+ * pusher, so a waiter taken off the stack is never seen again: no ABA). */
+static inline void line_push(df_sem *s, df__ilink *first, df__ilink *last)
 {
-    w->state = ST_WAITING;
-    /* A locked add, which helgrind understands (a plain store would be
-     * reported against df_sem_waiting's lock-free read). */
-    atomic_fetch_add_explicit(&s->nwaiting, 1, memory_order_relaxed);
+    first->prev = last;
     df__ilink *top = atomic_load_explicit(&s->incoming, memory_order_relaxed);
     do {
-        w->link.next = top;
+        last->next = top;
         ANNOTATE_HAPPENS_BEFORE(&s->incoming);
     } while (!atomic_compare_exchange_weak_explicit(
-        &s->incoming, &top, &w->link, memory_order_release,
+        &s->incoming, &top, first, memory_order_release,
         memory_order_relaxed));
 }
 
+/* Puts the held jobs (line_hold) at the end of the line.  Loop thread;
+ * every loop-side reader of the line calls it first. */
+static inline void line_release_held(df_sem *s)
+{
+    if (s->held == NULL)
+        return;
+    line_push(s, s->held, s->held_last);
+    s->held = NULL;
+    s->nheld = 0;
+}
+
+/* Puts a waiter at the end of the line, with no lock: on `incoming`
+ * (after the held jobs, which are older).  Loop thread. */
+static inline void line_append(df_sem *s, df__waiter *w)
+{
+    w->state = ST_WAITING;
+    s->appended++;
+    line_release_held(s);
+    line_push(s, &w->link, &w->link);
+}
+
+/* The longest run of jobs df__sem_job_run holds back before it puts them
+ * on the line as one run (sem-internal.h), and the fewest waiters the
+ * workers must see in the line for a run to start: so that holding back
+ * never leaves a worker without a job to take unless it finishes
+ * SEM_HOLD_FLOOR - SEM_HOLD_MAX jobs within one turn of the loop.  A line
+ * that short (a map whose read-ahead is small, because its items are
+ * slow) gets its jobs one by one, at once. */
+#define SEM_HOLD_MAX 64
+#define SEM_HOLD_FLOOR 128
+
+/* Like line_append, but the job may join the held ones, which go on the
+ * line as one run when SEM_HOLD_MAX of them are held, when anything reads
+ * or joins the line from the loop thread, or at df__sem_release_held.
+ * Until then no worker can see it, but it is in line: it has its place in
+ * the order and counts as waiting.  The loop thread links the run while
+ * its waiters are in its cache.  Loop thread. */
+static inline void line_hold(df_sem *s, df__waiter *w)
+{
+    if (s->held == NULL) {
+        /* A look at the workers' side of the line, once per run. */
+        size_t seen = s->appended -
+                      atomic_load_explicit(&s->left, memory_order_relaxed);
+        if (seen < SEM_HOLD_FLOOR) {
+            line_append(s, w);
+            return;
+        }
+    }
+    w->state = ST_WAITING;
+    s->appended++;
+    if (s->held == NULL) {
+        s->held = &w->link;
+    } else {
+        s->held_last->next = &w->link;
+        w->link.prev = s->held_last;
+    }
+    s->held_last = &w->link;
+    if (++s->nheld >= SEM_HOLD_MAX)
+        line_release_held(s);
+}
+
 /* Under s->mu: moves `incoming` to the end of the line, oldest first.
- * The stack is newest first, so each waiter popped from it goes right
- * after the line's old tail, ahead of the newer ones placed before it:
- * one pass over the waiters, which in a long eager burst are cold. */
+ * The stack holds runs, newest first (line_push); each run popped from
+ * it goes right after the line's old tail, ahead of the newer ones placed
+ * before it: one pass over the runs, touching the two ends of each. */
 static void line_take_incoming(df_sem *s)
 {
     if (atomic_load_explicit(&s->incoming, memory_order_relaxed) == NULL)
         return;
-    df__ilink *l =
+    df__ilink *first =
         atomic_exchange_explicit(&s->incoming, NULL, memory_order_acquire);
     ANNOTATE_HAPPENS_AFTER(&s->incoming);
     df__ilink *tail = s->line.prev; /* the line's old tail, or its head */
-    df__ilink *after = &s->line;    /* what follows the next one placed */
-    while (l != NULL) {
-        df__ilink *older = l->next;
-        l->prev = tail;
-        l->next = after;
-        after->prev = l;
-        after = l;
-        l = older;
+    df__ilink *after = &s->line;    /* what follows the next run placed */
+    while (first != NULL) {
+        df__ilink *last = first->prev;
+        df__ilink *older = last->next;
+        first->prev = tail;
+        last->next = after;
+        after->prev = last;
+        after = first;
+        first = older;
     }
     tail->next = after;
 }
@@ -266,13 +354,16 @@ static df__ilink *line_first_locked(df_sem *s)
 static void line_remove_locked(df_sem *s, df__waiter *w)
 {
     df__ilist_remove(&w->link);
-    atomic_fetch_sub_explicit(&s->nwaiting, 1, memory_order_relaxed);
+    /* A locked add, which helgrind understands (a plain store would be
+     * reported against df_sem_waiting's lock-free read). */
+    atomic_fetch_add_explicit(&s->left, 1, memory_order_relaxed);
 }
 
 /* Takes w off the line if it is still waiting (a worker may have started
  * it).  Loop thread. */
 static bool line_leave(df_sem *s, df__waiter *w)
 {
+    line_release_held(s);
     pthread_mutex_lock(&s->mu);
     line_take_incoming(s);
     bool waiting = w->state == ST_WAITING;
@@ -289,6 +380,7 @@ static bool line_leave(df_sem *s, df__waiter *w)
  * goes to the next in line.  Runs no user code.  Loop thread. */
 static void give_back(df_sem *s)
 {
+    line_release_held(s);
     pthread_mutex_lock(&s->mu);
     for (;;) {
         df__ilink *l = line_first_locked(s);
@@ -606,6 +698,7 @@ static void reg_stopped(df__pool_client *c, df_pool *p)
 {
     reg *r = DF__CONTAINER_OF(c, reg, client);
     df_sem *s = r->sem;
+    line_release_held(s);
     pthread_mutex_lock(&s->mu);
     line_take_incoming(s);
     df__ilink *l = df__ilist_first(&s->line);
@@ -718,8 +811,13 @@ int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
     io->in.arg = arg;
     if (!line_joins(s, p))
         return sem_job_run_slow(s, p, sj);
-    line_append(s, &sj->job.h);
+    line_hold(s, &sj->job.h);
     return 0;
+}
+
+void df__sem_release_held(df_sem *s)
+{
+    line_release_held(s);
 }
 
 void df__sem_job_cancel(df__sem_job *sj)
@@ -774,7 +872,7 @@ static int sem_make(df_loop *loop, unsigned tokens, size_t size, bool internal,
     s->tokens = tokens;
     s->internal = internal;
     s->finish = finish;
-    atomic_init(&s->nwaiting, 0);
+    atomic_init(&s->left, 0);
     atomic_init(&s->incoming, NULL);
     df__ilist_init(&s->line);
     df__ilist_init(&s->ready);
@@ -801,7 +899,7 @@ int df__sem_new(df_loop *loop, unsigned tokens, df__sem_job_fn finish,
 
 static size_t sem_waiting(const df_sem *s)
 {
-    return atomic_load_explicit(&s->nwaiting, memory_order_relaxed);
+    return s->appended - atomic_load_explicit(&s->left, memory_order_relaxed);
 }
 
 void df__sem_drop(df_sem *s)
