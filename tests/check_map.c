@@ -1121,6 +1121,40 @@ START_TEST(test_map_cancel_mid_stream)
 }
 END_TEST
 
+/* A map with a long line: the items pulled in a turn of the loop are
+ * held back from the workers and reach the line at the turn's end
+ * (sem.c, "Held jobs").  Cancelling from on_result, in the middle of such
+ * a turn, must take the held items too: each is delivered once, as
+ * cancelled, and nothing runs after the cancel. */
+START_TEST(test_map_cancel_with_held_items)
+{
+    for (int variant = 0; variant < 2; variant++) {
+        df_loop *loop = tu_loop();
+        df_pool *p = new_pool(loop, 1);
+        rig r;
+        int code;
+
+        rig_init(&r, loop);
+        r.n = ENDLESS;
+        r.cancel_after = 3000;
+        /* 200 tokens and as many read ahead: the line holds up to 200
+         * waiting items, more than the 128 above which items are held. */
+        rig_options(&r, p, 200, variant ? DF_MAP_ORDERED : 0);
+        r.o.window = 1000;
+        rig_start(&r);
+        TU_OK(df_loop_run_until(loop, r.done));
+        ck_assert_ptr_null(done_stats(&r, &code));
+        ck_assert_int_eq(code, DF_ECANCELLED);
+        ck_assert_uint_eq(r.next_v, r.at_cancel.pulled);
+        ck_assert_uint_eq(r.delivered, r.at_cancel.pulled);
+        ck_assert_uint_eq(r.cancels, r.at_cancel.running);
+        rig_finish(&r);
+        df_pool_free(p);
+        tu_loop_free(loop);
+    }
+}
+END_TEST
+
 /* Cancelling done itself: queued items fail at once, the running one is
  * waited for, and done fires only when it has returned. */
 START_TEST(test_map_cancel_done_waits)
@@ -1941,6 +1975,7 @@ static Suite *map_suite(void)
 
     tc = tcase_create("cancel");
     tcase_add_test(tc, test_map_cancel_mid_stream);
+    tcase_add_test(tc, test_map_cancel_with_held_items);
     tcase_add_test(tc, test_map_cancel_done_waits);
     tcase_add_test(tc, test_map_cancel_from_next);
     tcase_add_test(tc, test_map_timeout_done);
