@@ -792,12 +792,17 @@ DF_EXPORT int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work,
  * with DF_MAP_ORDERED.
  *
  * Read-ahead, with a pool: it starts at max(limit, 64) items and doubles,
- * up to max(limit, 1024), each time the workers find no pulled item
- * waiting while the input goes on (short items, the loop thread the slower
- * side); it never shrinks.  So at most limit + max(limit, 1024) items are
- * pulled but not delivered (and the map owns each of them until then);
- * with items slow enough that the loop keeps the line filled, it stays at
- * max(limit, 64).  DF_MAP_NO_READAHEAD makes it 0.
+ * up to its cap, each time the workers find no pulled item waiting while
+ * the input goes on (short items, the loop thread the slower side); it
+ * never shrinks.  The cap is `readahead_max`, or max(limit, 8192) if that
+ * is 0 (and the start is no higher than the cap).  So at most limit + the
+ * cap items are pulled but not delivered (and the map owns each of them
+ * until then): lower the cap for big items, whose work is short.  With
+ * items slow enough that the loop keeps the line filled, it stays at
+ * max(limit, 64).  DF_MAP_NO_READAHEAD makes it 0.  Unordered, the map
+ * allocates a slot of 192 bytes for each of those limit + cap items when
+ * it starts (ordered, for window + 1), and touches a slot first when the
+ * read-ahead reaches it.
  */
 typedef struct df_map df_map;
 
@@ -847,6 +852,8 @@ typedef struct df_map_options {
     df_map_call_fn call;      /* without pool: call(item, arg) on loop    */
     df_map_result_fn on_result; /* may be NULL: results are dropped       */
     void *arg;                /* for call and on_result                   */
+    size_t readahead_max;     /* with a pool: the read-ahead's cap (see
+                                 above); 0: max(limit, 8192) */
 } df_map_options;
 
 typedef struct df_map_stats {

@@ -29,7 +29,8 @@
  * ----------
  * `ahead` is 0 without a pool or with DF_MAP_NO_READAHEAD (for a `next`
  * that may block).  Otherwise it adapts, between ahead_min = max(limit,
- * DF__MAP_AHEAD_MIN) and ahead_max = max(limit, DF__MAP_AHEAD_MAX): it
+ * DF__MAP_AHEAD_MIN) and ahead_max = max(limit, DF__MAP_AHEAD_MAX), or
+ * the application's readahead_max (and ahead_min no higher): it
  * starts at ahead_min and doubles when the line ran dry while the input
  * goes on, that is when the loop sees a finished job whose token was not
  * handed on (j->h.handed false: the worker found no pulled item waiting,
@@ -81,22 +82,27 @@ enum { SLOT_FREE = 0, SLOT_RUNNING, SLOT_FINISHED };
 /* A slot takes whole cache lines (the table is aligned to them): a
  * worker writes to the job of one slot while the loop thread delivers
  * and refills the slots beside it, and slots that shared a line made the
- * line cross between the cores for both. */
+ * line cross between the cores for both.  The job's head fills the
+ * second line on its own, so that the loop's walk over the inbox
+ * (inbox.c) misses once on it, while the line of the io is fetched at the
+ * same time. */
 #define SLOT_ALIGN 64
 typedef struct slot {
-    _Alignas(SLOT_ALIGN) df__job_io io; /* pool: the job's io, DF__JOB_IO_BACK
-                                         * before it */
+    _Alignas(SLOT_ALIGN) uint64_t index; /* input position */
+    df__job_io io;  /* pool: the job's io, DF__JOB_IO_BACK before it */
     df_map *map;
-    uint64_t index; /* input position */
     void *item;     /* owned until delivered */
-    df__sem_job sj; /* pool: the item's job */
     df_free_fn item_free;
+    df__sem_job sj; /* pool: the item's job */
     df_deferred *d;    /* RUNNING, call: the item's deferred (own ref) */
     df_result result;  /* FINISHED: the result until delivered */
     df__ilink link;    /* unordered: free slots or finished queue */
     int state;
 } slot;
 
+_Static_assert(offsetof(slot, sj) % SLOT_ALIGN == 0 &&
+                   sizeof(df__sem_job) <= SLOT_ALIGN,
+               "a slot's job fills a cache line of its own");
 _Static_assert(offsetof(slot, sj) - offsetof(slot, io) == DF__JOB_IO_BACK,
                "a job's io lies DF__JOB_IO_BACK bytes before it");
 
@@ -148,24 +154,31 @@ struct df_map {
     df__turn_hook release; /* pool: puts the held items on the line */
 };
 
-/* The read-ahead's floor and cap with a pool (see the top).  At 64 ahead
- * and no work, 2 workers go to sleep and are woken about 69,000 times per
- * 10^6 items; at 1024, 1,500 to 6,400 times (bench/RESULTS.md). */
+/* The read-ahead's floor and default cap with a pool (see the top).  At
+ * 64 ahead and no work, 2 workers go to sleep and are woken about 69,000
+ * times per 10^6 items; at 1024, 1,500 to 6,400 times.  With short items
+ * the map keeps up with the eager form only with a deeper line: 1e6
+ * items of no work at limit 64 took about 385 ns each at a cap of 1024,
+ * 260 at 4096, 207 at 8192 and 188 at 16384 (bench/RESULTS.md, "after
+ * s6"); a slot is 192 bytes, so 8192 of them are 1.5 MiB. */
 #define DF__MAP_AHEAD_MIN 64
-#define DF__MAP_AHEAD_MAX 1024
-
-static uint64_t map_ahead_min(const df_map_options *o)
-{
-    if (o->pool == NULL || (o->flags & DF_MAP_NO_READAHEAD))
-        return 0;
-    return o->limit > DF__MAP_AHEAD_MIN ? o->limit : DF__MAP_AHEAD_MIN;
-}
+#define DF__MAP_AHEAD_MAX 8192
 
 static uint64_t map_ahead_max(const df_map_options *o)
 {
     if (o->pool == NULL || (o->flags & DF_MAP_NO_READAHEAD))
         return 0;
+    if (o->readahead_max != 0)
+        return o->readahead_max;
     return o->limit > DF__MAP_AHEAD_MAX ? o->limit : DF__MAP_AHEAD_MAX;
+}
+
+static uint64_t map_ahead_min(const df_map_options *o)
+{
+    uint64_t floor = o->limit > DF__MAP_AHEAD_MIN ? o->limit
+                                                   : DF__MAP_AHEAD_MIN;
+    uint64_t cap = map_ahead_max(o);
+    return floor < cap ? floor : cap;
 }
 
 static void summary_free(void *p)
@@ -620,9 +633,11 @@ int df_map_start(df_loop *loop, const df_map_options *opts, df_map **map,
     m->max_inflight = opts->limit + m->ahead;
     /* Unordered, slots are initialised as the read-ahead reaches them
      * (take_slot). */
+    const size_t most = (SIZE_MAX - SLOT_ALIGN) / sizeof(slot);
     m->nslots = m->ordered ? m->opts.window + 1
-                           : (size_t)(opts->limit + m->ahead_max);
-    if (m->nslots <= (SIZE_MAX - SLOT_ALIGN) / sizeof(slot))
+                : m->ahead_max < most ? (size_t)(opts->limit + m->ahead_max)
+                                      : SIZE_MAX; /* too many: ENOMEM */
+    if (m->nslots <= most)
         m->slots_mem =
             df__malloc(loop, m->nslots * sizeof(slot) + SLOT_ALIGN - 1);
     if (m->slots_mem != NULL) {

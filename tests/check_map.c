@@ -215,15 +215,24 @@ static uint64_t item_v(void *item)
     return ((titem *)item)->v;
 }
 
+/* The most items a map with a pool pulls ahead of its tokens. */
+static uint64_t ahead_cap(const df_map_options *o)
+{
+    if (o->pool == NULL || (o->flags & DF_MAP_NO_READAHEAD))
+        return 0;
+    if (o->readahead_max != 0)
+        return o->readahead_max;
+    return o->limit > 8192 ? o->limit : 8192;
+}
+
 /* Checks the map's bounds from inside one of its callbacks.  With a pool,
- * up to max(limit, 1024) items more than run may be pulled ahead (they
+ * up to the read-ahead's cap more items than run may be pulled ahead (they
  * wait for a token, so that a worker hands its token straight on). */
 static void check_bounds(rig *r)
 {
     df_map_stats st;
     TU_OK(df_map_get_stats(r->map, &st));
-    uint64_t ahead =
-        r->o.pool == NULL ? 0 : r->o.limit > 1024 ? r->o.limit : 1024;
+    uint64_t ahead = ahead_cap(&r->o);
     uint64_t inflight = r->o.limit + ahead;
     ck_assert_uint_le(st.running, inflight);
     ck_assert_uint_eq(st.pulled - st.done, st.running + st.buffered);
@@ -748,7 +757,7 @@ START_TEST(test_map_limit_pool)
         ck_assert_ptr_nonnull(done_stats(&r, &code));
         ck_assert_int_le(atomic_load(&r.max_active), 3);
         ck_assert_int_ge(atomic_load(&r.max_active), 1);
-        ck_assert_uint_le(r.max_running, 3 + 1024); /* the cap ahead */
+        ck_assert_uint_le(r.max_running, 3 + ahead_cap(&r.o));
         rig_finish(&r);
         df_pool_free(p);
         tu_loop_free(loop);
@@ -1882,11 +1891,11 @@ static void grow_result(uint64_t index, void *item, df_result r, void *arg)
         sched_yield();
 }
 
-static uint64_t grow_run(int mode, unsigned flags)
+static uint64_t grow_run(int mode, unsigned flags, size_t cap)
 {
     df_loop *loop = tu_loop();
     df_pool *p = new_pool(loop, 1);
-    grow_probe g = {.mode = mode, .n = 10000};
+    grow_probe g = {.mode = mode, .n = 20000};
     atomic_init(&g.pulled, 0);
     atomic_init(&g.started, 0);
     atomic_init(&g.ended, false);
@@ -1894,7 +1903,8 @@ static uint64_t grow_run(int mode, unsigned flags)
     df_map_options o = {0};
     o.limit = 1;
     o.flags = flags;
-    o.window = 4096; /* ordered: no bound below the read-ahead's */
+    o.window = 16384; /* ordered: no bound below the read-ahead's */
+    o.readahead_max = cap;
     o.next = grow_next;
     o.next_arg = &g;
     o.pool = p;
@@ -1922,11 +1932,16 @@ START_TEST(test_map_readahead_adapts)
     for (int ordered = 0; ordered < 2; ordered++) {
         unsigned flags = ordered ? DF_MAP_ORDERED : 0;
         /* A line that runs dry doubles the read-ahead from 64 up to its
-         * cap, 1024, and no further: once there, the pump fills it. */
-        ck_assert_uint_eq(grow_run(GROW, flags), 1 + 1024);
+         * cap, 8192, and no further: once there, the pump fills it. */
+        ck_assert_uint_eq(grow_run(GROW, flags, 0), 1 + 8192);
+        /* The application's cap, reached from 256 by one step short of a
+         * doubling. */
+        ck_assert_uint_eq(grow_run(GROW, flags, 300), 1 + 300);
+        /* Below the floor, the read-ahead starts at the cap. */
+        ck_assert_uint_eq(grow_run(CALM, flags, 10), 1 + 10);
         /* A line that never runs dry keeps it at 64 (a user whose items
-         * are slow does not hold 1024 of them). */
-        ck_assert_uint_eq(grow_run(CALM, flags), 1 + 64);
+         * are slow does not hold 8192 of them). */
+        ck_assert_uint_eq(grow_run(CALM, flags, 0), 1 + 64);
     }
 }
 END_TEST
