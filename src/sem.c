@@ -29,10 +29,11 @@
  * empty or no token is free, so nobody gets ahead of its head.
  *
  * The line's end.  The loop thread appends without the lock: it pushes
- * the waiter on `incoming`, a lock-free stack only it pushes on.  Whoever
- * reads the line under s->mu and finds the line proper empty, or looks for
- * one waiter, first moves `incoming` (reversed) to the line's end, so the
- * line is always the line proper followed by `incoming`, oldest first.
+ * the waiter on `incoming`, a lock-free stack of runs (one waiter, or a
+ * run of held jobs, below) that only it pushes on.  Whoever reads the line
+ * under s->mu and finds the line proper empty, or looks for one waiter,
+ * first moves `incoming` to the line's end, newest run last, so the line
+ * is always the line proper followed by `incoming`, oldest first.
  * Once the tokens are all taken, an eager burst of N df_sem_run_in_pool
  * calls therefore takes no lock.
  *
