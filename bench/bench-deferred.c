@@ -26,7 +26,9 @@
  *     per item: df_map_start() pulls item indices from an iterator while
  *     fewer than LIMIT are in flight, runs each on the pool and hands each
  *     result to a callback as it completes; the loop runs until the map's
- *     done deferred fires.  Memory is O(LIMIT), not O(N).
+ *     done deferred fires.  Memory is O(LIMIT), not O(N).  The environment
+ *     variable BENCH_MAP_READAHEAD, if set, is the map's readahead_max
+ *     (for a sweep of the cap; unset: the library's default).
  *
  * The value travels as the deferred's success value: a uint64_t cast to a
  * pointer with no destructor, so pointers must be 64 bits wide.  The item
@@ -210,6 +212,9 @@ int main(int argc, char **argv)
     mopts.work = map_work;
     mopts.on_result = on_result;
     mopts.arg = &b;
+    const char *ahead = getenv("BENCH_MAP_READAHEAD");
+    if (ahead != NULL)
+        mopts.readahead_max = (size_t)strtoull(ahead, NULL, 10);
     df_map *map = NULL;
     df_deferred *done = NULL;
 

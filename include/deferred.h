@@ -798,11 +798,13 @@ DF_EXPORT int df_sem_run_in_pool(df_sem *s, df_pool *p, df_work_fn work,
  * is 0 (and the start is no higher than the cap).  So at most limit + the
  * cap items are pulled but not delivered (and the map owns each of them
  * until then): lower the cap for big items, whose work is short.  With
- * items slow enough that the loop keeps the line filled, it stays at
- * max(limit, 64).  DF_MAP_NO_READAHEAD makes it 0.  Unordered, the map
- * allocates a slot of 192 bytes for each of those limit + cap items when
- * it starts (ordered, for window + 1), and touches a slot first when the
- * read-ahead reaches it.
+ * items slow enough that the loop keeps the line filled, it stays where it
+ * starts, max(limit, 64) or the cap if lower.  DF_MAP_NO_READAHEAD makes
+ * it 0.  Unordered, the map allocates a slot (192 bytes on 64-bit Linux)
+ * for each of those limit + cap items when it starts, so a cap too big
+ * to allocate fails df_map_start with DF_ENOMEM; ordered, it allocates
+ * window + 1 slots, and the window bounds the read-ahead whatever the
+ * cap.  A slot is touched first when the read-ahead reaches it.
  */
 typedef struct df_map df_map;
 

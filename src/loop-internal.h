@@ -99,6 +99,7 @@ struct df_loop {
     uint64_t wakeups;            /* loop_run's returns from poll(2) */
     bool dispatching;            /* inside run/dispatch/run_matching */
     df__turn_hook *turn_hooks;   /* due at the end of the turn       */
+    df__turn_hook **turn_tail;   /* the last one's next, or &turn_hooks */
     bool stop;                   /* df_loop_stop() was called */
 
     /* Timers (timer.c): a binary min-heap keyed (deadline, seq). */

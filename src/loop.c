@@ -170,12 +170,13 @@ void df__loop_at_turn_end(df_loop *loop, df__turn_hook *h)
         return;
     h->armed = true;
     h->next = NULL;
-    df__turn_hook **link = &loop->turn_hooks;
-    while (*link != NULL)
-        link = &(*link)->next;
-    *link = h;
+    if (loop->turn_hooks == NULL)
+        loop->turn_tail = &loop->turn_hooks;
+    *loop->turn_tail = h;
+    loop->turn_tail = &h->next;
 }
 
+/* Rare (a map freed with its hook due): a walk is fine. */
 void df__loop_turn_cancel(df_loop *loop, df__turn_hook *h)
 {
     if (!h->armed)
@@ -184,6 +185,8 @@ void df__loop_turn_cancel(df_loop *loop, df__turn_hook *h)
     while (*link != h)
         link = &(*link)->next;
     *link = h->next;
+    if (loop->turn_tail == &h->next)
+        loop->turn_tail = link;
     h->armed = false;
 }
 

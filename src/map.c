@@ -277,8 +277,11 @@ static void adapt_ahead(df_map *m, bool handed)
     if (m->jobs_done - m->grown_at < m->opts.limit && m->grown_at != 0)
         return; /* the same wave */
     m->grown_at = m->jobs_done;
-    m->ahead = m->ahead * 2 < m->ahead_max ? m->ahead * 2 : m->ahead_max;
-    m->max_inflight = m->opts.limit + m->ahead;
+    /* Saturating: a cap above 2^63 must not wrap the double to 0. */
+    m->ahead = m->ahead > m->ahead_max / 2 ? m->ahead_max : m->ahead * 2;
+    m->max_inflight = m->ahead > UINT64_MAX - m->opts.limit
+                          ? UINT64_MAX
+                          : m->opts.limit + m->ahead;
 }
 
 /* The end of a pool item's job (its token is back or handed on). */

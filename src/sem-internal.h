@@ -34,7 +34,8 @@ int df__sem_job_run(df_sem *s, df_pool *p, df__sem_job *sj,
  * (runs of at most 64, and only while 128
  * or more are in line) so as to put a run of them on the line at once:
  * this puts the held ones there.  Call it before the loop thread may go
- * idle (the map does at the end of every pump).  Anything that reads the
+ * idle (the map has it called at the end of the loop's turn, through
+ * df__loop_at_turn_end, after every pump).  Anything that reads the
  * line on the loop thread (a token given back, a cancel, another waiter
  * joining) puts them there first, so the order stays exact. */
 void df__sem_release_held(df_sem *s);

@@ -120,8 +120,8 @@ struct df_sem {
     unsigned tokens;          /* free now                                 */
     unsigned acquired;        /* held through df_sem_acquire              */
     size_t appended;          /* waiters ever put on the line             */
-    df__ilink *held;          /* jobs not yet on `incoming`, newest first */
-    df__ilink *held_last;     /* the oldest of them                       */
+    df__ilink *held;          /* jobs not yet on `incoming`: the oldest,  */
+    df__ilink *held_last;     /* ... the newest (linked both ways)        */
     unsigned nheld;           /* how many                                 */
     df__ilink ready;          /* handed a token (or failed), not started  */
     df__ilink regs;           /* struct reg: pools with jobs in the line  */

@@ -1927,6 +1927,75 @@ static uint64_t grow_run(int mode, unsigned flags, size_t cap)
     return g.max_out;
 }
 
+/* A cap too big to reach, in ordered mode (whose slots the window
+ * bounds, not the cap): the read-ahead doubles for as long as the line
+ * runs dry and must saturate, not wrap to 0 past 2^63 (which stopped the
+ * read-ahead and the hand-off for the rest of the run). */
+typedef struct wrap_probe {
+    uint64_t n, pulled, delivered, late_max;
+    df_map *map;
+} wrap_probe;
+
+static int wrap_next(void *arg, void **item, df_free_fn *free_fn)
+{
+    wrap_probe *g = arg;
+    (void)free_fn;
+    if (g->pulled == g->n)
+        return 0;
+    *item = (void *)(uintptr_t)g->pulled++;
+    return 1;
+}
+
+static df_result wrap_work(df_work *w, void *item, void *work_arg)
+{
+    (void)w;
+    (void)work_arg;
+    return df_ok(item, NULL);
+}
+
+static void wrap_result(uint64_t index, void *item, df_result r, void *arg)
+{
+    wrap_probe *g = arg;
+    (void)index;
+    (void)item;
+    df_result_clear(&r);
+    if (++g->delivered > g->n - 10000) {
+        df_map_stats st;
+        TU_OK(df_map_get_stats(g->map, &st));
+        if (st.pulled - st.done > g->late_max)
+            g->late_max = st.pulled - st.done;
+    }
+}
+
+START_TEST(test_map_readahead_huge_cap)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 2);
+    wrap_probe g = {.n = 40000};
+    df_map_options o = {0};
+    o.limit = 1;
+    o.flags = DF_MAP_ORDERED;
+    o.window = 8;
+    o.readahead_max = SIZE_MAX;
+    o.next = wrap_next;
+    o.next_arg = &g;
+    o.pool = p;
+    o.work = wrap_work;
+    o.on_result = wrap_result;
+    o.arg = &g;
+    df_deferred *done;
+    TU_OK(df_map_start(loop, &o, &g.map, &done));
+    TU_OK(df_loop_run_until(loop, done));
+    df_deferred_unref(done);
+    TU_OK(df_map_free(g.map));
+    ck_assert_uint_eq(g.delivered, g.n);
+    /* Up to the window is pulled ahead to the end (1 if it wrapped). */
+    ck_assert_uint_ge(g.late_max, 2);
+    df_pool_free(p);
+    tu_loop_free(loop);
+}
+END_TEST
+
 START_TEST(test_map_readahead_adapts)
 {
     for (int ordered = 0; ordered < 2; ordered++) {
@@ -2011,6 +2080,7 @@ static Suite *map_suite(void)
 
     tc = tcase_create("readahead");
     tcase_add_test(tc, test_map_readahead_adapts);
+    tcase_add_test(tc, test_map_readahead_huge_cap);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
 
