@@ -157,10 +157,11 @@ struct df_map {
 /* The read-ahead's floor and default cap with a pool (see the top).  At
  * 64 ahead and no work, 2 workers go to sleep and are woken about 69,000
  * times per 10^6 items; at 1024, 1,500 to 6,400 times.  With short items
- * the map keeps up with the eager form only with a deeper line: 1e6
- * items of no work at limit 64 took about 385 ns each at a cap of 1024,
- * 260 at 4096, 207 at 8192 and 188 at 16384 (bench/RESULTS.md, "after
- * s6"); a slot is 192 bytes, so 8192 of them are 1.5 MiB. */
+ * the map keeps up with the eager form only with a deeper line: 10^6
+ * items of no work at limit 64 took 493 ns each at a cap of 1024, 386 at
+ * 4096, 307 at 8192 and 273 at 16384 (medians of 9 interleaved rounds,
+ * bench/RESULTS.md, "after s6"); a slot is 192 bytes, so 8192 of them
+ * are 1.5 MiB. */
 #define DF__MAP_AHEAD_MIN 64
 #define DF__MAP_AHEAD_MAX 8192
 
