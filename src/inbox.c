@@ -278,12 +278,14 @@ void df__inbox_collect(df_loop *loop)
     ANNOTATE_HAPPENS_AFTER(&loop->inbox);
     /* Reverse the stack into push order.  Most entries are pool jobs,
      * written by a worker a moment ago: each is a cache miss, one after
-     * the other, so the job's io, the line before its node (pool-internal.h,
-     * df__job_io_of), is asked for at the same time.  A prefetch never
-     * faults, whatever the entry. */
+     * the other, so the job's io, DF__JOB_IO_BACK bytes before its node
+     * and on another cache line (pool-internal.h, df__job_io_of), is asked
+     * for at the same time.  The address is computed as an integer, and a
+     * prefetch never faults, whatever the entry is. */
     df__inbox_node *first = NULL, *last = n;
     while (n != NULL) {
-        __builtin_prefetch((const char *)n - DF__JOB_IO_BACK, 1);
+        __builtin_prefetch((const void *)((uintptr_t)n - DF__JOB_IO_BACK),
+                           1);
         df__inbox_node *next = n->next;
         n->next = first;
         first = n;
