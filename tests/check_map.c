@@ -1345,6 +1345,31 @@ START_TEST(test_map_free_from_done)
 }
 END_TEST
 
+/* The same with a pool, inside the loop's dispatch: when done fires, the
+ * map has asked for its turn-end hook (map.c, release_held), so freeing it
+ * from done's callback must take the hook back, or the turn's end would
+ * read the freed map (memcheck and ASan report it). */
+START_TEST(test_map_free_from_done_pool)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 2);
+    rig r;
+
+    rig_init(&r, loop);
+    r.n = 2000;
+    rig_options(&r, p, 4, 0);
+    rig_start(&r);
+    TU_OK(df_deferred_add_callback(r.done, free_map_cb, &r));
+    TU_OK(df_loop_run_until(loop, r.done));
+    ck_assert_ptr_null(r.map);
+    ck_assert_uint_eq(r.delivered, 2000);
+    df_deferred_unref(r.done);
+    rig_destroy(&r);
+    df_pool_free(p);
+    tu_loop_free(loop);
+}
+END_TEST
+
 START_TEST(test_map_no_on_result)
 {
     df_loop *loop = tu_loop();
@@ -1996,6 +2021,32 @@ START_TEST(test_map_readahead_huge_cap)
 }
 END_TEST
 
+/* Unordered, the slots for limit + cap items are allocated at the start:
+ * a cap that cannot be allocated (here limit + cap would wrap around) is
+ * DF_ENOMEM, and nothing is started. */
+START_TEST(test_map_readahead_cap_too_big)
+{
+    df_loop *loop = tu_loop();
+    df_pool *p = new_pool(loop, 1);
+    wrap_probe g = {.n = 10};
+    df_map_options o = {0};
+    o.limit = 4;
+    o.readahead_max = SIZE_MAX;
+    o.next = wrap_next;
+    o.next_arg = &g;
+    o.pool = p;
+    o.work = wrap_work;
+    df_map *m = NULL;
+    df_deferred *done = NULL;
+    ck_assert_int_eq(df_map_start(loop, &o, &m, &done), DF_ENOMEM);
+    ck_assert_ptr_null(m);
+    ck_assert_ptr_null(done);
+    ck_assert_uint_eq(g.pulled, 0);
+    df_pool_free(p);
+    tu_loop_free(loop);
+}
+END_TEST
+
 START_TEST(test_map_readahead_adapts)
 {
     for (int ordered = 0; ordered < 2; ordered++) {
@@ -2068,6 +2119,7 @@ static Suite *map_suite(void)
     tc = tcase_create("lifecycle");
     tcase_add_test(tc, test_map_stats_and_done_value);
     tcase_add_test(tc, test_map_free_from_done);
+    tcase_add_test(tc, test_map_free_from_done_pool);
     tcase_add_test(tc, test_map_no_on_result);
     suite_add_tcase(s, tc);
 
@@ -2081,6 +2133,7 @@ static Suite *map_suite(void)
     tc = tcase_create("readahead");
     tcase_add_test(tc, test_map_readahead_adapts);
     tcase_add_test(tc, test_map_readahead_huge_cap);
+    tcase_add_test(tc, test_map_readahead_cap_too_big);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
 
