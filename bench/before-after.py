@@ -5,19 +5,31 @@
 # usage: bench/before-after.py BEFORE_BINDIR AFTER_BINDIR ROUNDS OUTFILE
 #
 # Each round runs every case of run-bench.sh's matrix: libuv (nowork64),
-# bench-seq (the CPU cases) and oneTBB (w20L2) from AFTER_BINDIR, then the
-# BEFORE binaries, then the AFTER ones.  The raw ns/item of every run and, at the end, the medians
+# bench-seq (the CPU cases) and oneTBB (w20L2) from AFTER_BINDIR, and the
+# BEFORE and AFTER binaries, in an order shuffled for each case and round
+# (BENCH_SEED fixes it).  The raw ns/item of every run and, at the end, the medians
 # and the medians of the per-round ratios are appended to OUTFILE.  The
 # CPU cases use WORK_ITERS calibrated for ~20 us from the fastest of five
 # short bench-seq runs.  Run it on a quiet machine; say the load.
-import subprocess, sys, os, re, statistics, time
+#
+# Each raw line also gives the run's system CPU time per item (sys_ns, all
+# threads, from getrusage): in the eager form's no-work cases that is
+# mostly the kernel faulting in and zeroing its 160 bytes per item, which
+# on a virtual machine whose host takes back free memory costs more than
+# the rest of the run (bench-touch measures that floor alone; see
+# bench/RESULTS.md).  The summary gives the eager form's ratio to libuv
+# both as measured and less its own system time, labelled as such.
+import subprocess, sys, os, re, statistics, time, resource, random
 before, after, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 out = open(sys.argv[4], 'a')
+SYS = {}
 def run(binary, *args):
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
     r = subprocess.run([binary] + [str(a) for a in args], capture_output=True, text=True, timeout=600)
     m = re.search(r'ns_per_item=([0-9.]+)', r.stdout)
     if r.returncode != 0 or not m or 'check=ok' not in r.stdout:
         print('FAIL', binary, args, r.stdout, r.stderr, file=sys.stderr); return None
+    SYS['last'] = (resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime - r0) * 1e9 / args[0]
     return float(m.group(1))
 def calibrate(bindir):
     best = min(run(f'{bindir}/bench-seq', 2000, 1, 1, 10000) for _ in range(5))
@@ -33,23 +45,33 @@ cases = [
  ('w20L64', 40000, 64, 2, W, ['seq'], ['bench-deferred', 'bench-deferred-map']),
  ('mem2m', 2000000, 64, 2, 0, [], ['bench-deferred', 'bench-deferred-map']),
 ]
+seed = int(os.environ.get('BENCH_SEED', time.time_ns() % 100000))
+rng = random.Random(seed)
+print(f'# order seed {seed} (BENCH_SEED)', file=out, flush=True)
 res = {}
 for r in range(rounds):
     for name, n, lim, th, w, peers, progs in cases:
-        row = {}
-        for p in peers:
-            args = (n, 1, 1, w) if p == 'seq' else (n, lim, th, w)
-            row[p] = run(f'{after}/bench-{p}', *args)
-        for tag, d in (('before', before), ('after', after)):
-            for p in progs:
-                row[f'{tag}-{p}'] = run(f'{d}/{p}', n, lim, th, w)
+        # Every run of the case, in an order shuffled afresh each round:
+        # a run that follows one which freed much memory gets that memory
+        # back cheaply, so a fixed order favours whichever run comes second.
+        runs = [(p, f'{after}/bench-{p}', (n, 1, 1, w) if p == 'seq' else (n, lim, th, w))
+                for p in peers]
+        runs += [(f'{tag}-{p}', f'{d}/{p}', (n, lim, th, w))
+                 for tag, d in (('before', before), ('after', after)) for p in progs]
+        rng.shuffle(runs)
+        row, sysns = {}, {}
+        for key, binary, args in runs:
+            row[key] = run(binary, *args)
+            sysns[key] = SYS['last']
+        print(f'r{r+1} {name} order: ' + ' '.join(k for k, _, _ in runs), file=out, flush=True)
         for k, v in row.items():
-            print(f'r{r+1} {name} {k} ns_per_item={v}', file=out, flush=True)
+            print(f'r{r+1} {name} {k} ns_per_item={v} sys_ns={sysns[k]:.0f}', file=out, flush=True)
+        row['sys'] = sysns
         res.setdefault(name, []).append(row)
 print(f'# end {time.strftime("%H:%M:%S")} load {os.getloadavg()}', file=out, flush=True)
 def med(xs): xs = [x for x in xs if x]; return statistics.median(xs) if xs else float('nan')
 for name, rows in res.items():
-    keys = rows[0].keys()
+    keys = [k for k in rows[0].keys() if k != 'sys']
     print(f'## {name}: medians ns/item: ' + ', '.join(f'{k} {med([r[k] for r in rows]):.0f}' for k in keys), file=out)
     ref = 'uv' if 'uv' in keys else ('seq' if 'seq' in keys else None)
     if ref:
@@ -57,6 +79,7 @@ for name, rows in res.items():
             if k == ref: continue
             if ref == 'uv':
                 print(f'   {k}/uv = {med([r[k]/r[ref] for r in rows if r[k] and r[ref]]):.2f}', file=out)
+                print(f'   ({k} less its system time)/uv = {med([(r[k]-r["sys"][k])/r[ref] for r in rows if r[k] and r[ref]]):.2f}', file=out)
             else:
                 print(f'   speed {k} vs seq = {med([r[ref]/r[k] for r in rows if r[k] and r[ref]]):.3f}', file=out)
     else:
