@@ -8,23 +8,25 @@
 #include <sys/mman.h>
 
 /*
- * A program that keeps B bytes per item it has not freed yet (the eager
- * form keeps a deferred and its job: 160 bytes, bench-cost's "bytes/item
- * kept") must have the kernel fault in and zero that memory once, and
- * write it.  This program does only that: it writes B bytes per item
- * (BENCH_TOUCH_BYTES, default 160) into fresh anonymous memory taken 2 MiB
- * at a time, 2 MiB-aligned, with the transparent-huge-page advice, which
- * is how libdeferred's slabs take theirs (src/alloc.c).  Nothing else:
- * no threads, no queue, no harness results array.  Its ns_per_item is
- * the floor under any program keeping B bytes per item on this machine,
- * measured in the same run as the programs it explains.  On a virtual
+ * A program that keeps B bytes per item until the end of its run must
+ * have the kernel fault in and zero that memory once, and write it.  The
+ * eager form keeps 160 (bench-cost's "bytes/item kept"): a 128-byte block
+ * for the deferred and its pool job, a 24-byte slot of the list, and the
+ * program's own 8-byte pointer.  This program does only that work: it
+ * writes B bytes per item (BENCH_TOUCH_BYTES, default 160) into fresh
+ * anonymous memory taken 2 MiB at a time, 2 MiB-aligned, with the
+ * transparent-huge-page advice, which is how libdeferred's slabs take
+ * theirs (src/alloc.c).  Nothing else: no threads, no queue, no harness
+ * results array.  Its ns_per_item is the floor under a program that
+ * keeps B bytes per item in memory it did not have before.  On a virtual
  * machine whose host takes back the guest's free memory (a balloon's
- * free page reporting), that floor is far from memory bandwidth and moves
- * with what ran just before: see bench/RESULTS.md.
+ * free page reporting), that floor is far from memory bandwidth, and a
+ * run that follows one which freed much memory gets it back cheaply: see
+ * bench/RESULTS.md, "after s7".
  *
  * LIMIT, THREADS and WORK_ITERS are accepted (and printed) so that the
- * command line is the peers'.  check=ok says every item's bytes were read
- * back.
+ * command line is the peers'.  check=ok says the first and last byte of
+ * every item were read back.
  */
 #define CHUNK ((size_t)2 << 20)
 
@@ -56,7 +58,8 @@ int main(int argc, char **argv)
     if (env != NULL) {
         char *end;
         unsigned long v = strtoul(env, &end, 10);
-        if (*env == '\0' || *end != '\0' || v == 0 || v > CHUNK) {
+        if (*env < '0' || *env > '9' || *end != '\0' || v == 0 ||
+            v > CHUNK) {
             fprintf(stderr, "bench-touch: BENCH_TOUCH_BYTES must be 1..%zu\n",
                     CHUNK);
             return 2;
@@ -64,12 +67,15 @@ int main(int argc, char **argv)
         bytes = v;
     }
     size_t per_chunk = CHUNK / bytes;
-    size_t nchunks = (size_t)((a.n + per_chunk - 1) / per_chunk);
-    char **chunks = calloc(nchunks, sizeof *chunks);
+    uint64_t nchunks64 = (a.n + per_chunk - 1) / per_chunk;
+    char **chunks = NULL;
+    if (nchunks64 <= SIZE_MAX / sizeof *chunks)
+        chunks = calloc((size_t)nchunks64, sizeof *chunks);
     if (chunks == NULL) {
         fprintf(stderr, "bench-touch: out of memory\n");
         return 3;
     }
+    size_t nchunks = (size_t)nchunks64;
 
     uint64_t t0 = bench_now_ns();
     bool failed = false;
