@@ -17,8 +17,9 @@
 # follows one which freed much memory touches it again cheaply, and fresh
 # memory costs the eager form more than the rest of its run (bench-touch
 # measures that floor alone; see bench/RESULTS.md, "after s7").  Shuffling
-# makes that luck random rather than systematic; BENCH_PAUSE=3 makes every
-# run cold.  Each raw line also gives the process's system CPU time per
+# makes that luck random rather than systematic; a pause before every run
+# (BENCH_PAUSE=3) lets the host take most of it back (not always all of
+# it after a run that freed 300 MB).  Each raw line also gives the process's system CPU time per
 # item (sys_ns, all threads and the untimed start and exit included, from
 # getrusage), to show where the kernel's share moves.
 import subprocess, sys, os, re, statistics, time, resource, random

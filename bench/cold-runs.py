@@ -6,9 +6,10 @@
 #
 # Each round runs bench-uv, bench-deferred, bench-touch, bench-deferred-cb
 # and bench-deferred-map at `1000000 64 2 0`, each after SLEEP_S seconds
-# (default 3) of sleep, so that no run gets memory that the one before it
-# freed (on a virtual machine whose host takes back free memory, such
-# memory is much cheaper to touch again; see bench/RESULTS.md "after s7").
+# (default 3) of sleep, so that the host can take back what the run before
+# freed (on a virtual machine whose host takes back free memory, memory
+# freed just before is much cheaper to touch again; see bench/RESULTS.md,
+# "after s7").  The runs here free at most 160 MB each.
 # Prints every run's ns/item and the process's system and user CPU time
 # per item (getrusage: all threads, the untimed start and exit included),
 # then the medians, the medians of the per-round ratios to libuv, and the
